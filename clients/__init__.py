@@ -1,0 +1,1 @@
+"""Clients of the reward server: RewardClient, best-of-n, PPO."""

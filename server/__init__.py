@@ -1,0 +1,1 @@
+"""gRPC reward server: engine, batcher, RPC layer, metrics and the `grm-serve` CLI."""

@@ -1,0 +1,1 @@
+"""Scoring engine: the model runner, the dynamic batcher and a fake engine for tests."""

@@ -1,0 +1,1 @@
+"""gRPC transport: servicer, interceptors and create_server()."""

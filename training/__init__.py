@@ -1,0 +1,1 @@
+"""GRM model, losses, data and trainer. `grmserve.server` imports the model from here."""
