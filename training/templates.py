@@ -121,12 +121,15 @@ class PromptRenderer:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def encode(self, prompt: Prompt, responses: Sequence[str], *, max_tokens: int, truncate: bool = False,
-               field: str = "prompt", response_field: str = "responses") -> EncodedGroup:
+               field: str = "prompt", response_field: str = "responses",
+               response_fields: Sequence[str] | None = None) -> EncodedGroup:
         """Token ids for one prompt and its responses, with the truncation policy applied.
 
         A shared prompt is truncated once so that it fits beside the longest response; a response
-        that alone exceeds `max_tokens` keeps its tail.
+        that alone exceeds `max_tokens` keeps its tail. Errors name `field` (the prompt) and
+        `response_fields[i]` (default `{response_field}[i]`).
         """
+        names = list(response_fields) if response_fields is not None else [f"{response_field}[{i}]" for i in range(len(responses))]
         prompt_text = self.render_prompt(prompt, field)
         messages = None if isinstance(prompt, str) else self.validate_messages(prompt, f"{field}.messages")
         if messages is not None:
@@ -136,7 +139,7 @@ class PromptRenderer:
             texts = list(responses)
         for i, r in enumerate(responses):
             if not r:
-                raise InputError(f"{response_field}[{i}]", "is empty")
+                raise InputError(names[i], "is empty")
         ids = self.tokenize([prompt_text, *texts])
         prompt_ids, response_ids = ids[0], ids[1:]
         longest = max((len(r) for r in response_ids), default=0)
@@ -145,7 +148,7 @@ class PromptRenderer:
             if not truncate:
                 worst = max(range(len(response_ids)), key=lambda i: len(response_ids[i]))
                 raise InputError(
-                    f"{response_field}[{worst}]",
+                    names[worst],
                     f"prompt + response is {len(prompt_ids) + longest} tokens, over the limit of {max_tokens}; "
                     "shorten it or set truncate=true",
                 )

@@ -1,0 +1,168 @@
+"""Clients for the grm-serve reward server: `RewardClient` (blocking) and `AsyncRewardClient`.
+
+A prompt is a string (sent verbatim, already rendered) or a list of chat messages
+(`{"role": ..., "content": ...}`) that the server renders with the model's chat template.
+
+    >>> client = RewardClient("localhost:50051")                                  # doctest: +SKIP
+    >>> client.wait_ready()                                                       # doctest: +SKIP
+    >>> client.score([([{"role": "user", "content": "2+2?"}], "4")])              # doctest: +SKIP
+    [1.73]
+    >>> client.score_candidates([{"role": "user", "content": "2+2?"}], ["4", "5"])  # doctest: +SKIP
+    [1.73, -0.41]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from grmserve.protos import SERVICE_NAME, reward_pb2, reward_pb2_grpc
+
+Prompt = str | Sequence[dict]
+
+
+class RewardServerError(RuntimeError):
+    """The reward server answered with an error status (code and message included)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+def to_prompt(prompt: Prompt) -> reward_pb2.Prompt:
+    if isinstance(prompt, str):
+        return reward_pb2.Prompt(text=prompt)
+    return reward_pb2.Prompt(messages=reward_pb2.ChatMessages(
+        messages=[reward_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt]))
+
+
+def score_request(pairs: Sequence[tuple[Prompt, str]], truncate: bool, request_id: str) -> reward_pb2.ScoreRequest:
+    return reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=to_prompt(p), response=r) for p, r in pairs],
+                                   truncate=truncate, request_id=request_id)
+
+
+def candidates_request(prompt: Prompt, responses: Sequence[str], truncate: bool, request_id: str):
+    return reward_pb2.ScoreCandidatesRequest(prompt=to_prompt(prompt), responses=list(responses),
+                                             truncate=truncate, request_id=request_id)
+
+
+def _channel_args(token: str | None):
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+def _not_reachable(target: str, timeout: float) -> TimeoutError:
+    return TimeoutError(f"could not reach the reward server at {target} within {timeout:g} s (or it never "
+                        "reported SERVING); start it with `grm-serve --server.port <port>` and check the address")
+
+
+class RewardClient:
+    """Blocking client. `timeout` is the per-call deadline in seconds."""
+
+    def __init__(self, target: str = "localhost:50051", *, token: str | None = None, root_certificates: bytes | None = None,
+                 timeout: float = 60.0):
+        self.target = target
+        self.timeout = timeout
+        self._metadata = _channel_args(token)
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        if root_certificates is not None:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RewardServerError(exc.code(), exc.details()) from exc
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server's health check reports SERVING."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                resp = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise _not_reachable(self.target, timeout)
+
+    def score(self, pairs: Sequence[tuple[Prompt, str]], *, truncate: bool = False, request_id: str = "") -> list[float]:
+        """Raw rewards for (prompt, response) pairs, in order."""
+        return list(self.score_full(pairs, truncate=truncate, request_id=request_id).scores)
+
+    def score_full(self, pairs, *, truncate: bool = False, request_id: str = "") -> reward_pb2.ScoreResponse:
+        return self._call(self.stub.Score, score_request(pairs, truncate, request_id))
+
+    def score_candidates(self, prompt: Prompt, responses: Sequence[str], *, truncate: bool = False,
+                         request_id: str = "") -> list[float]:
+        """Raw rewards for n responses to one prompt (the server encodes the prompt once)."""
+        return list(self._call(self.stub.ScoreCandidates, candidates_request(prompt, responses, truncate, request_id)).scores)
+
+    def info(self) -> reward_pb2.InfoResponse:
+        return self._call(self.stub.Info, reward_pb2.InfoRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncRewardClient:
+    """asyncio client with the same methods as `RewardClient` (awaitable)."""
+
+    def __init__(self, target: str = "localhost:50051", *, token: str | None = None, root_certificates: bytes | None = None,
+                 timeout: float = 60.0):
+        self.target = target
+        self.timeout = timeout
+        self._metadata = _channel_args(token)
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        if root_certificates is not None:
+            self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RewardServerError(exc.code(), exc.details()) from exc
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        import asyncio
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                resp = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            await asyncio.sleep(0.2)
+        raise _not_reachable(self.target, timeout)
+
+    async def score(self, pairs, *, truncate: bool = False, request_id: str = "") -> list[float]:
+        return list((await self._call(self.stub.Score, score_request(pairs, truncate, request_id))).scores)
+
+    async def score_candidates(self, prompt, responses, *, truncate: bool = False, request_id: str = "") -> list[float]:
+        resp = await self._call(self.stub.ScoreCandidates, candidates_request(prompt, responses, truncate, request_id))
+        return list(resp.scores)
+
+    async def info(self) -> reward_pb2.InfoResponse:
+        return await self._call(self.stub.Info, reward_pb2.InfoRequest())
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,105 @@
+"""The reward server as a whole: load the model, build the engine, serve gRPC and /metrics,
+report health, drain on shutdown.
+
+    >>> app = RewardServer(local())            # doctest: +SKIP
+    >>> await app.start(); print(app.port)     # doctest: +SKIP
+    >>> await app.stop()                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from grmserve.training.model import load_grm
+from grmserve.training.templates import PromptRenderer
+
+from .config import ServeConfig
+from .engine.base import EngineInfo
+from .engine.batcher import BatchingEngine
+from .engine.runner import ModelRunner, prepare_model, resolve_device
+from .metrics import ServerMetrics
+from .rpc.server import create_server, set_serving
+from .rpc.servicer import SERVER_VERSION
+
+log = logging.getLogger(__name__)
+
+
+def default_checkpoint() -> Path:
+    """The embedded default reward model (built on first use; see grmserve.training.default_model)."""
+    from grmserve.training.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+def build_engine(config: ServeConfig) -> BatchingEngine:
+    """Load the checkpoint, prepare it for the configured precision and device, wrap it in a batcher."""
+    path = Path(config.model.checkpoint) if config.model.checkpoint else default_checkpoint()
+    if config.model.threads > 0:
+        torch.set_num_threads(config.model.threads)
+    device = resolve_device(config.model.device)
+    start = time.perf_counter()
+    loaded = load_grm(path, dtype=torch.float32)
+    model = prepare_model(loaded.model, config.model.precision, device)
+    if config.model.compile:
+        model.lm.model.forward = torch.compile(model.lm.model.forward, dynamic=True)
+    grm = model.grm_config
+    max_tokens = config.model.max_tokens or grm.max_tokens
+    renderer = PromptRenderer(loaded.tokenizer, use_chat_template=grm.chat_template)
+    info = EngineInfo(model_name=grm.model_name, model_version=grm.model_version, precision=config.model.precision,
+                      max_tokens=max_tokens, head_type=grm.head.type, checkpoint_format=loaded.format,
+                      chat_template=renderer.use_chat_template, device=str(device))
+    log.info("loaded %s (%s, %s) from %s in %.1f s on %s", grm.model_name, loaded.format, config.model.precision,
+             path, time.perf_counter() - start, device)
+    runner = ModelRunner(model, pad_id=loaded.tokenizer.pad_token_id, device=device)
+    return BatchingEngine(runner, renderer, info, config.batch)
+
+
+class RewardServer:
+    """Engine + gRPC server + metrics endpoint + health, with an orderly start and stop."""
+
+    def __init__(self, config: ServeConfig, engine: BatchingEngine | None = None):
+        self.config = config
+        self.engine = engine
+        self.metrics = ServerMetrics()
+        self.server = None
+        self.health = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        if self.engine is None:
+            self.engine = await asyncio.get_running_loop().run_in_executor(None, build_engine, self.config)
+        self.metrics.attach(self.engine.sinks)
+        self.metrics.set_model(self.engine.info, SERVER_VERSION)
+        self.server, self.port, self.health = await create_server(self.config, self.engine, self.metrics)
+        if self.config.server.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.server.metrics_host, self.config.server.metrics_port)
+        await self.server.start()  # health says NOT_SERVING until warm-up is done
+        await self.engine.start()
+        if self.config.model.warmup:
+            await asyncio.get_running_loop().run_in_executor(None, self._warmup)
+        await set_serving(self.health, True)
+        self.metrics.ready.set(1)
+        log.info("serving on port %s (metrics on %s)", self.port, self.metrics_port)
+
+    def _warmup(self) -> None:
+        runner = self.engine.runner
+        self.engine.run_sync(runner.score_rows, [[runner.pad_id] * 8, [runner.pad_id] * 4])
+        self.engine.run_sync(runner.score_shared, [runner.pad_id] * 8, [[runner.pad_id] * 4, [runner.pad_id] * 2])
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, finish accepted ones (up to `grace` s), then close."""
+        grace = self.config.server.grace_seconds if grace is None else grace
+        self.metrics.ready.set(0)
+        if self.health is not None:
+            await set_serving(self.health, False)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.engine is not None:
+            await self.engine.close()
+        self.metrics.close()

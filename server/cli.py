@@ -1,0 +1,51 @@
+"""`grm-serve`: run the GRM reward server.
+
+    $ grm-serve                                              # the default model, bf16, port 50051
+    $ grm-serve --model.checkpoint runs/my-grm --model.precision fp8 --server.port 8001
+    $ GRM_SERVE_TOKEN=s3cret grm-serve --server.require_token true
+
+SIGTERM or Ctrl-C: stop accepting calls, finish the accepted ones, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from grmserve.training.model import CheckpointError
+
+from .app import RewardServer
+from .config import parse_serve_args
+from .engine.runner import DeviceError
+from .rpc.server import ConfigError
+
+
+async def serve(config) -> int:
+    app = RewardServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    print(f"grm-serve: serving {app.engine.info.model_name} ({app.engine.info.precision}) on "
+          f"{config.server.host}:{app.port}; metrics on :{app.metrics_port}", flush=True)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down: draining in-flight requests")
+    await app.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_serve_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(config))
+    except (CheckpointError, ConfigError, DeviceError) as exc:
+        print(f"grm-serve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The reward server's configuration: one dataclass tree, from which the CLI is generated.
+
+Precedence: command line > `--preset` > field defaults. Every field has a one-line docstring,
+which becomes its `--help` text.
+
+    >>> cfg = parse_serve_args(["--model.precision", "fp32", "--server.port", "0"])
+    >>> cfg.model.precision, cfg.server.port
+    ('fp32', 0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+PRECISIONS = ("fp8", "bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which reward model to serve, and how to run it."""
+
+    checkpoint: str = ""
+    """Checkpoint folder (grm, grm-research or sequence-classification format); empty = the default model."""
+    precision: str = "bf16"
+    """Inference precision: fp8 (float8 e4m3 weights), bf16 or fp32."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available, else cpu)."""
+    threads: int = 0
+    """Intra-op threads for CPU inference; 0 = all cores."""
+    compile: bool = False
+    """torch.compile the model (slow start-up; fuses FP8 dequantisation on CPU)."""
+    max_tokens: int = 0
+    """Longest prompt + response accepted, in tokens; 0 = the checkpoint's limit."""
+    warmup: bool = True
+    """Run one batch through the model before reporting SERVING."""
+
+
+@dataclass(kw_only=True)
+class BatchConfig:
+    """The dynamic batcher."""
+
+    max_batch_tokens: int = 16384
+    """Token budget of one forward pass, padding included."""
+    max_batch_rows: int = 64
+    """Most sequences in one forward pass."""
+    max_wait_ms: float = 2.0
+    """How long the first request of a batch waits for company before the batch runs."""
+    max_queue_pairs: int = 4096
+    """Pairs waiting in the queue before new requests get RESOURCE_EXHAUSTED."""
+
+
+@dataclass(kw_only=True)
+class LimitsConfig:
+    """Per-request limits (violations answer INVALID_ARGUMENT naming the field and the limit)."""
+
+    max_pairs_per_request: int = 512
+    """Most pairs in one Score call."""
+    max_candidates: int = 128
+    """Most responses in one ScoreCandidates call."""
+    max_message_mb: int = 64
+    """Largest gRPC message, in MiB."""
+
+
+@dataclass(kw_only=True)
+class NetConfig:
+    """Ports, TLS and authentication."""
+
+    host: str = "0.0.0.0"
+    """Address the gRPC server binds."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = 9400
+    """Prometheus /metrics HTTP port; 0 picks a free one, -1 disables."""
+    metrics_host: str = "0.0.0.0"
+    """Address the metrics endpoint binds."""
+    tls_cert: str = ""
+    """PEM certificate chain; with tls_key, serve TLS."""
+    tls_key: str = ""
+    """PEM private key for tls_cert."""
+    require_token: bool = False
+    """Require `authorization: Bearer <token>` metadata; the token is read from $GRM_SERVE_TOKEN."""
+    grace_seconds: float = 30.0
+    """On SIGTERM: stop accepting, then wait this long for in-flight requests to finish."""
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """grm-serve: the GRM reward server."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    server: NetConfig = field(default_factory=NetConfig)
+    log_level: str = "INFO"
+    """Logging level."""
+
+    def validate(self) -> None:
+        if self.model.precision not in PRECISIONS:
+            raise ValueError(f"--model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
+        if bool(self.server.tls_cert) != bool(self.server.tls_key):
+            raise ValueError("--server.tls_cert and --server.tls_key go together")
+        for name, value in (("batch.max_batch_tokens", self.batch.max_batch_tokens),
+                            ("batch.max_batch_rows", self.batch.max_batch_rows),
+                            ("batch.max_queue_pairs", self.batch.max_queue_pairs),
+                            ("limits.max_pairs_per_request", self.limits.max_pairs_per_request),
+                            ("limits.max_candidates", self.limits.max_candidates)):
+            if value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets are functions returning a config; the CLI applies its flags on top.
+
+
+def default() -> ServeConfig:
+    """Production defaults."""
+    return ServeConfig()
+
+
+def local() -> ServeConfig:
+    """Loopback only, random ports: for trying things out and for tests."""
+    cfg = ServeConfig()
+    cfg.server.host = "127.0.0.1"
+    cfg.server.metrics_host = "127.0.0.1"
+    cfg.server.port = 0
+    cfg.server.metrics_port = 0
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], ServeConfig]] = {"default": default, "local": local}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI generated from the dataclasses: one `--section.field` flag per leaf field.
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings placed under dataclass fields (read from the source)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            docs[prev.target.id] = " ".join(str(node.value.value).split())
+    return docs
+
+
+def _leaves(cls, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, docs.get(f.name, "")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(cls, presets: dict[str, Callable[[], Any]], prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="default", choices=sorted(presets), help="named starting configuration")
+    defaults = presets["default"]()
+    for dotted, tp, doc in _leaves(cls):
+        value = defaults
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        conv = _parse_bool if tp is bool else tp
+        parser.add_argument(f"--{dotted}", dest=dotted, type=conv, default=argparse.SUPPRESS,
+                            help=f"{doc} (default: {value!r})", metavar=tp.__name__.upper())
+    return parser
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    for dotted, value in overrides.items():
+        target = cfg
+        *path, leaf = dotted.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    return cfg
+
+
+def parse_serve_args(argv: list[str] | None = None) -> ServeConfig:
+    parser = build_parser(ServeConfig, PRESETS, "grm-serve")
+    args = vars(parser.parse_args(argv))
+    cfg = PRESETS[args.pop("preset")]()
+    apply_overrides(cfg, args)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg
+
+
+def cli_flags() -> list[str]:
+    """Every CLI flag, for the test that freezes the public surface."""
+    return ["--preset"] + [f"--{dotted}" for dotted, _, _ in _leaves(ServeConfig)]

@@ -1,0 +1,119 @@
+"""The scoring engine interface, its domain errors and the plain stats objects it emits.
+
+The RPC layer only converts protos to `ScoreJob`s and awaits `Engine.submit`; the engine never
+sees a proto. Errors raised here are turned into gRPC status codes in exactly one interceptor
+(server/rpc/interceptors.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable
+
+from grmserve.training.templates import EncodedGroup, InputError  # noqa: F401  (re-exported)
+
+
+class EngineError(Exception):
+    """Base class of the engine's domain errors."""
+
+
+class QueueFullError(EngineError):
+    """The bounded queue has no room (→ RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExpiredError(EngineError):
+    """The caller's deadline passed before its work was computed (→ DEADLINE_EXCEEDED)."""
+
+
+class NotServingError(EngineError):
+    """The engine is not loaded yet, or is draining (→ UNAVAILABLE)."""
+
+
+@dataclass
+class ScoreJob:
+    """One call's work: groups of (prompt, responses). `shared_prompt` runs each group's prompt
+    once and reuses its KV cache for every response; otherwise every pair is its own sequence."""
+
+    groups: list[EncodedGroup]
+    shared_prompt: bool = False
+    deadline: float | None = None  # time.monotonic() seconds
+    request_id: str = ""
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(g.response_ids) for g in self.groups)
+
+
+@dataclass
+class ScoreResult:
+    scores: list[float]
+    sequence_tokens: list[int]
+    truncated: list[bool]
+    computed_tokens: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass
+class BatchStats:
+    """Emitted once per forward pass."""
+
+    rows: int
+    tokens: int  # real tokens computed
+    padded_tokens: int  # rows × longest row (+ cached prefix reads are not counted)
+    compute_seconds: float
+    kind: str  # "pairs" or "shared_prompt"
+
+
+@dataclass
+class JobStats:
+    """Emitted once per finished (or dropped) job."""
+
+    pairs: int
+    tokens: int
+    queue_seconds: float
+    compute_seconds: float
+    outcome: str  # "ok", "expired", "cancelled", "error"
+
+
+@dataclass
+class EngineInfo:
+    model_name: str
+    model_version: str
+    precision: str
+    max_tokens: int
+    head_type: str
+    checkpoint_format: str
+    chat_template: bool
+    device: str
+
+
+@dataclass
+class StatsSinks:
+    on_batch: list[Callable[[BatchStats], None]] = field(default_factory=list)
+    on_job: list[Callable[[JobStats], None]] = field(default_factory=list)
+    on_queue_depth: list[Callable[[int], None]] = field(default_factory=list)
+
+
+class Engine(abc.ABC):
+    """What the RPC layer talks to."""
+
+    info: EngineInfo
+    sinks: StatsSinks
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start background work (the batcher)."""
+
+    @abc.abstractmethod
+    async def submit(self, job: ScoreJob) -> ScoreResult:
+        """Queue `job`, wait for its scores. Raises QueueFullError, DeadlineExpiredError, NotServingError."""
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Refuse new jobs and return once every accepted job has finished."""
+
+    @abc.abstractmethod
+    def renderer(self):
+        """The PromptRenderer that turns prompts and responses into token ids for this model."""

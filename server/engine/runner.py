@@ -1,0 +1,113 @@
+"""Runs the reward model: device choice, precision, padding, and shared-prompt KV reuse.
+
+Synchronous and single-threaded by design: the batcher calls it from one worker thread so the
+event loop never blocks on compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from grmserve.training.model import GRMModel, pool_last
+
+from .base import BatchStats
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` → cuda when one is visible, else cpu. Asking for cuda without one is an error.
+
+    >>> resolve_device("cpu").type
+    'cpu'
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--model.device {spec}: no CUDA device is available (this torch is "
+                          f"{torch.__version__}); use --model.device cpu")
+    return device
+
+
+def prepare_model(model: GRMModel, precision: str, device: torch.device) -> GRMModel:
+    """Cast (or quantise) the model for inference. The reward head always stays in float32."""
+    model.eval()
+    if precision == "fp32":
+        model.lm.to(device=device, dtype=torch.float32)
+    elif precision == "bf16":
+        model.lm.to(device=device, dtype=torch.bfloat16)
+    elif precision == "fp8":
+        from grmserve.training.fp8.convert import convert_to_fp8
+
+        model.lm.to(device=device, dtype=torch.bfloat16)
+        report = convert_to_fp8(model, device=device)
+        log.info("fp8: %s", report)
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+    model.reward_head.to(device=device, dtype=torch.float32)
+    return model
+
+
+class ModelRunner:
+    """Scores token sequences with a prepared GRMModel.
+
+    >>> runner = ModelRunner(model, pad_id=0)                         # doctest: +SKIP
+    >>> runner.score_rows([[1, 2, 3], [4, 5]])                        # doctest: +SKIP
+    [0.12, -0.3]
+    """
+
+    def __init__(self, model: GRMModel, *, pad_id: int, device: torch.device | None = None):
+        self.model = model
+        self.pad_id = int(pad_id)
+        self.device = device or next(model.parameters()).device
+        self.backbone = model.backbone
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)  # (B, T) right-padded
+
+    @torch.inference_mode()
+    def score_rows(self, rows: list[list[int]]) -> tuple[list[float], BatchStats]:
+        """Independent sequences, right-padded into one forward pass."""
+        start = time.perf_counter()
+        ids, mask = self._pad(rows)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
+        scores = self.model.reward_head(pool_last(hidden, mask)).float().tolist()
+        stats = BatchStats(rows=len(rows), tokens=int(mask.sum()), padded_tokens=ids.numel(),
+                           compute_seconds=time.perf_counter() - start, kind="pairs")
+        return scores, stats
+
+    @torch.inference_mode()
+    def score_shared(self, prompt_ids: list[int], responses: list[list[int]]) -> tuple[list[float], BatchStats]:
+        """n responses to one prompt: the prompt runs once, its KV cache is shared by all n."""
+        if not prompt_ids:
+            return self.score_rows(responses)
+        start = time.perf_counter()
+        n, plen = len(responses), len(prompt_ids)
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
+        cache = self.backbone(input_ids=prompt, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)  # (n, kv_heads, P, d) per layer
+        ids, resp_mask = self._pad(responses)  # (n, R)
+        mask = torch.cat([torch.ones((n, plen), dtype=torch.long, device=self.device), resp_mask], dim=1)  # (n, P+R)
+        positions = (plen + torch.arange(ids.shape[1], device=self.device)).unsqueeze(0).expand(n, -1)  # (n, R)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
+                               use_cache=True).last_hidden_state  # (n, R, H)
+        scores = self.model.reward_head(pool_last(hidden, resp_mask)).float().tolist()
+        stats = BatchStats(rows=n, tokens=plen + int(resp_mask.sum()), padded_tokens=plen + ids.numel(),
+                           compute_seconds=time.perf_counter() - start, kind="shared_prompt")
+        return scores, stats
