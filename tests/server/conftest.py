@@ -1,0 +1,117 @@
+"""A real reward server on a loopback port, run in a background thread with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from grmserve.clients.reward_client import RewardClient
+from grmserve.server.app import RewardServer, build_engine
+from grmserve.server.config import local
+
+
+class ServerThread:
+    def __init__(self, config, engine=None):
+        self.config = config
+        self.engine = engine
+        self.app: RewardServer | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        async def main():
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self.app = RewardServer(self.config, self.engine)
+            await self.app.start()
+            self._ready.set()
+            await self._stop.wait()
+            await self.app.stop(grace=5.0)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self._ready.wait(120)
+        if self._error:
+            raise self._error
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    def client(self, **kw) -> RewardClient:
+        return RewardClient(self.target, **kw)
+
+    def stop(self):
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+class SlowRunner:
+    """Wraps a ModelRunner: sleeps before every pass and records the rows it computed."""
+
+    def __init__(self, runner, delay: float):
+        self._runner = runner
+        self.delay = delay
+        self.seen: list[list[int]] = []
+        self.pad_id = runner.pad_id
+
+    def score_rows(self, rows):
+        time.sleep(self.delay)
+        self.seen.extend(rows)
+        return self._runner.score_rows(rows)
+
+    def score_shared(self, prompt_ids, responses):
+        time.sleep(self.delay)
+        self.seen.extend(prompt_ids + r for r in responses)
+        return self._runner.score_shared(prompt_ids, responses)
+
+
+def tiny_config(checkpoint, **limits):
+    cfg = local()
+    cfg.model.checkpoint = str(checkpoint)
+    cfg.model.precision = "fp32"
+    cfg.model.max_tokens = limits.pop("max_tokens", 256)
+    cfg.limits.max_pairs_per_request = limits.pop("max_pairs", 16)
+    cfg.limits.max_candidates = limits.pop("max_candidates", 16)
+    cfg.batch.max_queue_pairs = limits.pop("max_queue_pairs", 4096)
+    assert not limits, limits
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    st = ServerThread(tiny_config(tiny_checkpoint)).start()
+    yield st
+    st.stop()
+
+
+@pytest.fixture()
+def make_server(tiny_checkpoint):
+    started = []
+
+    def make(slow: float | None = None, **limits):
+        cfg = tiny_config(tiny_checkpoint, **limits)
+        engine = build_engine(cfg)
+        if slow is not None:
+            engine.runner = SlowRunner(engine.runner, slow)
+        st = ServerThread(cfg, engine).start()
+        started.append(st)
+        return st
+
+    yield make
+    for st in started:
+        st.stop()

@@ -1,0 +1,245 @@
+"""The reward server over a real gRPC channel on a loopback port (tiny random GRM model, fp32)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from grmserve.clients.reward_client import RewardServerError
+from grmserve.protos import SERVICE_NAME, reward_pb2
+from grmserve.server.engine.batcher import plan_batches
+from grmserve.training.model import load_grm
+from grmserve.training.templates import PromptRenderer
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def direct_scores(checkpoint, pairs, max_tokens=256):
+    """What the training code computes for the same checkpoint and inputs."""
+    loaded = load_grm(checkpoint)
+    renderer = PromptRenderer(loaded.tokenizer)
+    out = []
+    for prompt, response in pairs:
+        g = renderer.encode(prompt, [response], max_tokens=max_tokens)
+        ids = torch.tensor([g.prompt_ids + g.response_ids[0]])
+        with torch.no_grad():
+            out.append(float(loaded.model.score(ids, torch.ones_like(ids))[0]))
+    return out
+
+
+def metric_value(text: str, name: str, labels: dict | None = None) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return sample.value
+    return 0.0
+
+
+def scrape(server) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=10).read().decode()
+
+
+def test_scores_match_training_code(server, tiny_checkpoint):
+    pairs = [(CHAT, "4"), (CHAT, "Five, I think."), ("Plain text prompt:", " an answer"), ([{"role": "user", "content": "Hi"}], "Hello there!")]
+    with server.client() as c:
+        got = c.score(pairs)
+        cand = c.score_candidates(CHAT, ["4", "Five, I think."])
+    want = direct_scores(tiny_checkpoint, pairs)
+    assert got == pytest.approx(want, abs=1e-5)
+    # The shared-prompt path (KV cache reuse) gives the same rewards as scoring pairs one by one.
+    assert cand == pytest.approx(want[:2], abs=1e-5)
+
+
+def test_candidates_best_index_and_metadata(server):
+    with server.client() as c:
+        resp = c._call(c.stub.ScoreCandidates, reward_pb2.ScoreCandidatesRequest(
+            prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages(messages=[reward_pb2.ChatMessage(role="user", content="Hi")])),
+            responses=["a", "bb", "ccc"], request_id="req-7"))
+    scores = list(resp.scores)
+    assert resp.best_index == max(range(3), key=lambda i: scores[i])
+    assert resp.metadata.request_id == "req-7"
+    assert len(resp.metadata.sequence_tokens) == 3 and list(resp.metadata.truncated) == [False] * 3
+    # The shared prompt counts once in the computed tokens.
+    prompt_len = resp.metadata.sequence_tokens[0] - (resp.metadata.sequence_tokens[1] - resp.metadata.sequence_tokens[0]) - 0
+    assert resp.metadata.computed_tokens < sum(resp.metadata.sequence_tokens)
+    assert prompt_len > 0
+
+
+def test_info_reports_model_and_limits(server):
+    with server.client() as c:
+        info = c.info()
+    assert (info.precision, info.max_tokens, info.max_pairs_per_request, info.max_candidates) == ("fp32", 256, 16, 16)
+    assert info.head_type == "mlp" and info.checkpoint_format == "grm" and info.chat_template
+
+
+@pytest.mark.parametrize("request_factory, field, method", [
+    (lambda: reward_pb2.ScoreRequest(), "pairs", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="p"), response="r")] * 17),
+     "limit of 16", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(response="r")]), "pairs[0].prompt", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text=""), response="r")]),
+     "pairs[0].prompt", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="p"), response="r"),
+                                            reward_pb2.Pair(prompt=reward_pb2.Prompt(text="p"), response="")]),
+     "pairs[1].response", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages(
+        messages=[reward_pb2.ChatMessage(role="wizard", content="x")])), response="r")]),
+     "pairs[0].prompt.messages[0].role", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages()),
+                                                            response="r")]),
+     "pairs[0].prompt.messages", "Score"),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="word " * 400), response="r")]),
+     "limit of 256", "Score"),
+    (lambda: reward_pb2.ScoreCandidatesRequest(prompt=reward_pb2.Prompt(text="p")), "responses", "ScoreCandidates"),
+    (lambda: reward_pb2.ScoreCandidatesRequest(prompt=reward_pb2.Prompt(text="p"), responses=["r"] * 17),
+     "limit of 16", "ScoreCandidates"),
+    (lambda: reward_pb2.ScoreCandidatesRequest(responses=["r"]), "prompt", "ScoreCandidates"),
+])
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(server, request_factory, field, method):
+    with server.client() as c:
+        with pytest.raises(RewardServerError) as err:
+            c._call(getattr(c.stub, method), request_factory())
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in str(err.value)
+        assert len(c.score([("still", " serving")])) == 1
+
+
+def test_truncation_when_asked(server):
+    long_prompt = "word " * 400
+    with server.client() as c:
+        resp = c.score_full([(long_prompt, " fine")], truncate=True)
+    assert list(resp.metadata.truncated) == [True]
+    assert resp.metadata.sequence_tokens[0] == 256
+
+
+def test_concurrent_callers_get_their_own_scores(server, tiny_checkpoint):
+    pairs = [([{"role": "user", "content": f"Question {i}?"}], f"Answer number {i} " * (1 + i % 5)) for i in range(24)]
+    want = direct_scores(tiny_checkpoint, pairs)
+    with server.client() as c, cf.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda p: c.score([p])[0], pairs))
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_full_queue_answers_resource_exhausted(make_server):
+    server = make_server(slow=0.3, max_queue_pairs=4)
+    codes = []
+    with server.client() as c, cf.ThreadPoolExecutor(8) as pool:
+        def call(i):
+            try:
+                c.score([(f"prompt {i}", " r")] * 2)
+                return "OK"
+            except RewardServerError as exc:
+                return exc.code.name
+        codes = list(pool.map(call, range(8)))
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+        assert len(c.score([("after", " the storm")])) == 1
+
+
+def test_expired_deadline_is_not_computed(make_server):
+    server = make_server(slow=0.6)
+    renderer = server.app.engine.renderer()
+    marker = renderer.encode("unique-marker-prompt", [" zz"], max_tokens=256)
+    marker_row = marker.prompt_ids + marker.response_ids[0]
+    with server.client() as c, server.client(timeout=0.2) as impatient, cf.ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(c.score, [("keeps the model busy", " r")])
+        time.sleep(0.1)
+        with pytest.raises(RewardServerError) as err:
+            impatient.score([("unique-marker-prompt", " zz")])
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        busy.result()
+        c.score([("one more", " call")])  # lets the batcher pass over the dead job
+    assert marker_row not in server.app.engine.runner.seen
+    text = scrape(server)
+    dropped = metric_value(text, "grm_serve_jobs_total", {"outcome": "cancelled"}) + \
+        metric_value(text, "grm_serve_jobs_total", {"outcome": "expired"})
+    assert dropped >= 1
+
+
+def test_metrics_count_what_was_sent(server):
+    before = scrape(server)
+    with server.client() as c:
+        for _ in range(3):
+            c.score([("a", " b"), ("c", " d")])
+        with pytest.raises(RewardServerError):
+            c.score([])
+    after = scrape(server)
+    ok = {"method": "Score", "code": "OK"}
+    bad = {"method": "Score", "code": "INVALID_ARGUMENT"}
+    assert metric_value(after, "grm_serve_requests_total", ok) - metric_value(before, "grm_serve_requests_total", ok) == 3
+    assert metric_value(after, "grm_serve_requests_total", bad) - metric_value(before, "grm_serve_requests_total", bad) == 1
+    assert metric_value(after, "grm_serve_pairs_scored_total") - metric_value(before, "grm_serve_pairs_scored_total") == 6
+    assert metric_value(after, "grm_serve_request_seconds_count", {"method": "Score"}) >= 4
+    assert metric_value(after, "grm_serve_model_info", {"precision": "fp32"}) == 1
+    assert metric_value(after, "grm_serve_ready") == 1
+    assert metric_value(after, "process_cpu_seconds_total") > 0
+
+
+def test_health_and_reflection(server):
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert SERVICE_NAME in names
+    channel.close()
+
+
+def test_bearer_token(tiny_checkpoint, monkeypatch):
+    from grmserve.server.app import build_engine
+
+    from .conftest import ServerThread, tiny_config
+
+    monkeypatch.setenv("GRM_SERVE_TOKEN", "s3cret")
+    cfg = tiny_config(tiny_checkpoint)
+    cfg.server.require_token = True
+    st = ServerThread(cfg, build_engine(cfg)).start()
+    try:
+        for token in (None, "wrong"):
+            with st.client(token=token) as c:
+                with pytest.raises(RewardServerError) as err:
+                    c.score([("a", " b")])
+                assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with st.client(token="s3cret") as c:
+            assert len(c.score([("a", " b")])) == 1
+        channel = grpc.insecure_channel(st.target)  # health checks need no token (probes)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+        text = scrape(st)
+        assert metric_value(text, "grm_serve_requests_total", {"method": "Score", "code": "UNAUTHENTICATED"}) == 2
+    finally:
+        st.stop()
+
+
+def test_require_token_without_token_is_a_clear_error(tiny_checkpoint, monkeypatch):
+    from grmserve.server.app import build_engine
+
+    from .conftest import ServerThread, tiny_config
+
+    monkeypatch.delenv("GRM_SERVE_TOKEN", raising=False)
+    cfg = tiny_config(tiny_checkpoint)
+    cfg.server.require_token = True
+    with pytest.raises(Exception, match="GRM_SERVE_TOKEN"):
+        ServerThread(cfg, build_engine(cfg)).start()
+
+
+def test_plan_batches_groups_similar_lengths():
+    lengths = [10, 200, 12, 190, 11, 205]
+    batches = plan_batches(lengths, max_tokens=420, max_rows=8)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 420
+    assert {frozenset(b) for b in batches} == {frozenset({0, 2, 4}), frozenset({3, 1}), frozenset({5})}
+    assert plan_batches([5000], max_tokens=100, max_rows=4) == [[0]]
