@@ -85,9 +85,14 @@ class GRMConfig:
     """Longest prompt + response, in tokens, the model was trained or is served for."""
     model_name: str = "grm"
     model_version: str = "0"
+    quantization: dict[str, Any] | None = None
+    """FP8 export: float8 layers + scales (training/fp8/DESIGN.md); None (and omitted) for full precision."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["quantization"] is None:
+            del data["quantization"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, source: str = "config.json") -> "GRMConfig":
@@ -343,12 +348,23 @@ def _head_from_tensors(tensors: dict[str, tuple[torch.Tensor, Path]], head: Head
 
 
 def _load_lm(path: Path, cfg: dict[str, Any], dtype: torch.dtype, allowed_missing: set[str]):
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # A truncated or corrupt file must name itself (transformers raises a bare SafetensorError).
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
     try:
         hf_config = AutoConfig.from_pretrained(path)
-        lm, info = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        # Mismatched shapes are reported below (naming the tensors) instead of as transformers' bare error.
+        lm, info = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: the causal-LM weights do not load: {exc}") from exc
     tied = getattr(lm.config, "tie_word_embeddings", False)
     missing = [k for k in info.get("missing_keys", []) if k not in allowed_missing and not (tied and k == "lm_head.weight")]
@@ -356,7 +372,8 @@ def _load_lm(path: Path, cfg: dict[str, Any], dtype: torch.dtype, allowed_missin
         raise CheckpointError(f"{weight_files(path)[0]}: missing tensors {sorted(missing)[:8]}")
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
-        raise CheckpointError(f"{weight_files(path)[0]}: tensors with the wrong shape: {list(mismatched)[:8]}")
+        shown = sorted(f"{k[0]} {tuple(k[1])}, expected {tuple(k[2])}" if isinstance(k, tuple) else str(k) for k in mismatched)
+        raise CheckpointError(f"{weight_files(path)[0]}: tensors with the wrong shape: {shown[:8]}")
     return lm
 
 
@@ -379,7 +396,12 @@ def load_grm(path: str | Path, *, dtype: torch.dtype = torch.float32, head_dtype
         if not head_file.is_file():
             raise CheckpointError(f"{head_file}: not found; a grm checkpoint keeps its reward head there")
         tensors = read_tensors([head_file], "")
-        lm = _load_lm(path, cfg, dtype, set())
+        if grm.quantization:  # FP8 export: built straight from float8 weights + scales
+            from .fp8.convert import load_fp8_lm
+
+            lm = load_fp8_lm(path, grm.quantization, dtype)
+        else:
+            lm = _load_lm(path, cfg, dtype, set())
         where = str(head_file)
     elif fmt == "grm-research":
         layer_type = cfg.get("vhead_layer_type", "mlp")
@@ -395,12 +417,14 @@ def load_grm(path: str | Path, *, dtype: torch.dtype = torch.float32, head_dtype
         lm = _load_lm(path, cfg, dtype, set())
         where = f"{weight_files(path)[0]}"
     else:
-        num_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 1)
+        # transformers omits id2label from config.json when it is its default of two labels.
+        num_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
         if num_labels != 1:
             raise CheckpointError(f"{path / 'config.json'}: a reward model needs one label, this "
                                   f"sequence classifier has {num_labels}")
-        tensors = read_tensors(weight_files(path), "score.")
-        bias = "bias" in tensors
+        # `score.weight` (and `score.bias`, if any) become the linear head's `summary.*`.
+        tensors = {f"summary.{k}": v for k, v in read_tensors(weight_files(path), "score.").items()}
+        bias = "summary.bias" in tensors
         head = HeadConfig(type="linear", dropout=0.0, bias=bias)
         grm = GRMConfig(head=head, model_name=Path(path).name)
         # The causal LM loads the backbone; its LM head is tied to the embeddings or left untrained.
