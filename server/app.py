@@ -44,16 +44,17 @@ def build_engine(config: ServeConfig) -> BatchingEngine:
     device = resolve_device(config.model.device)
     start = time.perf_counter()
     loaded = load_grm(path, dtype=torch.float32)
-    model = prepare_model(loaded.model, config.model.precision, device)
+    model = loaded.model
+    precision = prepare_model(model, config.model.precision, device, config.model.fp8_recipe)
     if config.model.compile:
         model.lm.model.forward = torch.compile(model.lm.model.forward, dynamic=True)
     grm = model.grm_config
     max_tokens = config.model.max_tokens or grm.max_tokens
     renderer = PromptRenderer(loaded.tokenizer, use_chat_template=grm.chat_template)
-    info = EngineInfo(model_name=grm.model_name, model_version=grm.model_version, precision=config.model.precision,
+    info = EngineInfo(model_name=grm.model_name, model_version=grm.model_version, precision=precision,
                       max_tokens=max_tokens, head_type=grm.head.type, checkpoint_format=loaded.format,
                       chat_template=renderer.use_chat_template, device=str(device))
-    log.info("loaded %s (%s, %s) from %s in %.1f s on %s", grm.model_name, loaded.format, config.model.precision,
+    log.info("loaded %s (%s, %s) from %s in %.1f s on %s", grm.model_name, loaded.format, precision,
              path, time.perf_counter() - start, device)
     runner = ModelRunner(model, pad_id=loaded.tokenizer.pad_token_id, device=device)
     return BatchingEngine(runner, renderer, info, config.batch)

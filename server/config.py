@@ -29,6 +29,8 @@ class ModelConfig:
     """Checkpoint folder (grm, grm-research or sequence-classification format); empty = the default model."""
     precision: str = "bf16"
     """Inference precision: fp8 (float8 e4m3 weights), bf16 or fp32."""
+    fp8_recipe: str = "fp8-block64"
+    """FP8 recipe for --model.precision fp8: fp8-block64, fp8-block128, fp8-channel (W8A8 on GPU) or fp8-tensor."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available, else cpu)."""
     threads: int = 0
@@ -103,6 +105,10 @@ class ServeConfig:
     def validate(self) -> None:
         if self.model.precision not in PRECISIONS:
             raise ValueError(f"--model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
+        from grmserve.training.fp8 import RECIPES
+
+        if self.model.fp8_recipe not in RECIPES:
+            raise ValueError(f"--model.fp8_recipe must be one of {sorted(RECIPES)}, got {self.model.fp8_recipe!r}")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("--server.tls_cert and --server.tls_key go together")
         for name, value in (("batch.max_batch_tokens", self.batch.max_batch_tokens),

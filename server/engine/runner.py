@@ -39,23 +39,33 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def prepare_model(model: GRMModel, precision: str, device: torch.device) -> GRMModel:
-    """Cast (or quantise) the model for inference. The reward head always stays in float32."""
-    model.eval()
-    if precision == "fp32":
-        model.lm.to(device=device, dtype=torch.float32)
-    elif precision == "bf16":
-        model.lm.to(device=device, dtype=torch.bfloat16)
-    elif precision == "fp8":
-        from grmserve.training.fp8.convert import convert_to_fp8
+def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_recipe: str = "fp8-block64") -> str:
+    """Cast (or quantise) the model for inference, in place; returns the precision in effect.
 
-        model.lm.to(device=device, dtype=torch.bfloat16)
-        report = convert_to_fp8(model, device=device)
-        log.info("fp8: %s", report)
+    The reward head always stays in float32. `fp8`: linear layers of the decoder hold float8 e4m3
+    weights with the recipe's scales (training/fp8); on CUDA ≥ sm89 the per-channel recipe runs
+    `torch._scaled_mm`, elsewhere weights are dequantised right before a matmul. A checkpoint that is
+    already FP8 is served as FP8 whatever precision was asked for.
+    """
+    model.eval()
+    already_fp8 = bool(model.grm_config.quantization)
+    if precision == "fp8" or already_fp8:
+        from grmserve.training.fp8 import convert_to_fp8, get_recipe, select_backend, set_fp8_backend
+
+        backend = select_backend(device)
+        model.lm.to(dtype=torch.bfloat16)
+        if not already_fp8:
+            report = convert_to_fp8(model, get_recipe(fp8_recipe), backend=backend)
+            log.info("fp8: %s", report.summary())
+        model.lm.to(device=device)
+        set_fp8_backend(model, backend)
+        precision = "fp8"
+    elif precision in ("fp32", "bf16"):
+        model.lm.to(device=device, dtype=DTYPES[precision])
     else:
         raise ValueError(f"unknown precision {precision!r}")
     model.reward_head.to(device=device, dtype=torch.float32)
-    return model
+    return precision
 
 
 class ModelRunner:

@@ -18,7 +18,7 @@ from grmserve.server.config import cli_flags, parse_serve_args
 
 FROZEN_FLAGS = [
     "--preset",
-    "--model.checkpoint", "--model.precision", "--model.device", "--model.threads", "--model.compile",
+    "--model.checkpoint", "--model.precision", "--model.fp8_recipe", "--model.device", "--model.threads", "--model.compile",
     "--model.max_tokens", "--model.warmup",
     "--batch.max_batch_tokens", "--batch.max_batch_rows", "--batch.max_wait_ms", "--batch.max_queue_pairs",
     "--limits.max_pairs_per_request", "--limits.max_candidates", "--limits.max_message_mb",

@@ -243,3 +243,25 @@ def test_plan_batches_groups_similar_lengths():
         assert len(b) * max(lengths[i] for i in b) <= 420
     assert {frozenset(b) for b in batches} == {frozenset({0, 2, 4}), frozenset({3, 1}), frozenset({5})}
     assert plan_batches([5000], max_tokens=100, max_rows=4) == [[0]]
+
+
+def test_fp8_server_tracks_fp32(tiny_checkpoint):
+    from grmserve.server.app import build_engine
+
+    from .conftest import ServerThread, tiny_config
+
+    cfg = tiny_config(tiny_checkpoint)
+    cfg.model.precision = "fp8"
+    st = ServerThread(cfg, build_engine(cfg)).start()
+    pairs = [([{"role": "user", "content": f"Tell me about topic {i}."}], f"Topic {i} is " + "quite " * (i % 7) + "nice.")
+             for i in range(48)]
+    try:
+        with st.client() as c:
+            assert c.info().precision == "fp8"
+            got = torch.tensor([s for k in range(0, 48, 16) for s in c.score(pairs[k:k + 16])])
+    finally:
+        st.stop()
+    want = torch.tensor(direct_scores(tiny_checkpoint, pairs))
+    corr = torch.corrcoef(torch.stack([got, want]))[0, 1]
+    assert corr > 0.99, corr
+    assert not torch.equal(got, want)  # it really ran quantised weights

@@ -1,0 +1,365 @@
+"""One converter to FP8 (`convert_to_fp8`), and FP8 checkpoints (save, load, `quantize_checkpoint`).
+
+A recipe names the weight granularity and the module filter. The filter never converts the reward
+head (scores are what the server sells), skips the LM head and embeddings by default, skips every
+linear layer whose in/out dimensions are not multiples of 16 (`torch._scaled_mm` needs them), and
+keeps any layer named in `recipe.keep` in its current dtype. The checkpoint layout is described in
+training/fp8/DESIGN.md.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> report = convert_to_fp8(net, "fp8-channel")
+    >>> report.converted, report.skipped
+    (['0'], {'2': 'dims (10, 64) not multiples of 16'})
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .formats import E4M3
+from .linear import GRANULARITIES, FP8InferenceLinear
+
+QUANT_FORMAT_VERSION = 1
+SCALE_SUFFIX = "weight_scale"
+NEVER_CONVERTED = "reward_head"  # GRMModel's head: always kept in full precision
+DIM_MULTIPLE = 16
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(kw_only=True)
+class FP8Recipe:
+    """How to convert a model's linear layers to FP8 for inference."""
+
+    name: str = "fp8-channel"
+    """Recipe name, recorded in the checkpoint."""
+    granularity: str = "channel"
+    """Weight scales: `tensor` (one), `channel` (one per output row) or `block` (one per `block_size` inputs per row)."""
+    block_size: int = 64
+    """Weights per scale along the input dim, for `block`."""
+    skip: tuple[str, ...] = ("lm_head", "embed_tokens")
+    """Module-name patterns never converted (the reward head is never converted regardless)."""
+    keep: tuple[str, ...] = ()
+    """Sensitive layers to keep unquantised, in the model's dtype (bf16 when served in bf16)."""
+    compute_dtype: str = "bfloat16"
+    """Matmul dtype of the emulated backend and output dtype of `_scaled_mm`."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
+        if self.granularity == "block" and self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; expected one of {sorted(_DTYPES)}")
+        self.skip, self.keep = tuple(self.skip), tuple(self.keep)
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return _DTYPES[self.compute_dtype]
+
+
+def _tensor() -> FP8Recipe:
+    """One scale per weight matrix (FP8-LM's training granularity; least accurate for serving)."""
+    return FP8Recipe(name="fp8-tensor", granularity="tensor")
+
+
+def _channel() -> FP8Recipe:
+    """Per-output-channel scales: W8A8 `_scaled_mm` on GPUs (≥ sm89), W8A16 emulation on CPU."""
+    return FP8Recipe(name="fp8-channel", granularity="channel")
+
+
+def _block64() -> FP8Recipe:
+    """A scale per 64 inputs per row: the most accurate; W8A16 on every device."""
+    return FP8Recipe(name="fp8-block64", granularity="block", block_size=64)
+
+
+def _block128() -> FP8Recipe:
+    return FP8Recipe(name="fp8-block128", granularity="block", block_size=128)
+
+
+RECIPES: dict[str, Callable[[], FP8Recipe]] = {
+    "fp8-tensor": _tensor, "fp8-channel": _channel, "fp8-block64": _block64, "fp8-block128": _block128}
+RECIPES["fp8"] = _channel  # the default behind `--precision fp8`
+
+
+def get_recipe(recipe: str | FP8Recipe | None = None) -> FP8Recipe:
+    """A recipe by name (see `RECIPES`; None → "fp8"), or the given `FP8Recipe` unchanged."""
+    if isinstance(recipe, FP8Recipe):
+        return recipe
+    name = recipe or "fp8"
+    if name not in RECIPES:
+        raise ValueError(f"unknown FP8 recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A pattern matches a dotted module name exactly, as a suffix (`model.layers.0.mlp.up_proj`
+    matches `lm.model.layers.0.mlp.up_proj`), as one of its components, or as an fnmatch glob."""
+    return name == pattern or name.endswith("." + pattern) or pattern in name.split(".") or \
+        fnmatch.fnmatchcase(name, pattern)
+
+
+def skip_reason(name: str, module: nn.Module, recipe: FP8Recipe) -> str | None:
+    """Why the module `name` is not converted, or None when it is (the converter's module filter)."""
+    if not isinstance(module, nn.Linear):
+        return "not an nn.Linear"
+    if NEVER_CONVERTED in name.split("."):
+        return "reward head (never converted)"
+    for pattern in recipe.skip:
+        if _matches(name, pattern):
+            return f"skip pattern {pattern!r}"
+    for pattern in recipe.keep:
+        if _matches(name, pattern):
+            return f"kept in full precision ({pattern!r})"
+    if module.in_features % DIM_MULTIPLE or module.out_features % DIM_MULTIPLE:
+        return f"dims ({module.out_features}, {module.in_features}) not multiples of {DIM_MULTIPLE}"
+    return None
+
+
+@dataclass
+class ConversionReport:
+    """What `convert_to_fp8` did. Bytes count linear-layer weights (+ scales) only, each tensor once."""
+
+    recipe: str
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Linear layers left alone, with the reason."""
+    linear_bytes_before: int = 0
+    linear_bytes_after: int = 0
+    converted_bytes_before: int = 0
+    converted_bytes_after: int = 0
+
+    def summary(self) -> str:
+        mib = 1 / 2**20
+        return (f"{self.recipe}: {len(self.converted)} linear layers to FP8, {len(self.skipped)} kept; "
+                f"converted weights {self.converted_bytes_before * mib:.1f} → {self.converted_bytes_after * mib:.1f} MiB, "
+                f"all linear weights {self.linear_bytes_before * mib:.1f} → {self.linear_bytes_after * mib:.1f} MiB")
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _linear_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            tensors = [module.weight]
+        elif isinstance(module, FP8InferenceLinear):
+            tensors = [module.weight, module.weight_scale]
+        else:
+            continue
+        for t in tensors:
+            key = (t.device, t.data_ptr()) if not t.is_meta else id(t)
+            if key not in seen:
+                seen.add(key)
+                total += _nbytes(t)
+    return total
+
+
+def _lm_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """The causal LM inside a GRMModel (weights in model.safetensors are named relative to it)."""
+    from ..model import GRMModel
+
+    return (model.lm, "lm.") if isinstance(model, GRMModel) else (model, "")
+
+
+def quantization_description(recipe: FP8Recipe, modules: list[str]) -> dict[str, Any]:
+    """The `grm.quantization` block of config.json (see training/fp8/DESIGN.md)."""
+    return {
+        "method": "fp8",
+        "version": QUANT_FORMAT_VERSION,
+        "recipe": recipe.name,
+        "weight_dtype": "float8_e4m3fn",
+        "granularity": recipe.granularity,
+        "block_size": recipe.block_size if recipe.granularity == "block" else None,
+        "scale": "dequant",  # weight ≈ float(weight) * weight_scale
+        "compute_dtype": recipe.compute_dtype,
+        "modules": sorted(modules),
+    }
+
+
+def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe | None = None, *, backend: str = "emulated") -> ConversionReport:
+    """Replace, in place, every `nn.Linear` that passes the recipe's filter with an `FP8InferenceLinear`.
+
+    On a `GRMModel`, also records the `grm.quantization` block so `save_grm` writes an FP8
+    checkpoint. Set the backend for the model's device afterwards (`set_fp8_backend(model,
+    select_backend(device))`), or pass it here.
+    """
+    recipe = get_recipe(recipe)
+    report = ConversionReport(recipe=recipe.name, linear_bytes_before=_linear_bytes(model))
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        reason = skip_reason(name, module, recipe)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        fp8 = FP8InferenceLinear.from_linear(module, recipe.granularity, recipe.block_size, backend=backend,
+                                             compute_dtype=recipe.torch_compute_dtype)
+        report.converted_bytes_before += _nbytes(module.weight)
+        report.converted_bytes_after += _nbytes(fp8.weight) + _nbytes(fp8.weight_scale)
+        model.set_submodule(name, fp8)
+        report.converted.append(name)
+    report.linear_bytes_after = _linear_bytes(model)
+
+    lm, prefix = _lm_of(model)
+    if lm is not model:
+        names = [n[len(prefix):] for n in report.converted]
+        model.grm_config.quantization = quantization_description(recipe, names)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def compressed_tensors_config(quant: dict[str, Any]) -> dict[str, Any]:
+    """The same layout described in compressed-tensors terms (config.json `quantization_config`),
+    for tools that read that convention. Activations are dynamic per token, as in the W8A8 path."""
+    strategy = {"tensor": "tensor", "channel": "channel", "block": "group"}[quant["granularity"]]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": sorted(quant["modules"]),
+            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+                        "group_size": quant["block_size"]},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                                  "strategy": "token"},
+        }},
+        "ignore": [],
+    }
+
+
+def save_fp8_grm(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write a converted `GRMModel` as an FP8 checkpoint (`save_grm`, plus `quantization_config`)."""
+    from ..model import GRMModel, save_grm
+
+    if not isinstance(model, GRMModel) or not getattr(model.grm_config, "quantization", None):
+        raise ValueError("save_fp8_grm takes a GRMModel converted with convert_to_fp8")
+    out = save_grm(model, tokenizer, out_dir)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = compressed_tensors_config(model.grm_config.quantization)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, cfg_path)
+    return out
+
+
+def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, recipe: str | FP8Recipe | None = None, *,
+                        dtype: torch.dtype = torch.float32) -> ConversionReport:
+    """Load any supported reward-model checkpoint, convert it to FP8, write it in the `grm` format.
+
+    `dtype` is the dtype of the tensors that stay unquantised (embeddings, norms, kept layers).
+
+        >>> report = quantize_checkpoint("ckpt/grm", "ckpt/grm-fp8", "fp8-block64")   # doctest: +SKIP
+        >>> print(report.summary())                                                    # doctest: +SKIP
+    """
+    from ..model import load_grm
+
+    loaded = load_grm(src_dir, dtype=dtype)
+    report = convert_to_fp8(loaded.model, recipe)
+    save_fp8_grm(loaded.model, loaded.tokenizer, out_dir)
+    return report
+
+
+def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the causal LM of an FP8 checkpoint folder straight from its tensors.
+
+    The model skeleton is created with empty (meta) parameters, the listed linear layers become
+    `FP8InferenceLinear` holding the stored float8 weights and scales, and the remaining tensors
+    are assigned in `dtype`: full-precision copies of the quantised weights never exist. The
+    modules get the "emulated" backend; call `set_fp8_backend` after moving to a GPU.
+    Called by `training.model.load_grm` when config.json's grm block has a `quantization` entry.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..model import CheckpointError, weight_files
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if quantization.get("method") != "fp8" or quantization.get("version") != QUANT_FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: grm.quantization is method={quantization.get('method')!r} "
+                              f"version={quantization.get('version')!r}; this grm-serve reads fp8 version "
+                              f"{QUANT_FORMAT_VERSION}")
+    granularity, block_size = quantization.get("granularity"), quantization.get("block_size")
+    compute_dtype = _DTYPES.get(quantization.get("compute_dtype", "bfloat16"))
+    if granularity not in GRANULARITIES or compute_dtype is None:
+        raise CheckpointError(f"{cfg_file}: bad grm.quantization (granularity={granularity!r}, "
+                              f"compute_dtype={quantization.get('compute_dtype')!r})")
+
+    # 1. All stored tensors (float8 weights stay float8).
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        if f.suffix != ".safetensors":
+            raise CheckpointError(f"{f}: FP8 checkpoints are stored as safetensors only")
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
+    where = weight_files(path)[0]
+
+    # 2. An empty skeleton (parameters on meta; buffers such as rotary tables are real).
+    hf_config = AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config  # describes our layout for other tools; we build it ourselves
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+    # 3. FP8 layers from their stored tensors.
+    for name in quantization.get("modules") or []:
+        try:
+            linear = lm.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which is not a linear layer")
+        weight, scale = tensors.pop(f"{name}.weight", None), tensors.pop(f"{name}.{SCALE_SUFFIX}", None)
+        bias = tensors.pop(f"{name}.bias", None)
+        if weight is None or scale is None:
+            raise CheckpointError(f"{where}: missing `{name}.weight` or `{name}.{SCALE_SUFFIX}` of an FP8 layer")
+        if weight.dtype != E4M3.dtype:
+            raise CheckpointError(f"{where}: `{name}.weight` is {weight.dtype}; FP8 layers store {E4M3.dtype}")
+        if tuple(weight.shape) != (linear.out_features, linear.in_features):
+            raise CheckpointError(f"{where}: `{name}.weight` has shape {tuple(weight.shape)}, expected "
+                                  f"{(linear.out_features, linear.in_features)}")
+        if (bias is None) != (linear.bias is None):
+            raise CheckpointError(f"{where}: `{name}.bias` is {'missing' if bias is None else 'unexpected'}")
+        try:
+            fp8 = FP8InferenceLinear.from_quantized(weight, scale, bias.to(dtype) if bias is not None else None,
+                                                    granularity=granularity, block_size=block_size,
+                                                    compute_dtype=compute_dtype)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
+        lm.set_submodule(name, fp8)
+
+    # 4. Everything else, assigned in `dtype`; tied embeddings re-tied.
+    rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    result = lm.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where}: unexpected tensors {sorted(result.unexpected_keys)[:8]}")
+    tied = getattr(lm.config, "tie_word_embeddings", False)
+    if tied:
+        lm.tie_weights()
+    missing = sorted(n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors {missing[:8]}")
+    return lm.eval()

@@ -1,0 +1,264 @@
+"""`FP8InferenceLinear`: an `nn.Linear` replacement holding float8_e4m3fn weights plus float32 scales.
+
+Two forward backends, chosen explicitly through the module's `backend` attribute (never guessed
+per call):
+
+- ``"emulated"`` (CPU, and any device): the weight is dequantised to `compute_dtype` (bf16) right
+  before a bf16 matmul; activations stay in bf16 (W8A16). FP8 storage and FP8 rounding of the
+  weights, bf16 compute. `torch.compile` fuses the dequantisation into one pass over the weight.
+- ``"scaled_mm"`` (CUDA, compute capability ≥ 8.9): activations are quantised to e4m3 with a
+  dynamic power-of-two scale per token, and `torch._scaled_mm` multiplies e4m3 × e4m3 with
+  per-row (token) and per-column (output channel) scales (W8A8). Per-tensor weight scales are
+  broadcast to per-column. Block weight scales (one per `block_size` inputs) have no portable
+  `_scaled_mm` layout, so block-quantised layers on this backend dequantise the weight to bf16
+  and run a bf16 matmul (the emulated numerics, W8A16); per-channel is the W8A8 recipe.
+
+`select_backend(device)` picks the backend for a device, and refuses a forced ``"scaled_mm"``
+where it cannot run, with an error naming the fix.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(64, 32)
+    >>> fp8 = FP8InferenceLinear.from_linear(lin, granularity="block", block_size=32)
+    >>> fp8.weight.dtype, tuple(fp8.weight_scale.shape), fp8.backend
+    (torch.float8_e4m3fn, (32, 2), 'emulated')
+    >>> fp8(torch.randn(4, 64)).shape
+    torch.Size([4, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import E4M3, cast_to_fp8, compute_scale, dequantize, num_blocks, quantize_per_block, \
+    quantize_per_channel, quantize_per_tensor
+
+BACKENDS = ("emulated", "scaled_mm")
+GRANULARITIES = ("tensor", "channel", "block")
+MIN_SCALED_MM_CAPABILITY = (8, 9)
+
+
+class FP8BackendError(RuntimeError):
+    """The requested FP8 backend cannot run on this device; the message names the fix."""
+
+
+def select_backend(device: torch.device | str | None = None, requested: str = "auto", *,
+                   allow_cpu_scaled_mm: bool = False) -> str:
+    """The FP8 forward backend for `device`.
+
+    ``requested="auto"`` gives ``"scaled_mm"`` on CUDA devices with compute capability ≥ 8.9
+    (Ada, Hopper, Blackwell) and ``"emulated"`` everywhere else. ``requested="scaled_mm"`` on any
+    other device raises `FP8BackendError`, except on CPU with ``allow_cpu_scaled_mm=True``
+    (`torch._scaled_mm` runs there ~100× slower than bf16; for numerics tests only).
+
+        >>> select_backend("cpu")
+        'emulated'
+        >>> select_backend("cpu", "scaled_mm", allow_cpu_scaled_mm=True)
+        'scaled_mm'
+    """
+    device = torch.device(device if device is not None else "cpu")
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown FP8 backend {requested!r}; expected 'auto' or one of {BACKENDS}")
+    supported = device.type == "cuda" and torch.cuda.is_available() and \
+        torch.cuda.get_device_capability(device) >= MIN_SCALED_MM_CAPABILITY
+    if requested == "auto":
+        return "scaled_mm" if supported else "emulated"
+    if requested == "scaled_mm" and not supported and not (device.type == "cpu" and allow_cpu_scaled_mm):
+        if device.type == "cuda" and torch.cuda.is_available():
+            cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            where = f"this GPU has compute capability {cap}"
+        else:
+            where = f"the device is {device}"
+        raise FP8BackendError(
+            f"FP8 backend 'scaled_mm' (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 "
+            f"(Ada/Hopper or newer), but {where}. Use the 'emulated' backend instead (FP8 weights, bf16 "
+            "compute), or leave the backend on 'auto'")
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure forward functions
+
+
+def fp8_linear_emulated(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None, *, block_size: int | None = None,
+                        compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W8A16: dequantise the e4m3 weight to `compute_dtype`, then one `compute_dtype` matmul.
+
+    The upcast and scale multiply happen in float32 (exact for power-of-two scales) and the result
+    is cast once; under `torch.compile` upcast, multiply and cast fuse into one pass over the weight.
+    """
+    w = dequantize(weight, weight_scale, block_size=block_size, dtype=compute_dtype)  # (out, in)
+    b = bias.to(compute_dtype) if bias is not None else None
+    return F.linear(x.to(compute_dtype), w, b).to(x.dtype)
+
+
+def quantize_activations_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations → e4m3 (M, K) and float32 dequant scales (M, 1), dynamic, power of two.
+    No finiteness check (it would sync every call): a NaN/inf row gives a NaN output row."""
+    amax = x2d.detach().abs().amax(dim=-1, keepdim=True).float()  # (M, 1)
+    scale = compute_scale(amax, E4M3, check_finite=False)
+    return cast_to_fp8(x2d.float() * scale, E4M3), (1.0 / scale).contiguous()
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_row: torch.Tensor,
+                         bias: torch.Tensor | None, *, compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W8A8 through `torch._scaled_mm`: per-token e4m3 activations × per-output-channel e4m3 weights.
+
+    `weight` is (out, in) e4m3 (row-major, so ``weight.t()`` is the column-major operand
+    `_scaled_mm` wants); `weight_scale_row` is the (1, out) float32 dequant scale per output
+    channel. `in` and `out` must be multiples of 16 (the converter's filter guarantees it).
+    """
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    xq, x_scale = quantize_activations_per_token(x2d)  # (M, K) e4m3, (M, 1)
+    b = bias.to(compute_dtype) if bias is not None else None
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale_row, bias=b,
+                           out_dtype=compute_dtype)  # (M, N)
+    return out.reshape(*lead, weight.shape[0]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+
+
+def quantize_weight(weight: torch.Tensor, granularity: str, block_size: int | None = None):
+    """(out, in) weight → (e4m3 weight, float32 dequant scales) in the layout `FP8InferenceLinear` keeps:
+    tensor (1, 1), channel (out, 1), block (out, ceil(in / block_size))."""
+    if granularity == "tensor":
+        q, s = quantize_per_tensor(weight)
+        return q, s.reshape(1, 1)
+    if granularity == "channel":
+        return quantize_per_channel(weight)
+    if granularity == "block":
+        if not block_size:
+            raise ValueError("granularity 'block' needs a block_size")
+        return quantize_per_block(weight, block_size)
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def scale_shape(out_features: int, in_features: int, granularity: str, block_size: int | None) -> tuple[int, int]:
+    if granularity == "tensor":
+        return (1, 1)
+    if granularity == "channel":
+        return (out_features, 1)
+    if granularity == "block":
+        return (out_features, num_blocks(in_features, block_size))
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+class FP8InferenceLinear(nn.Module):
+    """Inference-only linear layer: `weight` float8_e4m3fn (out, in), `weight_scale` float32 dequant
+    scales (tensor: (1, 1), channel: (out, 1), block: (out, ceil(in / block_size))), optional `bias`.
+
+    `weight` and `weight_scale` are buffers that keep their dtypes under ``model.to(dtype)`` /
+    ``.half()`` (only device moves apply to them); `bias` follows the model's dtype.
+    Set `backend` ("emulated" / "scaled_mm") explicitly, e.g. with `set_fp8_backend`.
+
+        >>> import torch
+        >>> m = FP8InferenceLinear.from_linear(torch.nn.Linear(32, 16), granularity="channel")
+        >>> m.to(torch.bfloat16).weight.dtype
+        torch.float8_e4m3fn
+    """
+
+    _FIXED_DTYPE_BUFFERS = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "channel",
+                 block_size: int | None = None, backend: str = "emulated", compute_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+        if granularity == "block" and not block_size:
+            raise ValueError("granularity 'block' needs a block_size")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown FP8 backend {backend!r}; expected one of {BACKENDS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.granularity = granularity
+        self.block_size = block_size if granularity == "block" else None
+        self.backend = backend
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=E4M3.dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape(out_features, in_features, granularity, block_size),
+                                                        dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, granularity: str = "channel", block_size: int = 64, *,
+                    backend: str = "emulated", compute_dtype: torch.dtype = torch.bfloat16) -> "FP8InferenceLinear":
+        """Quantise an `nn.Linear`'s weight to e4m3 with power-of-two scales of the given granularity."""
+        q, s = quantize_weight(linear.weight.detach(), granularity, block_size)
+        return cls.from_quantized(q, s, linear.bias.detach() if linear.bias is not None else None,
+                                  granularity=granularity, block_size=block_size, backend=backend,
+                                  compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_quantized(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
+                       granularity: str, block_size: int | None = None, backend: str = "emulated",
+                       compute_dtype: torch.dtype = torch.bfloat16) -> "FP8InferenceLinear":
+        """Wrap already-quantised tensors (e.g. read from an FP8 checkpoint), checking dtypes and shapes."""
+        out_f, in_f = weight.shape
+        m = cls(in_f, out_f, bias is not None, granularity=granularity, block_size=block_size, backend=backend,
+                compute_dtype=compute_dtype, device="meta")
+        if weight.dtype != E4M3.dtype:
+            raise ValueError(f"FP8 weight must be {E4M3.dtype}, got {weight.dtype}")
+        expected = scale_shape(out_f, in_f, granularity, block_size)
+        if tuple(weight_scale.shape) != expected:
+            raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}; a {granularity} scale for a "
+                             f"({out_f}, {in_f}) weight{f' with blocks of {block_size}' if block_size and granularity == 'block' else ''}"
+                             f" has shape {expected}")
+        m.weight = weight.contiguous()
+        m.weight_scale = weight_scale.to(torch.float32).contiguous()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+        return m
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would cast the float8 weight and float32 scales (float8 counts as
+        # floating point): keep their dtypes and apply only the device move.
+        before = {name: self._buffers[name] for name in self._FIXED_DTYPE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as `dtype` (out, in), exactly ``weight * weight_scale``."""
+        return dequantize(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "emulated" or (self.backend == "scaled_mm" and self.granularity == "block"):
+            return fp8_linear_emulated(x, self.weight, self.weight_scale, self.bias, block_size=self.block_size,
+                                       compute_dtype=self.compute_dtype)
+        if self.backend == "scaled_mm":
+            # tensor (1, 1) and channel (out, 1) → the (1, out) per-column layout _scaled_mm takes.
+            scale_row = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
+            return fp8_linear_scaled_mm(x, self.weight, scale_row, self.bias, compute_dtype=self.compute_dtype)
+        raise ValueError(f"unknown FP8 backend {self.backend!r}; expected one of {BACKENDS}")
+
+    def extra_repr(self) -> str:
+        block = f", block_size={self.block_size}" if self.block_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"granularity={self.granularity}{block}, backend={self.backend}")
+
+
+def set_fp8_backend(model: nn.Module, backend: str) -> int:
+    """Set `backend` on every `FP8InferenceLinear` in `model`; returns how many. Pass the result of
+    `select_backend(device)` after moving the model to its device.
+
+        >>> set_fp8_backend(torch.nn.Sequential(FP8InferenceLinear(16, 16)), select_backend("cpu"))
+        1
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown FP8 backend {backend!r}; expected one of {BACKENDS} (resolve 'auto' with "
+                         "select_backend(device) first)")
+    n = 0
+    for module in model.modules():
+        if isinstance(module, FP8InferenceLinear):
+            module.backend = backend
+            n += 1
+    return n
