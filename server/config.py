@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-PRECISIONS = ("fp8", "bf16", "fp32")
+PRECISIONS = ("auto", "fp8", "bf16", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -27,8 +27,8 @@ class ModelConfig:
 
     checkpoint: str = ""
     """Checkpoint folder (grm, grm-research or sequence-classification format); empty = the default model."""
-    precision: str = "bf16"
-    """Inference precision: fp8 (float8 e4m3 weights), bf16 or fp32."""
+    precision: str = "auto"
+    """fp8 (float8 e4m3 weights), bf16, fp32, or auto: fp8 on CUDA ≥ sm89, bf16 where it is fast, else fp32."""
     fp8_recipe: str = "fp8-block64"
     """FP8 recipe for --model.precision fp8: fp8-block64, fp8-block128, fp8-channel (W8A8 on GPU) or fp8-tensor."""
     device: str = "auto"

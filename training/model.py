@@ -447,3 +447,34 @@ def load_grm(path: str | Path, *, dtype: torch.dtype = torch.float32, head_dtype
         if grm.chat_template and not getattr(tokenizer, "chat_template", None):
             grm.chat_template = False
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, format=fmt, path=path)
+
+
+def export_sequence_classification(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
+    """Write a GRM model with a linear, bias-free head as a plain `*ForSequenceClassification`
+    checkpoint (one label), which transformers and vLLM's pooling runner load without custom code.
+
+    An mlp head has no such form: export refuses it rather than silently changing the scores.
+    The tokenizer's pad token must differ from the token the reward is read at (transformers finds
+    the last real token by searching for the pad id).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    head = model.reward_head.config
+    if head.type != "linear" or head.bias:
+        raise ValueError(f"only a linear head without bias maps onto `score.weight`; this head is {head.type}"
+                         f"{' with bias' if head.bias else ''}. Serve it with grm-serve instead")
+    cfg = model.lm.config.__class__.from_dict(model.lm.config.to_dict())
+    cfg.num_labels = 1
+    cfg.id2label, cfg.label2id = {0: "reward"}, {"reward": 0}
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg.architectures = None
+    seq = AutoModelForSequenceClassification.from_config(cfg, dtype=next(model.lm.parameters()).dtype)
+    missing, unexpected = seq.base_model.load_state_dict(model.backbone.state_dict(), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"backbone does not fit {type(seq).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        seq.score.weight.copy_(model.reward_head.summary.weight.to(seq.score.weight.dtype))
+    out = Path(out_dir)
+    seq.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

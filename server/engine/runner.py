@@ -6,6 +6,7 @@ event loop never blocks on compute.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -39,6 +40,27 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matmuls in it are fast (CUDA; CPUs with native bf16 such as AMX/AVX512-BF16),
+    else float32: on an AVX2-only CPU a bf16 matmul is ~100x slower than fp32.
+
+    >>> fast_dtype(torch.device("cuda"))
+    torch.bfloat16
+    """
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → fp8 on CUDA with compute capability ≥ 8.9, bf16 where bf16 is fast, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "bf16"
+    return "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
+
+
 def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_recipe: str = "fp8-block64") -> str:
     """Cast (or quantise) the model for inference, in place; returns the precision in effect.
 
@@ -48,17 +70,24 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
     already FP8 is served as FP8 whatever precision was asked for.
     """
     model.eval()
+    precision = resolve_precision(precision, device)
     already_fp8 = bool(model.grm_config.quantization)
     if precision == "fp8" or already_fp8:
-        from grmserve.training.fp8 import convert_to_fp8, get_recipe, select_backend, set_fp8_backend
+        from grmserve.training.fp8 import (FP8InferenceLinear, convert_to_fp8, get_recipe, select_backend,
+                                           set_fp8_backend)
 
         backend = select_backend(device)
-        model.lm.to(dtype=torch.bfloat16)
+        compute = fast_dtype(device)
+        model.lm.to(dtype=compute)
         if not already_fp8:
-            report = convert_to_fp8(model, get_recipe(fp8_recipe), backend=backend)
+            recipe = dataclasses.replace(get_recipe(fp8_recipe), compute_dtype=str(compute).removeprefix("torch."))
+            report = convert_to_fp8(model, recipe, backend=backend)
             log.info("fp8: %s", report.summary())
         model.lm.to(device=device)
         set_fp8_backend(model, backend)
+        for module in model.modules():
+            if isinstance(module, FP8InferenceLinear):
+                module.compute_dtype = compute
         precision = "fp8"
     elif precision in ("fp32", "bf16"):
         model.lm.to(device=device, dtype=DTYPES[precision])

@@ -258,3 +258,33 @@ def test_grm_format_linear_head_tensors_are_frozen(tmp_path, make_tiny_grm):
     assert shapes == FROZEN_LINEAR_HEAD_TENSORS
     assert metadata["grm_head"] == "linear"
     assert json.loads((out / "config.json").read_text())["grm"]["head"]["type"] == "linear"
+
+
+def test_export_sequence_classification_round_trip(make_tiny_grm, tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from grmserve.training.model import HeadConfig, export_sequence_classification, load_grm
+
+    model = make_tiny_grm("linear", seed=3)
+    model.reward_head = type(model.reward_head)(model.lm.config.hidden_size, HeadConfig(type="linear", bias=False, dropout=0.0))
+    out = export_sequence_classification(model, tokenizer, tmp_path / "seqcls")
+    ids = torch.tensor([[1, 520, 9531, 198, 19556, 17, 2, 0, 0], [1, 520, 9531, 198, 6044, 2025, 2025, 17, 2]])
+    mask = (torch.arange(9) < torch.tensor([[7], [9]])).long()
+    with torch.no_grad():
+        want = model.score(ids, mask)
+        hf = AutoModelForSequenceClassification.from_pretrained(out).eval()(input_ids=ids, attention_mask=mask).logits[:, 0]
+        loaded = load_grm(out)
+        got = loaded.model.score(ids, mask)
+    assert loaded.format == "sequence-classification"
+    torch.testing.assert_close(hf, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_an_mlp_head(make_tiny_grm, tokenizer, tmp_path):
+    import pytest
+
+    from grmserve.training.model import export_sequence_classification
+
+    with pytest.raises(ValueError, match="mlp"):
+        export_sequence_classification(make_tiny_grm("mlp"), tokenizer, tmp_path / "x")

