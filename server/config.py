@@ -11,12 +11,10 @@ which becomes its `--help` text.
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Literal
+
+from grmserve.training.configtools import add_config_arguments, apply_overrides, iter_leaves
 
 PRECISIONS = ("auto", "fp8", "bf16", "fp32")
 
@@ -27,9 +25,9 @@ class ModelConfig:
 
     checkpoint: str = ""
     """Checkpoint folder (grm, grm-research or sequence-classification format); empty = the default model."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp8", "bf16", "fp32"] = "auto"
     """fp8 (float8 e4m3 weights), bf16, fp32, or auto: fp8 on CUDA ≥ sm89, bf16 where it is fast, else fp32."""
-    fp8_recipe: str = "fp8-block64"
+    fp8_recipe: Literal["fp8-block64", "fp8-block128", "fp8-channel", "fp8-tensor", "fp8"] = "fp8-block64"
     """FP8 recipe for --model.precision fp8: fp8-block64, fp8-block128, fp8-channel (W8A8 on GPU) or fp8-tensor."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available, else cpu)."""
@@ -99,7 +97,7 @@ class ServeConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     server: NetConfig = field(default_factory=NetConfig)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level."""
 
     def validate(self) -> None:
@@ -143,68 +141,19 @@ PRESETS: dict[str, Callable[[], ServeConfig]] = {"default": default, "local": lo
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI generated from the dataclasses: one `--section.field` flag per leaf field.
+# CLI generated from the dataclasses (grmserve.training.configtools): one `--section.field` flag
+# per leaf field.
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """Docstrings placed under dataclass fields (read from the source)."""
-    try:
-        tree = ast.parse(inspect.getsource(cls).lstrip())
-    except (OSError, TypeError):
-        return {}
-    docs, body = {}, tree.body[0].body
-    for prev, node in zip(body, body[1:]):
-        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
-            docs[prev.target.id] = " ".join(str(node.value.value).split())
-    return docs
-
-
-def _leaves(cls, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from _leaves(tp, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", tp, docs.get(f.name, "")
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def build_parser(cls, presets: dict[str, Callable[[], Any]], prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="default", choices=sorted(presets), help="named starting configuration")
-    defaults = presets["default"]()
-    for dotted, tp, doc in _leaves(cls):
-        value = defaults
-        for part in dotted.split("."):
-            value = getattr(value, part)
-        conv = _parse_bool if tp is bool else tp
-        parser.add_argument(f"--{dotted}", dest=dotted, type=conv, default=argparse.SUPPRESS,
-                            help=f"{doc} (default: {value!r})", metavar=tp.__name__.upper())
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grm-serve", description=(ServeConfig.__doc__ or "").strip())
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named starting configuration")
+    add_config_arguments(parser, ServeConfig)
     return parser
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    for dotted, value in overrides.items():
-        target = cfg
-        *path, leaf = dotted.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, leaf, value)
-    return cfg
-
-
 def parse_serve_args(argv: list[str] | None = None) -> ServeConfig:
-    parser = build_parser(ServeConfig, PRESETS, "grm-serve")
+    parser = build_parser()
     args = vars(parser.parse_args(argv))
     cfg = PRESETS[args.pop("preset")]()
     apply_overrides(cfg, args)
@@ -217,4 +166,4 @@ def parse_serve_args(argv: list[str] | None = None) -> ServeConfig:
 
 def cli_flags() -> list[str]:
     """Every CLI flag, for the test that freezes the public surface."""
-    return ["--preset"] + [f"--{dotted}" for dotted, _, _ in _leaves(ServeConfig)]
+    return ["--preset"] + [f"--{dotted}" for dotted, _, _ in iter_leaves(ServeConfig)]
