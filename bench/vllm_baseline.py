@@ -6,7 +6,7 @@ list of token-id lists (exactly the sequences grm-serve scores: same chat templa
 vLLM gets every sequence in one `LLM.classify` call (its own batching, no network: the best case
 for its server), raw logits (`use_activation=False`), the same number of CPU threads. Prints JSON.
 
-    python bench/vllm_baseline.py --model /tmp/seqcls --inputs /tmp/ids.json --scores-out /tmp/vllm_scores.json
+    python bench/vllm_baseline.py --model /tmp/seqcls --inputs /tmp/ids.json --scores-out /tmp/s.json --result-out /tmp/r.json
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--inputs", required=True, help="JSON list of token-id lists")
     p.add_argument("--scores-out", required=True)
+    p.add_argument("--result-out", required=True, help="where to write the timing JSON (vLLM logs to stdout)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -38,8 +39,7 @@ def main() -> int:
 
     seqs = json.load(open(args.inputs))
     start = time.perf_counter()
-    llm = LLM(model=args.model, runner="pooling", dtype=args.dtype, enforce_eager=True, max_model_len=2048,
-              enable_prefix_caching=False, seed=0)
+    llm = LLM(model=args.model, runner="pooling", dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0)
     startup = time.perf_counter() - start
     prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
     params = PoolingParams(use_activation=False)
@@ -53,9 +53,10 @@ def main() -> int:
     json.dump(scores, open(args.scores_out, "w"))
     tokens = sum(map(len, seqs))
     med = statistics.median(times)
-    json.dump({"startup_s": startup, "sequences": len(seqs), "tokens": tokens, "median_s": med,
-               "pairs_per_s": len(seqs) / med, "tokens_per_s": tokens / med, "dtype": args.dtype}, sys.stdout)
-    print()
+    result = {"startup_s": startup, "sequences": len(seqs), "tokens": tokens, "median_s": med,
+              "pairs_per_s": len(seqs) / med, "tokens_per_s": tokens / med, "dtype": args.dtype}
+    json.dump(result, open(args.result_out, "w"))
+    json.dump(result, sys.stderr)
     return 0
 
 

@@ -23,7 +23,7 @@ from .engine.base import EngineInfo
 from .engine.batcher import BatchingEngine
 from .engine.runner import ModelRunner, prepare_model, resolve_device
 from .metrics import ServerMetrics
-from .rpc.server import create_server, set_serving
+from .rpc.server import ConfigError, create_server, set_serving
 from .rpc.servicer import SERVER_VERSION
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,11 @@ class RewardServer:
         self.metrics.set_model(self.engine.info, SERVER_VERSION)
         self.server, self.port, self.health = await create_server(self.config, self.engine, self.metrics)
         if self.config.server.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.server.metrics_host, self.config.server.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.config.server.metrics_host, self.config.server.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"could not bind the metrics port {self.config.server.metrics_host}:"
+                                  f"{self.config.server.metrics_port} ({exc}); pick another with --server.metrics_port") from exc
         await self.server.start()  # health says NOT_SERVING until warm-up is done
         await self.engine.start()
         if self.config.model.warmup:

@@ -192,8 +192,7 @@ class BatchingEngine(Engine):
     def _compute(self, work: list[_Entry]) -> float:
         """On the model thread: run every pass of this step; fill each entry's scores."""
         start = time.perf_counter()
-        rows: list[list[int]] = []
-        owners: list[tuple[_Entry, int]] = []
+        by_prompt: dict[tuple[int, ...], list[tuple[list[int], _Entry, int]]] = {}
         for entry in work:
             job = entry.job
             if job.shared_prompt:
@@ -201,21 +200,51 @@ class BatchingEngine(Engine):
                     scores, stats = self.runner.score_shared(group.prompt_ids, group.response_ids)
                     entry.scores.extend(scores)
                     self._emit_batch(stats)
-            else:
-                slot = 0
-                for group in job.groups:
-                    for resp in group.response_ids:
-                        rows.append(group.prompt_ids + resp)
-                        owners.append((entry, slot))
-                        slot += 1
-                entry.scores = [0.0] * slot
-        for batch in plan_batches([len(r) for r in rows], self.config.max_batch_tokens, self.config.max_batch_rows):
-            scores, stats = self.runner.score_rows([rows[i] for i in batch])
+                continue
+            slot = 0
+            for group in job.groups:
+                for resp in group.response_ids:
+                    by_prompt.setdefault(tuple(group.prompt_ids), []).append((resp, entry, slot))
+                    slot += 1
+            entry.scores = [0.0] * slot
+        # Pairs whose prompt appears more than once in this step share one prompt pass; the rest
+        # are independent sequences, sorted by length into padded passes.
+        shared = {p: rows for p, rows in by_prompt.items() if len(rows) > 1 and p}
+        single = [(list(p) + resp, entry, slot) for p, rows in by_prompt.items() if p not in shared
+                  for resp, entry, slot in rows]
+        for batch in plan_batches([len(r) for r, _, _ in single], self.config.max_batch_tokens,
+                                  self.config.max_batch_rows):
+            scores, stats = self.runner.score_rows([single[i][0] for i in batch])
             for i, score in zip(batch, scores):
-                entry, slot = owners[i]
+                _, entry, slot = single[i]
+                entry.scores[slot] = score
+            self._emit_batch(stats)
+        for prompts, rows in self._plan_shared(shared):
+            scores, stats = self.runner.score_prefixed(prompts, [(pi, resp) for pi, resp, _, _ in rows], kind="pairs")
+            for (_, _, entry, slot), score in zip(rows, scores):
                 entry.scores[slot] = score
             self._emit_batch(stats)
         return time.perf_counter() - start
+
+    def _plan_shared(self, shared: dict[tuple[int, ...], list]):
+        """Pack prompt groups into passes within the token and row budgets (prompt pass + response pass)."""
+        budget, max_rows = self.config.max_batch_tokens, self.config.max_batch_rows
+        prompts: list[list[int]] = []
+        rows: list[tuple[int, list[int], _Entry, int]] = []
+        longest_prompt = longest_resp = 0
+        for key in sorted(shared, key=len):
+            group = shared[key]
+            lp = max(longest_prompt, len(key))
+            lr = max([longest_resp] + [len(r) for r, _, _ in group])
+            cost = (len(prompts) + 1) * lp + (len(rows) + len(group)) * lr
+            if prompts and (cost > budget or len(rows) + len(group) > max_rows):
+                yield prompts, rows
+                prompts, rows, lp, lr = [], [], len(key), max(len(r) for r, _, _ in group)
+            prompts.append(list(key))
+            rows.extend((len(prompts) - 1, resp, entry, slot) for resp, entry, slot in group)
+            longest_prompt, longest_resp = lp, lr
+        if prompts:
+            yield prompts, rows
 
     def _emit_batch(self, stats) -> None:
         for sink in self.sinks.on_batch:

@@ -132,21 +132,34 @@ class ModelRunner:
         return scores, stats
 
     @torch.inference_mode()
+    def score_prefixed(self, prompts: list[list[int]], items: list[tuple[int, list[int]]],
+                       kind: str = "shared_prompt") -> tuple[list[float], BatchStats]:
+        """Responses that continue a few distinct prompts: each prompt runs once, and every
+        response attends to its own prompt's KV cache.
+
+        `items` are (prompt index, response ids). Prompts are right-padded into one pass; the
+        response pass masks the prompt padding and continues each row at its own prompt's length,
+        so the scores equal scoring each prompt + response on its own.
+        """
+        start = time.perf_counter()
+        pids, pmask = self._pad(prompts)  # (U, P)
+        cache = self.backbone(input_ids=pids, attention_mask=pmask, use_cache=True).past_key_values
+        which = torch.tensor([i for i, _ in items], dtype=torch.long, device=self.device)  # (B,)
+        cache.batch_select_indices(which)  # (B, kv_heads, P, d) per layer
+        ids, resp_mask = self._pad([r for _, r in items])  # (B, R)
+        mask = torch.cat([pmask[which], resp_mask], dim=1)  # (B, P+R)
+        plen = pmask.sum(1)[which]  # (B,)
+        positions = plen.unsqueeze(1) + torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # (B, R)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
+                               use_cache=True).last_hidden_state  # (B, R, H)
+        scores = self.model.reward_head(pool_last(hidden, resp_mask)).float().tolist()
+        stats = BatchStats(rows=len(items), tokens=int(pmask.sum()) + int(resp_mask.sum()),
+                           padded_tokens=pids.numel() + ids.numel(), compute_seconds=time.perf_counter() - start,
+                           kind=kind)
+        return scores, stats
+
     def score_shared(self, prompt_ids: list[int], responses: list[list[int]]) -> tuple[list[float], BatchStats]:
         """n responses to one prompt: the prompt runs once, its KV cache is shared by all n."""
         if not prompt_ids:
             return self.score_rows(responses)
-        start = time.perf_counter()
-        n, plen = len(responses), len(prompt_ids)
-        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
-        cache = self.backbone(input_ids=prompt, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(n)  # (n, kv_heads, P, d) per layer
-        ids, resp_mask = self._pad(responses)  # (n, R)
-        mask = torch.cat([torch.ones((n, plen), dtype=torch.long, device=self.device), resp_mask], dim=1)  # (n, P+R)
-        positions = (plen + torch.arange(ids.shape[1], device=self.device)).unsqueeze(0).expand(n, -1)  # (n, R)
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
-                               use_cache=True).last_hidden_state  # (n, R, H)
-        scores = self.model.reward_head(pool_last(hidden, resp_mask)).float().tolist()
-        stats = BatchStats(rows=n, tokens=plen + int(resp_mask.sum()), padded_tokens=plen + ids.numel(),
-                           compute_seconds=time.perf_counter() - start, kind="shared_prompt")
-        return scores, stats
+        return self.score_prefixed([prompt_ids], [(0, r) for r in responses])

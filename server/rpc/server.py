@@ -56,9 +56,12 @@ async def create_server(config: ServeConfig, engine: Engine, metrics=None, *, ma
                                                   Path(config.server.tls_cert).read_bytes())])
         except OSError as exc:
             raise ConfigError(f"cannot read the TLS key or certificate: {exc}") from exc
-        port = server.add_secure_port(address, creds)
     else:
-        port = server.add_insecure_port(address)
+        creds = None
+    try:
+        port = server.add_secure_port(address, creds) if config.server.tls_cert else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"could not bind {address}: is the port in use? ({exc})") from exc
     if port == 0:
         raise ConfigError(f"could not bind {address}: is the port in use?")
     return server, port, health_servicer

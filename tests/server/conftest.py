@@ -79,6 +79,11 @@ class SlowRunner:
         self.seen.extend(prompt_ids + r for r in responses)
         return self._runner.score_shared(prompt_ids, responses)
 
+    def score_prefixed(self, prompts, items, kind="shared_prompt"):
+        time.sleep(self.delay)
+        self.seen.extend(prompts[i] + r for i, r in items)
+        return self._runner.score_prefixed(prompts, items, kind)
+
 
 def tiny_config(checkpoint, **limits):
     cfg = local()

@@ -86,3 +86,17 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "nope" in out.stderr and "not a checkpoint folder" in out.stderr
+
+
+def test_port_in_use_is_a_clear_error(tiny_checkpoint):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "grmserve.server.cli", "--preset", "local", "--model.checkpoint",
+                              str(tiny_checkpoint), "--model.warmup", "false", "--server.port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr

@@ -265,3 +265,61 @@ def test_fp8_server_tracks_fp32(tiny_checkpoint):
     corr = torch.corrcoef(torch.stack([got, want]))[0, 1]
     assert corr > 0.99, corr
     assert not torch.equal(got, want)  # it really ran quantised weights
+
+
+def test_tls(tiny_checkpoint, tmp_path):
+    import shutil
+    import subprocess
+
+    from grmserve.server.app import build_engine
+
+    from .conftest import ServerThread, tiny_config
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    cfg = tiny_config(tiny_checkpoint)
+    cfg.server.tls_cert, cfg.server.tls_key = str(cert), str(key)
+    st = ServerThread(cfg, build_engine(cfg)).start()
+    try:
+        from grmserve.clients.reward_client import RewardClient
+
+        with RewardClient(f"localhost:{st.app.port}", root_certificates=cert.read_bytes()) as c:
+            assert len(c.score([("a", " b")])) == 1
+        with RewardClient(f"localhost:{st.app.port}", timeout=5) as plain:  # plaintext to a TLS port fails
+            with pytest.raises(RewardServerError) as err:
+                plain.score([("a", " b")])
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        st.stop()
+
+
+def test_prefix_sharing_across_pairs_matches_direct_scores(tiny_checkpoint):
+    """Pairs that repeat a prompt (chosen/rejected, n samples per prompt) share one prompt pass."""
+    from grmserve.server.engine.runner import ModelRunner
+
+    loaded = load_grm(tiny_checkpoint)
+    runner = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33, 34]]
+    items = [(0, [40, 41]), (1, [42, 43, 44, 45, 46]), (0, [47]), (2, [48, 49, 50]), (1, [51])]
+    got, stats = runner.score_prefixed(prompts, items)
+    with torch.no_grad():
+        want = [float(loaded.model.score(torch.tensor([prompts[i] + r]), torch.ones(1, len(prompts[i]) + len(r),
+                                                                                    dtype=torch.long))[0])
+                for i, r in items]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert stats.tokens == sum(map(len, prompts)) + sum(len(r) for _, r in items)
+
+
+def test_score_with_repeated_prompts_matches_training_code(server, tiny_checkpoint):
+    prompts = [[{"role": "user", "content": f"Prompt number {k} " + "padding " * (3 * k)}] for k in range(4)]
+    pairs = [(prompts[i % 4], f"response {i} " * (1 + i % 3)) for i in range(14)]
+    want = direct_scores(tiny_checkpoint, pairs)
+    with server.client() as c, cf.ThreadPoolExecutor(4) as pool:
+        whole = c.score(pairs)
+        split = [s for part in pool.map(c.score, [pairs[:7], pairs[7:]]) for s in part]
+    assert whole == pytest.approx(want, abs=1e-5)
+    assert split == pytest.approx(want, abs=1e-5)
