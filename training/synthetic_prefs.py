@@ -4,8 +4,8 @@ Each prompt carries one verifiable instruction in the style of IFEval (answer in
 bullet points, avoid a word, reply in JSON, keep to one sentence, end with a phrase) about a topic.
 The chosen response follows it, the rejected one breaks it (both say the same facts), and
 `gold_reward` is a deterministic check of the instruction. It is what the interim default reward
-model is trained on; the full benchmark of the training work (real SmolLM2 generations, OOD
-splits) builds on the same checks.
+model is trained on; the full benchmark (`grmserve.training.benchmark`: real SmolLM2 generations,
+18 instruction families, OOD splits) extends it and owns the checks both use.
 
     >>> pairs = make_pairs(4, seed=0)
     >>> all(gold_reward(p["meta"], p["chosen"]) > gold_reward(p["meta"], p["rejected"]) for p in pairs)
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import random
+
+from .benchmark import checks
 
 TOPICS = {
     "the moon": ["it orbits the Earth", "it has no air", "its gravity moves the tides", "it shows phases"],
@@ -72,25 +74,22 @@ def _good_bad(kind: str, topic: str, facts: list[str], rng: random.Random) -> tu
 
 
 def gold_reward(meta: dict, response: str) -> float:
-    """1.0 when the response follows the prompt's instruction, else 0.0."""
+    """1.0 when the response follows the prompt's instruction, else 0.0 (the checks are those of
+    the full benchmark, `grmserve.training.benchmark.checks`)."""
     kind, topic = meta["kind"], meta["topic"]
     r = response.strip()
     if kind == "capitals":
-        ok = r == r.upper() and any(c.isalpha() for c in r)
+        ok = checks.all_capitals(r)
     elif kind == "bullets":
-        lines = [ln for ln in r.splitlines() if ln.strip()]
-        ok = len(lines) >= 2 and all(ln.startswith("- ") for ln in lines)
+        ok = checks.only_bullets(r, min_items=2)
     elif kind == "avoid_word":
-        ok = BANNED[topic] not in r.lower()
+        ok = not checks.contains_word(r, BANNED[topic], whole_word=False)
     elif kind == "json":
-        try:
-            ok = isinstance(json.loads(r), dict) and "answer" in json.loads(r)
-        except ValueError:
-            ok = False
+        ok = checks.json_has_key(r, "answer")
     elif kind == "one_sentence":
-        ok = sum(r.count(p) for p in ".!?") == 1 and r.endswith((".", "!", "?"))
+        ok = checks.sentence_count(r) == 1 and checks.ends_sentence(r)
     else:
-        ok = r.endswith(END_PHRASE)
+        ok = checks.ends_with(r, END_PHRASE)
     return 1.0 if ok else 0.0
 
 

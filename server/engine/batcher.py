@@ -60,6 +60,18 @@ def plan_batches(lengths: list[int], max_tokens: int, max_rows: int) -> list[lis
     return batches
 
 
+def _worth_sharing(prompt_len: int, response_lens: list[int]) -> bool:
+    """Run a repeated prompt once only when that saves a real share of the work: a separate prompt
+    pass costs a little, and saving a few tokens of a short prompt does not pay for it.
+
+    >>> _worth_sharing(600, [64] * 16), _worth_sharing(10, [200, 200]), _worth_sharing(45, [20])
+    (True, False, False)
+    """
+    n = len(response_lens)
+    saved = (n - 1) * prompt_len
+    return n > 1 and saved >= 32 and saved >= 0.25 * (n * prompt_len + sum(response_lens))
+
+
 class BatchingEngine(Engine):
     """Engine over a ModelRunner with dynamic batching (see the module docstring)."""
 
@@ -209,7 +221,7 @@ class BatchingEngine(Engine):
             entry.scores = [0.0] * slot
         # Pairs whose prompt appears more than once in this step share one prompt pass; the rest
         # are independent sequences, sorted by length into padded passes.
-        shared = {p: rows for p, rows in by_prompt.items() if len(rows) > 1 and p}
+        shared = {p: rows for p, rows in by_prompt.items() if _worth_sharing(len(p), [len(r) for r, _, _ in rows])}
         single = [(list(p) + resp, entry, slot) for p, rows in by_prompt.items() if p not in shared
                   for resp, entry, slot in rows]
         for batch in plan_batches([len(r) for r, _, _ in single], self.config.max_batch_tokens,

@@ -67,19 +67,23 @@ class SlowRunner:
         self._runner = runner
         self.delay = delay
         self.seen: list[list[int]] = []
+        self.calls: list[str] = []
         self.pad_id = runner.pad_id
 
     def score_rows(self, rows):
+        self.calls.append("rows")
         time.sleep(self.delay)
         self.seen.extend(rows)
         return self._runner.score_rows(rows)
 
     def score_shared(self, prompt_ids, responses):
+        self.calls.append("shared")
         time.sleep(self.delay)
         self.seen.extend(prompt_ids + r for r in responses)
         return self._runner.score_shared(prompt_ids, responses)
 
     def score_prefixed(self, prompts, items, kind="shared_prompt"):
+        self.calls.append("prefixed")
         time.sleep(self.delay)
         self.seen.extend(prompts[i] + r for i, r in items)
         return self._runner.score_prefixed(prompts, items, kind)

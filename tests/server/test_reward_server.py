@@ -314,12 +314,16 @@ def test_prefix_sharing_across_pairs_matches_direct_scores(tiny_checkpoint):
     assert stats.tokens == sum(map(len, prompts)) + sum(len(r) for _, r in items)
 
 
-def test_score_with_repeated_prompts_matches_training_code(server, tiny_checkpoint):
-    prompts = [[{"role": "user", "content": f"Prompt number {k} " + "padding " * (3 * k)}] for k in range(4)]
+def test_score_with_repeated_prompts_matches_training_code(make_server, tiny_checkpoint):
+    server = make_server(slow=0.0)
+    prompts = [[{"role": "user", "content": f"Prompt number {k} " + "context " * (40 + 3 * k)}] for k in range(4)]
     pairs = [(prompts[i % 4], f"response {i} " * (1 + i % 3)) for i in range(14)]
+    pairs.append(("a unique plain prompt", " with its answer"))
     want = direct_scores(tiny_checkpoint, pairs)
     with server.client() as c, cf.ThreadPoolExecutor(4) as pool:
         whole = c.score(pairs)
         split = [s for part in pool.map(c.score, [pairs[:7], pairs[7:]]) for s in part]
     assert whole == pytest.approx(want, abs=1e-5)
     assert split == pytest.approx(want, abs=1e-5)
+    assert "prefixed" in server.app.engine.runner.calls  # the repeated prompts ran once per pass
+    assert "rows" in server.app.engine.runner.calls  # the unique one ran as a plain sequence

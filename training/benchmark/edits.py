@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from . import checks
 
-_MARKERS = re.compile(r"^\s*(?:[-*+\u2022]|\d+[.)]|#+)\s*")
+_MARKERS = re.compile(r"^\s*(?:[-*+\u2022]|\d+[.)])\s+")
+_HEADING = re.compile(r"^\s*#+\s")
 _SPLIT = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)\]]*\s+")
 _SENT_START = re.compile(r"(^|[.!?]\s+|\n\s*(?:[-*]\s+)?)([a-z])")
 
@@ -98,20 +99,29 @@ class Draft:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Clean a raw generation into complete prose sentences: list markers, headings and bold marks
-    are removed, lines joined, and an unfinished last piece (a generation cut at max tokens) is
-    dropped unless it is the only one, which then gets a full stop.
+    """Clean a raw generation into complete prose sentences: list markers and bold marks are
+    removed, heading-like lines (markdown headings, short lines without end punctuation that are not
+    list items, <<titles>>) dropped, lines joined, and an unfinished last piece (a generation cut at
+    max tokens) dropped unless it is the only one, which then gets a full stop.
 
     >>> split_sentences("## Facts\\n1. **Bees** fly.\\n2. They make hon")
     ['Bees fly.']
     """
+    raw_lines = [ln for ln in text.replace("**", "").replace("__", "").splitlines() if ln.strip()]
     lines = []
-    for line in text.replace("**", "").replace("__", "").splitlines():
+    for i, line in enumerate(raw_lines):
+        if _HEADING.match(line):
+            continue
+        is_item = bool(_MARKERS.match(line))
         line = _MARKERS.sub("", line).strip()
         if not line or line.startswith(("<<", "```")) or not any(c.isalpha() for c in line):
             continue
-        if not checks.ends_sentence(line) and not line.endswith(":"):
-            line += "." if len(checks.words(line)) <= 12 else ""  # short list items become sentences
+        last = i == len(raw_lines) - 1
+        if not last and not checks.ends_sentence(line) and not line.endswith(":"):
+            if not is_item and len(checks.words(line)) <= 8:
+                continue  # a heading, a name or a date line
+            if is_item:
+                line += "."  # a list item without a full stop is a sentence (not the last: maybe cut)
         lines.append(line)
     pieces = [p.strip() for p in _SPLIT.split(" ".join(lines)) if p.strip()]
     pieces = [p for p in pieces if any(c.isalpha() for c in p) and not p.endswith(":")]
