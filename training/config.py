@@ -23,7 +23,7 @@ from .configtools import (add_config_arguments, apply_overrides, check_literals,
 from .losses import DEFAULT_ALPHA, DEFAULT_BETA
 from .model import HEAD_TYPES, HeadConfig
 
-PrecisionMode = Literal["fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]
+PrecisionMode = Literal["auto", "fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]
 Regulariser = Literal["none", "sft", "sft-nll", "dpo", "dpo-noref"]
 RewardLoss = Literal["bt", "bt-margin", "bt-smooth"]
 
@@ -144,7 +144,7 @@ class PrecisionConfig:
     """Numeric precision of training, resolved in one place (`trainer.apply_precision`)."""
 
     mode: PrecisionMode = "fp32"
-    """fp32; bf16 (autocast, fp32 master weights); fp8-o1..o3 (FP8-LM levels; not implemented yet)."""
+    """auto (bf16 where bf16 matmuls are fast, else fp32); fp32; bf16 (autocast, fp32 master weights); fp8-o1..o3 (FP8-LM levels; not implemented yet)."""
 
 
 @dataclass(kw_only=True)

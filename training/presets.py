@@ -56,7 +56,7 @@ def tiny_dpo() -> TrainConfig:
 
 def smollm2() -> TrainConfig:
     """Full fine-tuning of SmolLM2-135M-Instruct (the default backbone) with GRM's SFT regulariser,
-    bf16 autocast. Pass the data with `--data.train PATH [--data.eval PATH]`."""
+    bf16 autocast where bf16 is fast, else fp32 (`auto`). Pass the data with `--data.train PATH [--data.eval PATH]`."""
     cfg = TrainConfig(run_dir="runs/smollm2-grm")
     cfg.model.backbone = "smollm2"
     cfg.model.name = "smollm2-grm"
@@ -70,7 +70,7 @@ def smollm2() -> TrainConfig:
     cfg.optim.weight_decay = 0.0
     cfg.optim.batch_size = 16
     cfg.optim.grad_accum = 4
-    cfg.precision.mode = "bf16"
+    cfg.precision.mode = "auto"
     cfg.checkpoint.every = 200
     cfg.eval.every = 100
     return cfg

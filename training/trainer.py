@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -239,6 +240,7 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
                     shard: Callable[[nn.Module], nn.Module] = lambda m: m) -> PrecisionPlan:
     """Resolve `precision.mode`: convert the model, shard it (`shard`, e.g. FSDP2), build its optimizer.
 
+    - auto: bf16 where bf16 matmuls are fast (CUDA, CPUs with native bf16), else fp32.
     - fp32: everything in float32.
     - bf16: float32 master weights and optimizer state; forward and backward under bf16 autocast.
     - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels, a separate issue (`_apply_fp8`, the hook to fill in).
@@ -250,6 +252,10 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     ...     plan.model(torch.ones(1, 2)).dtype
     torch.bfloat16
     """
+    if cfg.mode == "auto":
+        from .devices import fast_dtype
+
+        cfg = dataclasses.replace(cfg, mode="bf16" if fast_dtype(device) == torch.bfloat16 else "fp32")
     if cfg.mode.startswith("fp8"):
         return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
     model = shard(model.to(device=device, dtype=torch.float32))

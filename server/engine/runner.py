@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from grmserve.training.devices import fast_dtype
 from grmserve.training.model import GRMModel, pool_last
 
 from .base import BatchStats
@@ -38,18 +39,6 @@ def resolve_device(spec: str) -> torch.device:
         raise DeviceError(f"--model.device {spec}: no CUDA device is available (this torch is "
                           f"{torch.__version__}); use --model.device cpu")
     return device
-
-
-def fast_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where matmuls in it are fast (CUDA; CPUs with native bf16 such as AMX/AVX512-BF16),
-    else float32: on an AVX2-only CPU a bf16 matmul is ~100x slower than fp32.
-
-    >>> fast_dtype(torch.device("cuda"))
-    torch.bfloat16
-    """
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
