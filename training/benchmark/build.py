@@ -261,8 +261,8 @@ def build(cfg: BuildConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prompts = build_prompts(cfg.prompts)
     generations, source = resolve_generations(cfg, prompts)
-    stats: dict = {"config": configtools.to_dict(cfg), "generations": "fake" if cfg.fake else Path(source).name,
-                   "splits": {}}
+    log.info("%d generations from %s", len(generations), source)
+    stats: dict = {"config": configtools.to_dict(cfg), "generations": "fake" if cfg.fake else "cached", "splits": {}}
     stats["config"].pop("out")  # where it was written is not part of what was built
     stats["config"].pop("generations")
     used = []

@@ -163,7 +163,7 @@ def _lower_first(text: str) -> str:
 def sentence_case(text: str) -> str:
     """Undo all-caps, then capitalise the first letter of every sentence and line.
 
-    >>> sentence_case("HELLO THERE. bye")
+    >>> sentence_case("HELLO THERE. BYE")
     'Hello there. Bye'
     """
     if text == text.upper():
