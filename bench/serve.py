@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from grmserve.clients.reward_client import RewardClient
-from grmserve.server.app import RewardServer, build_engine
+from grmserve.server.app import build_engine
+from grmserve.server.background import ServerThread
 from grmserve.server.config import local
 from grmserve.server.engine.base import Engine, ScoreResult
 from grmserve.training.synthetic_prefs import make_pairs
@@ -82,35 +83,6 @@ class NaiveEngine(Engine):
         scores, secs, tokens = await asyncio.get_running_loop().run_in_executor(None, self._run, job)
         return ScoreResult(scores=scores, sequence_tokens=[], truncated=[], computed_tokens=tokens, queue_seconds=0.0,
                            compute_seconds=secs)
-
-
-class Served:
-    """A server in a background thread (its own event loop)."""
-
-    def __init__(self, config, engine):
-        self.config, self.engine, self.app = config, engine, None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        async def main():
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self.app = RewardServer(self.config, self.engine)
-            await self.app.start()
-            self._ready.set()
-            await self._stop.wait()
-            await self.app.stop(grace=1.0)
-        asyncio.run(main())
-
-    def __enter__(self):
-        self._thread.start()
-        self._ready.wait(600)
-        return f"127.0.0.1:{self.app.port}"
-
-    def __exit__(self, *exc):
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
 
 
 def closed_loop(target: str, pairs, concurrency: int, per_call: int, seconds: float) -> dict:
@@ -216,7 +188,7 @@ def vllm_baseline(args, engine, pairs, workdir: Path, cfg) -> dict:
         return {"error": proc.stderr[-2000:]}
     result = json.loads((workdir / "vllm.json").read_text())
     theirs = torch.tensor(json.loads((workdir / "vllm_scores.json").read_text()))
-    with Served(cfg, build_engine(cfg)) as target, RewardClient(target, timeout=600) as c:
+    with ServerThread(cfg, build_engine(cfg), grace=1.0) as served, RewardClient(served.target, timeout=600) as c:
         ours = torch.tensor([s for k in range(0, len(pairs), 256) for s in c.score(pairs[k:k + 256])])
     result["scores_max_abs_diff_vs_grm_serve"] = float((ours - theirs).abs().max())
     result["scores_pearson_vs_grm_serve"] = float(torch.corrcoef(torch.stack([ours, theirs]))[0, 1])
@@ -261,10 +233,11 @@ def main(argv=None) -> int:
         cfg_b.server.metrics_port = -1
         cfg_b.model.warmup = False
         naive = NaiveEngine(build_engine(cfg))
-        with Served(cfg_b, naive) as target:
-            base = closed_loop(target, pairs, args.concurrency, args.pairs_per_call, args.seconds)
+        with ServerThread(cfg_b, naive, grace=1.0) as served:
+            base = closed_loop(served.target, pairs, args.concurrency, args.pairs_per_call, args.seconds)
         out["baseline_a_transformers_per_request"] = base
-    with Served(cfg, engine) as target:
+    with ServerThread(cfg, engine, grace=1.0) as served:
+        target = served.target
         c0 = RewardClient(target)
         tokens_per_pair = statistics.mean(c0.score_full(pairs[:64]).metadata.sequence_tokens)
         c0.close()

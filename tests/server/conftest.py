@@ -2,62 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import pytest
 
-from grmserve.clients.reward_client import RewardClient
-from grmserve.server.app import RewardServer, build_engine
+from grmserve.server.app import build_engine
+from grmserve.server.background import ServerThread  # noqa: F401  (tests import it from here)
 from grmserve.server.config import local
-
-
-class ServerThread:
-    def __init__(self, config, engine=None):
-        self.config = config
-        self.engine = engine
-        self.app: RewardServer | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        async def main():
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self.app = RewardServer(self.config, self.engine)
-            await self.app.start()
-            self._ready.set()
-            await self._stop.wait()
-            await self.app.stop(grace=5.0)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-            self._ready.set()
-
-    def start(self) -> "ServerThread":
-        self._thread.start()
-        self._ready.wait(120)
-        if self._error:
-            raise self._error
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.app.port}"
-
-    def client(self, **kw) -> RewardClient:
-        return RewardClient(self.target, **kw)
-
-    def stop(self):
-        if self._loop and self._stop:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
 
 
 class SlowRunner:
