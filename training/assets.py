@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from . import env
+from .fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ def _build_atomically(root: Path, name: str, build) -> Path:
         (tmp / "grm-assets.json").write_text(
             json.dumps({"asset_version": ASSET_VERSION, "source": GGUF_NAME}, indent=2) + "\n"
         )
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import env  # noqa: F401  (offline mode before transformers is imported)
+from .fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,7 @@ def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
         cfg = json.loads(cfg_path.read_text())
         cfg["grm"] = model.grm_config.to_json()
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -51,6 +51,7 @@ from torch import nn
 
 from . import assets
 from .config import PrecisionConfig, TrainConfig, parse_args, to_dict
+from .fsutil import replace_dir
 from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences, synthetic_rows, write_jsonl
 from .evaluate import reward_stats, score_pairs
 from .losses import grm_loss, needs_logps, pairwise_accuracy, regulariser_loss, reward_loss
@@ -713,18 +714,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first, so `dst` is never half-written."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
 
 
 @contextlib.contextmanager
