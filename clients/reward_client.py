@@ -53,6 +53,16 @@ def _channel_args(token: str | None):
     return [("authorization", f"Bearer {token}")] if token else None
 
 
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def _open_channel(api, target: str, root_certificates: bytes | None):
+    """A channel from `api` (`grpc` or `grpc.aio`): TLS when root certificates are given."""
+    if root_certificates is not None:
+        return api.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=_CHANNEL_OPTIONS)
+    return api.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
 def _not_reachable(target: str, timeout: float) -> TimeoutError:
     return TimeoutError(f"could not reach the reward server at {target} within {timeout:g} s (or it never "
                         "reported SERVING); start it with `grm-serve --server.port <port>` and check the address")
@@ -66,11 +76,7 @@ class RewardClient:
         self.target = target
         self.timeout = timeout
         self._metadata = _channel_args(token)
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        if root_certificates is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = _open_channel(grpc, target, root_certificates)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -126,11 +132,7 @@ class AsyncRewardClient:
         self.target = target
         self.timeout = timeout
         self._metadata = _channel_args(token)
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        if root_certificates is not None:
-            self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = _open_channel(grpc.aio, target, root_certificates)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
