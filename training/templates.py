@@ -71,7 +71,6 @@ class PromptRenderer:
     def __init__(self, tokenizer, *, use_chat_template: bool = True):
         self.tokenizer = tokenizer
         self.use_chat_template = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
-        self._closing_cache: dict[int, tuple[str, str]] = {}
 
     # -- text ---------------------------------------------------------------------------------
     def validate_messages(self, messages: Sequence[dict], field: str) -> list[dict]:
@@ -94,7 +93,9 @@ class PromptRenderer:
             if not prompt:
                 raise InputError(field, "is empty")
             return prompt
-        messages = self.validate_messages(prompt, f"{field}.messages")
+        return self._render_messages(self.validate_messages(prompt, f"{field}.messages"))
+
+    def _render_messages(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _closing(self, messages: list[dict], prompt_text: str) -> tuple[str, str]:
@@ -107,12 +108,6 @@ class PromptRenderer:
             return "", ""
         before, after = full[len(prompt_text):].split(_SENTINEL, 1)
         return before, after.rstrip()
-
-    def response_text(self, prompt: Prompt, prompt_text: str, response: str) -> str:
-        if isinstance(prompt, str):
-            return response
-        before, after = self._closing(list(prompt), prompt_text)
-        return before + response + after
 
     # -- ids ----------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -130,13 +125,13 @@ class PromptRenderer:
         `response_fields[i]` (default `{response_field}[i]`).
         """
         names = list(response_fields) if response_fields is not None else [f"{response_field}[{i}]" for i in range(len(responses))]
-        prompt_text = self.render_prompt(prompt, field)
-        messages = None if isinstance(prompt, str) else self.validate_messages(prompt, f"{field}.messages")
-        if messages is not None:
+        if isinstance(prompt, str):
+            prompt_text, texts = self.render_prompt(prompt, field), list(responses)
+        else:
+            messages = self.validate_messages(prompt, f"{field}.messages")
+            prompt_text = self._render_messages(messages)
             before, after = self._closing(messages, prompt_text)
             texts = [before + r + after for r in responses]
-        else:
-            texts = list(responses)
         for i, r in enumerate(responses):
             if not r:
                 raise InputError(names[i], "is empty")
