@@ -56,26 +56,31 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapped(request, context):
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
+
+            def record(code: grpc.StatusCode) -> None:
+                # Recorded before the status goes out, so a scrape right after the caller sees it counts it.
+                if metrics is not None:
+                    metrics.observe_rpc(method, code.name, time.perf_counter() - start)
+
             try:
-                return await inner(request, context)
+                response = await inner(request, context)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                record(grpc.StatusCode.CANCELLED)
+                raise
+            except grpc.aio.AbortError:
+                record(context.code() or grpc.StatusCode.UNKNOWN)
                 raise
             except Exception as exc:  # noqa: BLE001 - every error leaves here as a status code
-                if isinstance(exc, grpc.aio.AbortError):
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
                 code = status_for(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", method)
                     message = f"internal error: {type(exc).__name__}: {exc}"
                 else:
                     message = str(exc)
+                record(code)
                 await context.abort(code, message)
-            finally:
-                if metrics is not None:
-                    metrics.observe_rpc(method, code.name, time.perf_counter() - start)
+            record(grpc.StatusCode.OK)
+            return response
 
         return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
