@@ -1,7 +1,7 @@
 """bench/fp8_accuracy: what FP8 serving costs in reward accuracy and gains in bytes and speed. Prints JSON.
 
-Scores a held-out preference set (default 520 pairs from training/synthetic_prefs.py with a seed
-the default model was not trained on, all topics) with the same checkpoint at several precisions,
+Scores a held-out preference set (default: the first 520 pairs of the bundled benchmark's test_id
+split, which no model here was trained on) with the same checkpoint at several precisions,
 through the server's own ModelRunner and batch planner, and compares each with the reference:
 
 - pairwise preference agreement with the reference, preference accuracy, Pearson correlation of
@@ -14,6 +14,8 @@ slower than fp32 and is left out unless asked for.
 
     python bench/fp8_accuracy.py                                # default model, fp32 vs fp8-block64 / fp8-channel
     python bench/fp8_accuracy.py --checkpoint runs/x --precisions fp32 bf16 fp8-block64 --reference bf16
+    python bench/fp8_accuracy.py --precisions fp32 fp8-block64 file:runs/default-fp8-keep   # an FP8 checkpoint
+                                                                   # written by grm-quantize (same source model)
 """
 
 from __future__ import annotations
@@ -30,8 +32,21 @@ import torch
 from grmserve.server.engine.batcher import plan_batches
 from grmserve.server.engine.runner import ModelRunner, prepare_model
 from grmserve.training.model import load_grm
-from grmserve.training.synthetic_prefs import make_pairs
+from grmserve.training.benchmark import load_split
+from grmserve.training.data import encode_pairs, read_pairs
 from grmserve.training.templates import PromptRenderer
+
+
+def bf16_equivalent_bytes(model) -> int:
+    """Decoder linear weights as a bf16 deployment stores them: FP8 weights 1 byte + their scales,
+    every other linear 2 bytes (on this CPU those are held in fp32 for speed, which would double them)."""
+    total = 0
+    for m in model.backbone.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * 2
+        elif hasattr(m, "weight_scale"):
+            total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
+    return total
 
 
 def linear_bytes(model) -> int:
@@ -57,28 +72,31 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="")
     p.add_argument("--pairs", type=int, default=520)
+    p.add_argument("--split", default="test_id", help="bundled benchmark split to score")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "fp8-block64", "fp8-channel"])
     p.add_argument("--reference", default="fp32")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--batch-tokens", type=int, default=8192)
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if not args.checkpoint:
         from grmserve.server.app import default_checkpoint
 
         args.checkpoint = str(default_checkpoint())
 
-    rows = make_pairs(args.pairs, seed=1234)
+    pairs, report = read_pairs(load_split(args.split), limit=args.pairs)
     tok = load_grm(args.checkpoint, load_tokenizer=True).tokenizer
-    renderer = PromptRenderer(tok)
-    seqs = []
-    for r in rows:
-        g = renderer.encode(r["prompt"], [r["chosen"], r["rejected"]], max_tokens=2048)
-        seqs += [g.prompt_ids + x for x in g.response_ids]
+    rows = encode_pairs(pairs, PromptRenderer(tok), report, max_tokens=2048)
+    seqs = [e.prompt_ids + r for e in rows for r in (e.chosen_ids, e.rejected_ids)]
     results, scores = {}, {}
     for name in args.precisions:
-        precision, recipe = ("fp8", name) if name.startswith("fp8") else (name, "fp8-block64")
-        model = load_grm(args.checkpoint, load_tokenizer=False).model
+        path = args.checkpoint
+        if name.startswith("file:"):  # an FP8 checkpoint: served as FP8 whatever precision is asked
+            path, precision, recipe = name[5:], "fp8", "fp8-block64"
+        else:
+            precision, recipe = ("fp8", name) if name.startswith("fp8") else (name, "fp8-block64")
+        model = load_grm(path, load_tokenizer=False).model
         prepare_model(model, precision, torch.device("cpu"), recipe)
         runner = ModelRunner(model, pad_id=tok.pad_token_id)
         score_all(runner, seqs[:16], args.batch_tokens)  # warm-up
@@ -88,7 +106,8 @@ def main(argv=None) -> int:
             s = score_all(runner, seqs, args.batch_tokens)
             times.append(time.perf_counter() - t)
         scores[name] = torch.tensor(s)
-        results[name] = {"linear_weight_bytes": linear_bytes(model), "seconds_median": statistics.median(times),
+        results[name] = {"linear_weight_bytes": linear_bytes(model), "bf16_equivalent_bytes": bf16_equivalent_bytes(model),
+                         "seconds_median": statistics.median(times),
                          "sequences_per_s": len(seqs) / statistics.median(times)}
         print(f"{name}: {results[name]}", file=sys.stderr)
     ref = scores[args.reference]
@@ -100,6 +119,7 @@ def main(argv=None) -> int:
             "agreement_with_reference": float((pref == ref_pref).float().mean()),
             "pearson_with_reference": float(torch.corrcoef(torch.stack([s, ref]))[0, 1]),
             "bytes_ratio_vs_reference": results[name]["linear_weight_bytes"] / results[args.reference]["linear_weight_bytes"],
+            "bytes_ratio_vs_bf16": results[name]["bf16_equivalent_bytes"] / results[args.reference]["bf16_equivalent_bytes"],
             "throughput_ratio_vs_reference": results[name]["sequences_per_s"] / results[args.reference]["sequences_per_s"],
         })
     out = {"checkpoint": args.checkpoint, "pairs": len(rows), "sequences": len(seqs), "reference": args.reference,

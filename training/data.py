@@ -490,6 +490,8 @@ class PairBatch:
     response_mask: torch.Tensor  # (2B, T) long
     weights: torch.Tensor  # (B,) float: 1, or 0 for padding pairs that fill a ragged shard
     subsets: list[str | None]
+    inputs_embeds: torch.Tensor | None = None
+    """(2B, T, H) hidden states to feed instead of the token embeddings (frozen lower layers, cached)."""
 
     @property
     def num_pairs(self) -> int:
@@ -497,7 +499,8 @@ class PairBatch:
 
     def to(self, device: torch.device | str) -> "PairBatch":
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                         self.weights.to(device), self.subsets)
+                         self.weights.to(device), self.subsets,
+                         None if self.inputs_embeds is None else self.inputs_embeds.to(device))
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, weights: Sequence[float] | None = None) -> PairBatch:

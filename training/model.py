@@ -188,9 +188,17 @@ class GRMModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> GRMOutput:
-        """Rewards, and with `response_mask` (1 on response tokens) the summed log π(y_t | x, y_<t)."""
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        """Rewards, and with `response_mask` (1 on response tokens) the summed log π(y_t | x, y_<t).
+
+        `inputs_embeds` (B, T, H) replaces the token embeddings (e.g. hidden states of frozen lower
+        layers, computed once: training/experiment.py); `input_ids` still give the log-prob targets.
+        """
+        if inputs_embeds is not None:
+            hidden = self.hidden_states(None, attention_mask, inputs_embeds=inputs_embeds)  # (B, T, H)
+        else:
+            hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
         rewards = self.reward_head(pool_last(hidden, attention_mask)).float()
         logps = None
         if response_mask is not None:

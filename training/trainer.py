@@ -319,7 +319,8 @@ def compute_loss(model: nn.Module, batch: PairBatch, cfg: TrainConfig,
         response_mask = batch.response_mask.clone()  # (2B, T)
         if not want_r:
             response_mask[b:] = 0  # sft needs only the chosen log-probs: skip the LM head on the rest
-    out = model(batch.input_ids, batch.attention_mask, response_mask)
+    extra = {} if batch.inputs_embeds is None else {"inputs_embeds": batch.inputs_embeds}
+    out = model(batch.input_ids, batch.attention_mask, response_mask, **extra)
     r_c, r_r = out.rewards[:b], out.rewards[b:]  # (B,), (B,)
     logp_c = out.logps[:b] if want_c else None
     logp_r = out.logps[b:] if want_r else None

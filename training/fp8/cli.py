@@ -1,16 +1,57 @@
 """`grm-quantize`: write an FP8 copy of a reward-model checkpoint (any format load_grm reads).
 
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --recipe fp8-block64
+    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
     $ grm-serve --model.checkpoint runs/my-grm-fp8          # served as FP8, no start-up quantisation
+
+`--keep-sensitive` scans every decoder layer, then each linear of the 6 most sensitive layers
+(training/fp8/sensitivity.py), on calibration sequences from the bundled benchmark's train split
+rendered with the checkpoint's own template, and keeps the linears whose quantisation moves the
+rewards most in full precision, as many as fit in `--max-bytes-ratio` of the linear weights' bf16
+size.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+import torch
+
 from ..model import CheckpointError
-from .convert import RECIPES, quantize_checkpoint
+from .convert import RECIPES, convert_to_fp8, quantize_checkpoint, save_fp8_grm
+
+
+def calibration_sequences(tokenizer, count: int, max_tokens: int) -> list[list[int]]:
+    """`count` token sequences (chosen and rejected responses) from the benchmark's train split."""
+    from ..benchmark import load_split
+    from ..data import encode_pairs, read_pairs
+    from ..templates import PromptRenderer
+
+    pairs, report = read_pairs(load_split("train"), limit=(count + 1) // 2)
+    enc = encode_pairs(pairs, PromptRenderer(tokenizer), report, max_tokens=max_tokens)
+    return [e.prompt_ids + r for e in enc for r in (e.chosen_ids, e.rejected_ids)][:count]
+
+
+def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float, calibration: int,
+                               refine_layers: int = 6):
+    from ..model import load_grm
+    from .sensitivity import pick_keep, recipe_with_keep, scan_layers
+
+    loaded = load_grm(src, dtype=torch.float32)
+    model = loaded.model.eval()
+    seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens))
+    # Two stages: every layer, then each linear of the most sensitive layers (a few linears usually
+    # carry most of the error, and keeping a linear costs far fewer bytes than keeping a layer).
+    layers = scan_layers(model, seqs, recipe, pad_id=loaded.tokenizer.pad_token_id)
+    worst = [s.layer for s in sorted(layers, key=lambda s: -s.error)[:refine_layers]]
+    scan = scan_layers(model, seqs, recipe, pad_id=loaded.tokenizer.pad_token_id, linears_of=worst)
+    keep = pick_keep(scan, model, recipe, max_bytes_ratio=max_bytes_ratio)
+    report = convert_to_fp8(model, recipe_with_keep(recipe, keep))
+    model.grm_config.quantization["kept_sensitive"] = keep
+    save_fp8_grm(model, loaded.tokenizer, out)
+    return report, scan, keep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="checkpoint folder to quantise")
     parser.add_argument("out", help="folder to write (replaced atomically if it exists)")
     parser.add_argument("--recipe", default="fp8-block64", choices=sorted(RECIPES), help="FP8 recipe")
+    parser.add_argument("--keep-sensitive", action="store_true",
+                        help="keep the decoder layers most sensitive to FP8 in full precision (scanned on calibration pairs)")
+    parser.add_argument("--max-bytes-ratio", type=float, default=0.55,
+                        help="with --keep-sensitive: linear-weight bytes at most this times their bf16 size")
+    parser.add_argument("--calibration", type=int, default=64,
+                        help="with --keep-sensitive: calibration sequences from the bundled benchmark's train split")
     args = parser.parse_args(argv)
     try:
-        report = quantize_checkpoint(args.src, args.out, args.recipe)
+        if args.keep_sensitive:
+            report, scan, keep = quantize_keeping_sensitive(args.src, args.out, args.recipe,
+                                                            max_bytes_ratio=args.max_bytes_ratio,
+                                                            calibration=args.calibration)
+            worst = sorted(scan, key=lambda s: -s.error)[:8]
+            print(json.dumps({"kept": keep, "most_sensitive": [{"module": s.prefix, "error": round(s.error, 5)}
+                                                               for s in worst]}))
+        else:
+            report = quantize_checkpoint(args.src, args.out, args.recipe)
     except CheckpointError as exc:
         print(f"grm-quantize: {exc}", file=sys.stderr)
         return 2
