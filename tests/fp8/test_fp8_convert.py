@@ -198,3 +198,24 @@ def test_grm_quantize_cli(tiny_checkpoint, tmp_path):
     assert cfg["grm"]["quantization"]["granularity"] == "channel"
     assert load_grm(out).model.grm_config.quantization
     assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+def test_grm_quantize_keep_sensitive_cli(tiny_checkpoint, tmp_path, capsys):
+    """--keep-sensitive: layer scan, then a linear scan of the worst layers on calibration pairs from
+    the bundled benchmark; the kept linears stay full precision in the checkpoint and it loads."""
+    from grmserve.training.fp8.cli import main
+    from grmserve.training.fp8.linear import FP8InferenceLinear
+
+    out = tmp_path / "fp8-keep"
+    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-sensitive",
+                 "--max-bytes-ratio", "0.6", "--calibration", "8"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    kept = report["kept"]
+    assert kept and report["most_sensitive"][0]["module"] == kept[0]
+    quant = json.loads((out / "config.json").read_text())["grm"]["quantization"]
+    assert quant["kept_sensitive"] == kept
+    model = load_grm(out).model
+    for name in kept:
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+        assert name.removeprefix("lm.") not in quant["modules"]
+    assert sum(isinstance(m, FP8InferenceLinear) for m in model.modules()) == len(quant["modules"]) > 0

@@ -1,0 +1,60 @@
+"""The embedded default reward model: built from the shipped artifact (LoRA factors of the top
+layers + reward head) merged into SmolLM2, it reproduces the scores the experiment computed with
+frozen cached layers + the trained top model, and grm-serve serves it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from grmserve.training import default_model
+from grmserve.training.model import load_grm
+
+
+@pytest.fixture(scope="module")
+def default_path():
+    return default_model.ensure_default_model()
+
+
+def test_artifact_is_small_and_describes_its_experiment():
+    meta = default_model.artifact_meta()
+    size = (default_model.ARTIFACT_DIR / "top-layers.safetensors").stat().st_size
+    assert size < 8 * 2**20, size
+    res = meta["result"]
+    assert res["method"].startswith("grm-") and res["noise"] == 0.0
+    assert res["test_id"]["pairs"] >= 1000 and res["test_ood"]["pairs"] >= 1000
+    assert len(meta["check"]["scores"]) == len(meta["check"]["token_ids"]) >= 4
+
+
+def test_default_model_reproduces_the_experiments_scores(default_path):
+    meta = default_model.artifact_meta()
+    loaded = load_grm(default_path)
+    assert loaded.format == "grm"
+    model = loaded.model.eval()
+    assert model.grm_config.model_name == default_model.NAME
+    assert model.grm_config.model_version == default_model.version()
+    stats = json.loads((default_path / "default-model.json").read_text())
+    assert stats["test_ood_accuracy"] == meta["result"]["test_ood"]["accuracy"]
+    with torch.no_grad():
+        got = [float(model.score(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)))
+               for ids in meta["check"]["token_ids"]]
+    want = meta["check"]["scores"]
+    assert got == pytest.approx(want, abs=2e-4, rel=2e-4)
+    # And the scores separate responses (a broken merge would give near-constant rewards).
+    assert max(want) - min(want) > 0.1
+
+
+def test_grm_serve_serves_the_default_model(default_path):
+    from grmserve.server.background import ServerThread
+    from grmserve.server.config import local
+
+    cfg = local()  # loopback, free ports; no checkpoint: the default model
+    assert cfg.model.checkpoint == ""
+    with ServerThread(cfg) as server, server.client() as rm:
+        info = rm.info()
+        assert info.model_name == default_model.NAME and info.model_version == default_model.version()
+        chat = [{"role": "user", "content": "Describe the moon in exactly one sentence. Answer in all capital letters."}]
+        scores = rm.score([(chat, "THE MOON IS EARTH'S ONLY NATURAL SATELLITE."), (chat, "the moon is a rock.")])
+        assert len(scores) == 2 and all(map(lambda s: s == s, scores))
