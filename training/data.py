@@ -503,6 +503,21 @@ class PairBatch:
                          None if self.inputs_embeds is None else self.inputs_embeds.to(device))
 
 
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded into (ids, attention mask), both (N, longest) long.
+
+    >>> pad_right([[1, 2], [3]], pad_id=0)[0].tolist()
+    [[1, 2], [3, 0]]
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, weights: Sequence[float] | None = None) -> PairBatch:
     """Pad B encoded pairs into one `PairBatch` of 2B rows (chosen first, then rejected).
 

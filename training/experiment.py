@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .losses import DEFAULT_ALPHA
-from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, read_pairs
+from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, pad_right, read_pairs
 from .model import GRMConfig, GRMModel, HeadConfig, RewardHead, response_logps
 from .templates import PromptRenderer
 from .trainer import compute_loss, lr_multiplier
@@ -255,19 +255,9 @@ def compute_features(lower: nn.Module, feats: SplitFeatures, *, pad_id: int, bat
     feats.response_hidden = response_hidden  # type: ignore[assignment]
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask  # (N, W) right-padded
-
-
 def _features_of_group(lower: nn.Module, feats: SplitFeatures, group: list[int], by_prompt: list[list[int]],
                        pad_id: int, chunk_tokens: int = 1536) -> dict[str, list[torch.Tensor]]:
-    pids, pmask = _pad([feats.prompts[i] for i in group], pad_id)  # (U, P)
+    pids, pmask = pad_right([feats.prompts[i] for i in group], pad_id)  # (U, P)
     out = lower(input_ids=pids, attention_mask=pmask, use_cache=True)
     p_hidden, cache = out.last_hidden_state, out.past_key_values  # (U, P, H)
     items = [(u, j) for u, i in enumerate(group) for j in by_prompt[i]]
@@ -285,7 +275,7 @@ def _features_of_group(lower: nn.Module, feats: SplitFeatures, group: list[int],
         which = torch.tensor([items[b][0] for b in chunk], dtype=torch.long)  # (B,)
         part_cache = copy.deepcopy(cache) if len(chunks) > 1 else cache
         part_cache.batch_select_indices(which)
-        rids, rmask = _pad([feats.responses[items[b][1]][1] for b in chunk], pad_id)  # (B, R)
+        rids, rmask = pad_right([feats.responses[items[b][1]][1] for b in chunk], pad_id)  # (B, R)
         plen = pmask.sum(1)[which]  # (B,)
         positions = plen.unsqueeze(1) + torch.arange(rids.shape[1]).unsqueeze(0)  # (B, R)
         r_hidden = lower(input_ids=rids, attention_mask=torch.cat([pmask[which], rmask], 1), past_key_values=part_cache,
@@ -330,7 +320,7 @@ def score_responses(model: GRMModel, f: SplitFeatures, *, pad_id: int, batch_tok
     while i < len(order):
         n = max(1, batch_tokens // lengths[order[min(len(order) - 1, i + 31)]])
         idx = order[i: i + min(n, 64)]
-        ids, mask = _pad([f.prompts[f.responses[j][0]] + f.responses[j][1] for j in idx], pad_id)
+        ids, mask = pad_right([f.prompts[f.responses[j][0]] + f.responses[j][1] for j in idx], pad_id)
         scores[idx] = model(ids, mask, inputs_embeds=_embeds(f, idx, ids.shape[1])).rewards.float()
         i += len(idx)
     return scores

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from grmserve.training.data import pad_right
 from grmserve.training.devices import fast_dtype
 from grmserve.training.model import GRMModel, pool_last
 
@@ -101,12 +102,7 @@ class ModelRunner:
         self.backbone = model.backbone
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(r) for r in rows)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_right(rows, self.pad_id)
         return ids.to(self.device), mask.to(self.device)  # (B, T) right-padded
 
     @torch.inference_mode()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..data import pad_right
 from .convert import FP8Recipe, get_recipe, skip_reason
 from .linear import FP8InferenceLinear
 
@@ -57,12 +58,7 @@ def _batches(seqs: list[list[int]], pad_id: int, batch_tokens: int):
     while i < len(order):
         n = max(1, batch_tokens // len(seqs[order[min(len(order) - 1, i + 15)]]))
         idx = order[i: i + n]
-        width = max(len(seqs[j]) for j in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, j in enumerate(idx):
-            ids[k, : len(seqs[j])] = torch.tensor(seqs[j])
-            mask[k, : len(seqs[j])] = 1
+        ids, mask = pad_right([seqs[j] for j in idx], pad_id)
         yield idx, ids, mask
         i += len(idx)
 
