@@ -168,3 +168,9 @@ class AsyncRewardClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncRewardClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

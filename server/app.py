@@ -21,6 +21,7 @@ from grmserve.training.templates import PromptRenderer
 from .config import ServeConfig
 from .engine.base import EngineInfo
 from .engine.batcher import BatchingEngine
+from .engine.prefix_cache import common_head
 from .engine.runner import ModelRunner, prepare_model, resolve_device
 from .metrics import ServerMetrics
 from .rpc.server import ConfigError, create_server, set_serving
@@ -56,8 +57,20 @@ def build_engine(config: ServeConfig) -> BatchingEngine:
                       chat_template=renderer.use_chat_template, device=str(device))
     log.info("loaded %s (%s, %s) from %s in %.1f s on %s", grm.model_name, loaded.format, precision,
              path, time.perf_counter() - start, device)
-    runner = ModelRunner(model, pad_id=loaded.tokenizer.pad_token_id, device=device)
+    runner = ModelRunner(model, pad_id=loaded.tokenizer.pad_token_id, device=device,
+                         cache_bytes=config.batch.prefix_cache_mib << 20)
+    runner.set_head(template_head(renderer))
     return BatchingEngine(runner, renderer, info, config.batch)
+
+
+def template_head(renderer: PromptRenderer) -> list[int]:
+    """The tokens every chat prompt this renderer makes starts with (system block, user tag):
+    the common prefix of a few unrelated renders. Empty without a chat template."""
+    if not renderer.use_chat_template:
+        return []
+    probes = ["Hi", "x", "7 apples?", "Zebra stripes", "\n\nhello"]
+    return common_head([renderer.encode([{"role": "user", "content": p}], ["ok"], max_tokens=1 << 30).prompt_ids
+                        for p in probes])
 
 
 class RewardServer:
@@ -95,7 +108,10 @@ class RewardServer:
     def _warmup(self) -> None:
         runner = self.engine.runner
         self.engine.run_sync(runner.score_rows, [[runner.pad_id] * 8, [runner.pad_id] * 4])
-        self.engine.run_sync(runner.score_shared, [runner.pad_id] * 8, [[runner.pad_id] * 4, [runner.pad_id] * 2])
+        # Both waves of score_pairs (a fresh prompt, then a response on its state); then forget it.
+        self.engine.run_sync(runner.score_pairs, [((runner.pad_id,) * 8, [runner.pad_id] * 4),
+                                                  ((runner.pad_id,) * 8, [runner.pad_id] * 2)])
+        self.engine.run_sync(runner.cache.clear)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, finish accepted ones (up to `grace` s), then close."""

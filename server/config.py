@@ -49,10 +49,16 @@ class BatchConfig:
     """Token budget of one forward pass, padding included."""
     max_batch_rows: int = 64
     """Most sequences in one forward pass."""
-    max_wait_ms: float = 2.0
-    """How long the first request of a batch waits for company before the batch runs."""
+    max_wait_ms: float = 5.0
+    """A batch waits for company until no request has arrived for this long (see max_delay_ms)."""
+    max_delay_ms: float = 50.0
+    """The longest a batch waits for company while requests keep arriving, counted from when the
+    model is free."""
     max_queue_pairs: int = 4096
     """Pairs waiting in the queue before new requests get RESOURCE_EXHAUSTED."""
+    prefix_cache_mib: int = 1024
+    """Prompt KV states kept across requests (least recently used out), in MiB; 0 keeps none (a
+    prompt repeated inside one batch still runs once, and the chat template's head is always kept)."""
 
 
 @dataclass(kw_only=True)
@@ -109,6 +115,11 @@ class ServeConfig:
             raise ValueError(f"--model.fp8_recipe must be one of {sorted(RECIPES)}, got {self.model.fp8_recipe!r}")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("--server.tls_cert and --server.tls_key go together")
+        if not 0 <= self.batch.max_wait_ms <= self.batch.max_delay_ms:
+            raise ValueError(f"need 0 ≤ --batch.max_wait_ms ({self.batch.max_wait_ms}) ≤ --batch.max_delay_ms "
+                             f"({self.batch.max_delay_ms})")
+        if self.batch.prefix_cache_mib < 0:
+            raise ValueError(f"--batch.prefix_cache_mib must be ≥ 0, got {self.batch.prefix_cache_mib}")
         for name, value in (("batch.max_batch_tokens", self.batch.max_batch_tokens),
                             ("batch.max_batch_rows", self.batch.max_batch_rows),
                             ("batch.max_queue_pairs", self.batch.max_queue_pairs),

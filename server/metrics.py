@@ -19,6 +19,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
                                ProcessCollector, generate_latest, start_http_server)
 
 from .engine.base import BatchStats, EngineInfo, JobStats, StatsSinks
+from .engine.prefix_cache import PrefixStats
 
 PREFIX = "grm_serve"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -50,9 +51,18 @@ class ServerMetrics:
                                       registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth_pairs", "Pairs waiting in the batcher's queue.", registry=r)
         self.pairs = Counter(f"{PREFIX}_pairs_scored", "Pairs scored.", registry=r)
-        self.tokens = Counter(f"{PREFIX}_tokens_scored", "Tokens run through the model for scored jobs.", registry=r)
+        self.tokens = Counter(f"{PREFIX}_tokens_scored", "Tokens of scored jobs (a ScoreCandidates prompt counted once), before prompt reuse.", registry=r)
         self.jobs = Counter(f"{PREFIX}_jobs", "Jobs leaving the queue, by outcome (ok, expired, cancelled, error).",
                             ["outcome"], registry=r)
+        self.prefix_lookups = Counter(f"{PREFIX}_prefix_cache_lookups", "Prompt KV cache lookups by result (hit, miss).",
+                                      ["result"], registry=r)
+        self.prefix_evictions = Counter(f"{PREFIX}_prefix_cache_evictions", "Prompt KV states evicted to stay in budget.",
+                                        registry=r)
+        self.prefix_reused = Counter(f"{PREFIX}_prefix_reused_tokens",
+                                     "Prompt tokens not recomputed: read from a cached or shared prompt state, or the "
+                                     "template head.", registry=r)
+        self.prefix_bytes = Gauge(f"{PREFIX}_prefix_cache_bytes", "Bytes of prompt KV states held.", registry=r)
+        self.prefix_entries = Gauge(f"{PREFIX}_prefix_cache_entries", "Prompt KV states held.", registry=r)
         self.model_info = Info(f"{PREFIX}_model", "The model being served.", registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 while the server reports SERVING.", registry=r)
         self._http = None
@@ -63,12 +73,21 @@ class ServerMetrics:
         sinks.on_batch.append(self.on_batch)
         sinks.on_job.append(self.on_job)
         sinks.on_queue_depth.append(self.queue_depth.set)
+        sinks.on_prefix.append(self.on_prefix)
 
     def on_batch(self, s: BatchStats) -> None:
         self.compute_seconds.labels(s.kind).observe(s.compute_seconds)
         self.batch_rows.labels(s.kind).observe(s.rows)
         self.batch_tokens.labels(s.kind).observe(s.tokens)
         self.padding_tokens.inc(max(0, s.padded_tokens - s.tokens))
+
+    def on_prefix(self, s: PrefixStats, nbytes: int, entries: int) -> None:
+        self.prefix_lookups.labels("hit").inc(s.hits)
+        self.prefix_lookups.labels("miss").inc(s.misses)
+        self.prefix_evictions.inc(s.evictions)
+        self.prefix_reused.inc(s.reused_tokens)
+        self.prefix_bytes.set(nbytes)
+        self.prefix_entries.set(entries)
 
     def on_job(self, s: JobStats) -> None:
         self.jobs.labels(s.outcome).inc()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from grmserve.training.templates import EncodedGroup, InputError  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .prefix_cache import PrefixStats
 
 
 class EngineError(Exception):
@@ -63,7 +66,7 @@ class BatchStats:
     tokens: int  # real tokens computed
     padded_tokens: int  # rows × longest row (+ cached prefix reads are not counted)
     compute_seconds: float
-    kind: str  # "pairs" or "shared_prompt"
+    kind: str  # "pairs" (every row from scratch or the template head) or "cached_prompt" (rows continue a prompt's state)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class StatsSinks:
     on_batch: list[Callable[[BatchStats], None]] = field(default_factory=list)
     on_job: list[Callable[[JobStats], None]] = field(default_factory=list)
     on_queue_depth: list[Callable[[int], None]] = field(default_factory=list)
+    # (hits, misses, evictions and reused tokens of one step; cache bytes; cache entries)
+    on_prefix: list[Callable[[PrefixStats, int, int], None]] = field(default_factory=list)
 
 
 class Engine(abc.ABC):

@@ -1,13 +1,15 @@
 """The dynamic batcher: one queue for all callers, batches formed by a token budget.
 
 Every accepted job waits in one FIFO queue, bounded in pairs (a full queue answers
-QueueFullError at once instead of growing). A single loop takes the queued work when the first
-waiting job has waited `max_wait_ms` (or sooner, once a token budget's worth is waiting), drops
-jobs whose caller has gone or whose deadline has passed, sorts the independent sequences by
-length so similar lengths share a forward pass (less padding), cuts them into passes of at most
-`max_batch_tokens` padded tokens and `max_batch_rows` rows, and runs them in one worker thread.
-Shared-prompt jobs (ScoreCandidates) run as their own pass: prompt once, n responses on its cache.
-Each caller gets back exactly its own scores, in its own order.
+QueueFullError at once instead of growing). A single loop takes the queued work once no job has
+arrived for `max_wait_ms` (at most `max_delay_ms` of waiting; at once when a token budget's worth
+is waiting), drops jobs whose caller has gone or whose deadline has passed, and hands every
+(prompt, response) pair of the step to the runner in one worker thread. The runner computes each
+prompt's KV state at most once (from its prefix cache, shared by all callers and kept across
+steps, see prefix_cache.py), and packs what is left to compute into passes without padding
+(packed.py), sorted by length, of at most `max_batch_tokens` tokens and `max_batch_rows` rows.
+ScoreCandidates (one prompt, n responses) is the same case: its prompt runs once. Each caller
+gets back exactly its own scores, in its own order.
 
     >>> engine = BatchingEngine(runner, renderer, info, BatchConfig())   # doctest: +SKIP
     >>> await engine.start()                                             # doctest: +SKIP
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from ..config import BatchConfig
 from .base import (DeadlineExpiredError, Engine, EngineInfo, JobStats, NotServingError, QueueFullError, ScoreJob,
                    ScoreResult, StatsSinks)
+from .prefix_cache import PrefixStats
 
 log = logging.getLogger(__name__)
 
@@ -39,39 +43,6 @@ class _Entry:
     scores: list[float] = field(default_factory=list)
 
 
-def plan_batches(lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
-    """Indices of sequences grouped into passes: sorted by length, each pass's rows × longest
-    row within `max_tokens` (a single over-long row still gets its own pass).
-
-    >>> plan_batches([5, 100, 6, 90], max_tokens=200, max_rows=8)
-    [[0, 2], [3, 1]]
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[i]  # sorted ascending: the newest row is the longest
-        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _worth_sharing(prompt_len: int, response_lens: list[int]) -> bool:
-    """Run a repeated prompt once only when that saves a real share of the work: a separate prompt
-    pass costs a little, and saving a few tokens of a short prompt does not pay for it.
-
-    >>> _worth_sharing(600, [64] * 16), _worth_sharing(10, [200, 200]), _worth_sharing(45, [20])
-    (True, False, False)
-    """
-    n = len(response_lens)
-    saved = (n - 1) * prompt_len
-    return n > 1 and saved >= 32 and saved >= 0.25 * (n * prompt_len + sum(response_lens))
-
-
 class BatchingEngine(Engine):
     """Engine over a ModelRunner with dynamic batching (see the module docstring)."""
 
@@ -83,6 +54,7 @@ class BatchingEngine(Engine):
         self.sinks = sinks or StatsSinks()
         self._queue: collections.deque[_Entry] = collections.deque()
         self._pending_pairs = 0
+        self._last_arrival = 0.0
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -131,6 +103,7 @@ class BatchingEngine(Engine):
                      len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in job.groups)
         entry = _Entry(job=job, future=asyncio.get_running_loop().create_future(), enqueued=time.monotonic(), tokens=tokens)
         self._queue.append(entry)
+        self._last_arrival = entry.enqueued
         self._pending_pairs += pairs
         self._idle.clear()
         self._emit_depth()
@@ -166,18 +139,29 @@ class BatchingEngine(Engine):
                 self._finish(entry, compute_seconds=compute_seconds)
 
     async def _gather_company(self) -> None:
-        """Wait until the oldest job has waited max_wait_ms, or a budget's worth is queued."""
-        deadline = self._queue[0].enqueued + self.config.max_wait_ms / 1000.0
+        """Wait for company before a step: until no job has arrived for `max_wait_ms`, at most
+        `max_delay_ms` after the batcher began waiting, or at once when a budget's worth is queued.
+
+        Measured from when the model became free, not from the oldest job's arrival: otherwise,
+        under a closed loop, the few jobs that arrived during a step would run alone right after
+        it while the callers it just answered are still sending, and steps would alternate
+        between a few rows and the rest.
+        """
+        start = time.monotonic()
+        cap = start + self.config.max_delay_ms / 1000.0
+        gap = self.config.max_wait_ms / 1000.0
         while True:
             queued_tokens = sum(e.tokens for e in self._queue)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or queued_tokens >= self.config.max_batch_tokens:
+            now = time.monotonic()
+            quiet_until = max(self._last_arrival, start) + gap
+            deadline = min(cap, quiet_until)
+            if now >= deadline or queued_tokens >= self.config.max_batch_tokens:
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+                await asyncio.wait_for(self._wake.wait(), timeout=deadline - now)
             except asyncio.TimeoutError:
-                return
+                pass
 
     def _take(self) -> list[_Entry]:
         """Pop the queued jobs for one step (up to ~2 budgets of tokens), dropping dead ones."""
@@ -202,61 +186,35 @@ class BatchingEngine(Engine):
         return taken
 
     def _compute(self, work: list[_Entry]) -> float:
-        """On the model thread: run every pass of this step; fill each entry's scores."""
+        """On the model thread: score every pair of this step in one call (the runner plans the
+        passes and reuses prompt states); fill each entry's scores in its own order."""
         start = time.perf_counter()
-        by_prompt: dict[tuple[int, ...], list[tuple[list[int], _Entry, int]]] = {}
+        pairs: list[tuple[tuple[int, ...], list[int]]] = []
+        owners: list[tuple[_Entry, int]] = []
         for entry in work:
-            job = entry.job
-            if job.shared_prompt:
-                for group in job.groups:
-                    scores, stats = self.runner.score_shared(group.prompt_ids, group.response_ids)
-                    entry.scores.extend(scores)
-                    self._emit_batch(stats)
-                continue
             slot = 0
-            for group in job.groups:
+            for group in entry.job.groups:
+                prompt = tuple(group.prompt_ids)
                 for resp in group.response_ids:
-                    by_prompt.setdefault(tuple(group.prompt_ids), []).append((resp, entry, slot))
+                    pairs.append((prompt, resp))
+                    owners.append((entry, slot))
                     slot += 1
             entry.scores = [0.0] * slot
-        # Pairs whose prompt appears more than once in this step share one prompt pass; the rest
-        # are independent sequences, sorted by length into padded passes.
-        shared = {p: rows for p, rows in by_prompt.items() if _worth_sharing(len(p), [len(r) for r, _, _ in rows])}
-        single = [(list(p) + resp, entry, slot) for p, rows in by_prompt.items() if p not in shared
-                  for resp, entry, slot in rows]
-        for batch in plan_batches([len(r) for r, _, _ in single], self.config.max_batch_tokens,
-                                  self.config.max_batch_rows):
-            scores, stats = self.runner.score_rows([single[i][0] for i in batch])
-            for i, score in zip(batch, scores):
-                _, entry, slot = single[i]
-                entry.scores[slot] = score
-            self._emit_batch(stats)
-        for prompts, rows in self._plan_shared(shared):
-            scores, stats = self.runner.score_prefixed(prompts, [(pi, resp) for pi, resp, _, _ in rows], kind="pairs")
-            for (_, _, entry, slot), score in zip(rows, scores):
-                entry.scores[slot] = score
-            self._emit_batch(stats)
+        before = dataclasses.replace(self.runner.cache.stats)
+        scores, stats = self.runner.score_pairs(pairs, max_tokens=self.config.max_batch_tokens,
+                                                max_rows=self.config.max_batch_rows)
+        for (entry, slot), score in zip(owners, scores):
+            entry.scores[slot] = score
+        for s in stats:
+            self._emit_batch(s)
+        cache = self.runner.cache
+        after = cache.stats
+        delta = PrefixStats(hits=after.hits - before.hits, misses=after.misses - before.misses,
+                            evictions=after.evictions - before.evictions,
+                            reused_tokens=after.reused_tokens - before.reused_tokens)
+        for sink in self.sinks.on_prefix:
+            sink(delta, cache.nbytes, len(cache))
         return time.perf_counter() - start
-
-    def _plan_shared(self, shared: dict[tuple[int, ...], list]):
-        """Pack prompt groups into passes within the token and row budgets (prompt pass + response pass)."""
-        budget, max_rows = self.config.max_batch_tokens, self.config.max_batch_rows
-        prompts: list[list[int]] = []
-        rows: list[tuple[int, list[int], _Entry, int]] = []
-        longest_prompt = longest_resp = 0
-        for key in sorted(shared, key=len):
-            group = shared[key]
-            lp = max(longest_prompt, len(key))
-            lr = max([longest_resp] + [len(r) for r, _, _ in group])
-            cost = (len(prompts) + 1) * lp + (len(rows) + len(group)) * lr
-            if prompts and (cost > budget or len(rows) + len(group) > max_rows):
-                yield prompts, rows
-                prompts, rows, lp, lr = [], [], len(key), max(len(r) for r, _, _ in group)
-            prompts.append(list(key))
-            rows.extend((len(prompts) - 1, resp, entry, slot) for resp, entry, slot in group)
-            longest_prompt, longest_resp = lp, lr
-        if prompts:
-            yield prompts, rows
 
     def _emit_batch(self, stats) -> None:
         for sink in self.sinks.on_batch:

@@ -1,7 +1,12 @@
-"""Runs the reward model: device choice, precision, padding, and shared-prompt KV reuse.
+"""Runs the reward model: device choice, precision, pass planning, packing and prompt KV reuse.
+
+`ModelRunner.score_pairs` is the serving path: each (prompt, response) pair continues its
+prompt's KV state (prefix_cache.py: kept across calls, or made once in this call), so only new
+tokens run, packed into passes without padding (packed.py; a padded fallback serves architectures
+packing does not cover). `score_rows` scores plain sequences, right-padded: the reference path.
 
 Synchronous and single-threaded by design: the batcher calls it from one worker thread so the
-event loop never blocks on compute.
+event loop never blocks on compute; the prefix cache relies on that.
 """
 
 from __future__ import annotations
@@ -11,16 +16,49 @@ import logging
 import time
 
 import torch
+from transformers import DynamicCache
 
 from grmserve.training.data import pad_right
 from grmserve.training.devices import fast_dtype
 from grmserve.training.model import GRMModel, pool_last
 
 from .base import BatchStats
+from .packed import packed_forward, supports_packing, use_packed_attention
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+PAST_BUDGET_FACTOR = 4  # a pass may read up to this many × max_tokens of cached prompt KV (rows × longest past)
+
+
+def plan_batches(lengths: list[int], max_tokens: int, max_rows: int, *, past: list[int] | None = None,
+                 max_past_tokens: int | None = None) -> list[list[int]]:
+    """Indices of sequences grouped into passes: sorted by length, each pass's rows × longest
+    row within `max_tokens` (a single over-long row still gets its own pass). With `past` (tokens
+    of cached state each row continues), rows × longest past also stays within `max_past_tokens`.
+
+    >>> plan_batches([5, 100, 6, 90], max_tokens=200, max_rows=8)
+    [[0, 2], [3, 1]]
+    >>> plan_batches([5, 6, 7], max_tokens=200, max_rows=8, past=[50, 60, 10], max_past_tokens=120)
+    [[0, 1], [2]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest_past = 0
+    for i in order:
+        longest = lengths[i]  # sorted ascending: the newest row is the longest
+        p = max(longest_past, past[i]) if past else 0
+        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows
+                        or (past and max_past_tokens is not None and (len(current) + 1) * p > max_past_tokens)):
+            batches.append(current)
+            current, p = [], past[i] if past else 0
+        current.append(i)
+        longest_past = p
+    if current:
+        batches.append(current)
+    return batches
 
 
 class DeviceError(RuntimeError):
@@ -90,16 +128,23 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
 class ModelRunner:
     """Scores token sequences with a prepared GRMModel.
 
-    >>> runner = ModelRunner(model, pad_id=0)                         # doctest: +SKIP
+    >>> runner = ModelRunner(model, pad_id=0, cache_bytes=1 << 30)      # doctest: +SKIP
     >>> runner.score_rows([[1, 2, 3], [4, 5]])                        # doctest: +SKIP
     [0.12, -0.3]
+    >>> runner.score_pairs([((1, 2), [3]), ((1, 2), [6, 7])])[0]      # doctest: +SKIP
+    [0.12, 0.5]
     """
 
-    def __init__(self, model: GRMModel, *, pad_id: int, device: torch.device | None = None):
+    def __init__(self, model: GRMModel, *, pad_id: int, device: torch.device | None = None,
+                 cache_bytes: int = 0, packed: bool | None = None):
         self.model = model
         self.pad_id = int(pad_id)
         self.device = device or next(model.parameters()).device
         self.backbone = model.backbone
+        self.cache = PrefixCache(cache_bytes)
+        self.packed = supports_packing(model.lm) if packed is None else packed
+        if self.packed:
+            use_packed_attention(model.lm)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad_right(rows, self.pad_id)
@@ -116,35 +161,139 @@ class ModelRunner:
                            compute_seconds=time.perf_counter() - start, kind="pairs")
         return scores, stats
 
-    @torch.inference_mode()
-    def score_prefixed(self, prompts: list[list[int]], items: list[tuple[int, list[int]]],
-                       kind: str = "shared_prompt") -> tuple[list[float], BatchStats]:
-        """Responses that continue a few distinct prompts: each prompt runs once, and every
-        response attends to its own prompt's KV cache.
+    # -- pairs with prompt reuse ------------------------------------------------------------------
+    def set_head(self, ids: list[int]) -> None:
+        """Pin the KV state of the template head every rendered prompt starts with (see PrefixCache)."""
+        if not ids:
+            return
+        with torch.inference_mode():
+            _, kv = self._pass([None], [list(ids)], capture=[len(ids)], lengths=[0])
+        self.cache.pin_head(ids, kv[0])
 
-        `items` are (prompt index, response ids). Prompts are right-padded into one pass; the
-        response pass masks the prompt padding and continues each row at its own prompt's length,
-        so the scores equal scoring each prompt + response on its own.
+    @torch.inference_mode()
+    def score_pairs(self, pairs: list[tuple[tuple[int, ...], list[int]]], *, max_tokens: int = 16384,
+                    max_rows: int = 64) -> tuple[list[float], list[BatchStats]]:
+        """Score (prompt ids, response ids) pairs; a prompt's KV state is computed at most once.
+
+        Wave 1 runs every pair whose prompt is cached (only its response is computed) and the first
+        pair of every other prompt (its prompt after the pinned head, then its response; the
+        prompt's KV state is kept). Wave 2 runs the remaining pairs of those prompts on the states
+        wave 1 just made, so a prompt repeated inside one batch also runs once, even when the cache
+        is too small to keep it. Each wave is cut into passes of similar new-token lengths within
+        `max_tokens` padded tokens and `max_rows` rows. Scores come back in the order of `pairs`.
         """
-        start = time.perf_counter()
-        pids, pmask = self._pad(prompts)  # (U, P)
-        cache = self.backbone(input_ids=pids, attention_mask=pmask, use_cache=True).past_key_values
-        which = torch.tensor([i for i, _ in items], dtype=torch.long, device=self.device)  # (B,)
-        cache.batch_select_indices(which)  # (B, kv_heads, P, d) per layer
-        ids, resp_mask = self._pad([r for _, r in items])  # (B, R)
-        mask = torch.cat([pmask[which], resp_mask], dim=1)  # (B, P+R)
-        plen = pmask.sum(1)[which]  # (B,)
-        positions = plen.unsqueeze(1) + torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # (B, R)
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions,
-                               use_cache=True).last_hidden_state  # (B, R, H)
-        scores = self.model.reward_head(pool_last(hidden, resp_mask)).float().tolist()
-        stats = BatchStats(rows=len(items), tokens=int(pmask.sum()) + int(resp_mask.sum()),
-                           padded_tokens=pids.numel() + ids.numel(), compute_seconds=time.perf_counter() - start,
-                           kind=kind)
+        scores = [0.0] * len(pairs)
+        stats: list[BatchStats] = []
+        fresh: dict[tuple[int, ...], torch.Tensor | None] = {}  # prompts computed in this call
+        first: list[int] = []
+        later: list[int] = []
+        for i, (prompt, _) in enumerate(pairs):
+            if not prompt:
+                first.append(i)
+            elif prompt in fresh:
+                later.append(i)
+            else:
+                fresh[prompt] = self.cache.get(prompt)
+                first.append(i)
+        for wave in (first, later):
+            pasts, news, capture, lengths = [], [], [], []
+            for i in wave:
+                prompt, response = pairs[i]
+                kv = fresh.get(prompt) if prompt else None
+                if kv is not None:  # cached before, or made by wave 1
+                    pasts.append(kv)
+                    news.append(response)
+                    capture.append(None)
+                    lengths.append(len(prompt))
+                    self.cache.stats.reused_tokens += len(prompt)
+                else:
+                    n, head = self.cache.head_of(prompt)
+                    pasts.append(head)
+                    news.append(list(prompt[n:]) + response)
+                    capture.append(len(prompt) if prompt else None)
+                    lengths.append(n)
+                    self.cache.stats.reused_tokens += n
+            for batch in plan_batches([len(r) for r in news], max_tokens, max_rows,
+                                      past=lengths, max_past_tokens=PAST_BUDGET_FACTOR * max_tokens):
+                start = time.perf_counter()
+                out, kvs = self._pass([pasts[j] for j in batch], [news[j] for j in batch],
+                                      capture=[capture[j] for j in batch], lengths=[lengths[j] for j in batch])
+                for j, score, kv in zip(batch, out, kvs):
+                    scores[wave[j]] = score
+                    if kv is not None:
+                        prompt = pairs[wave[j]][0]
+                        fresh[prompt] = kv
+                        self.cache.put(prompt, kv)
+                rows = [news[j] for j in batch]
+                stats.append(BatchStats(rows=len(batch), tokens=sum(map(len, rows)),
+                                        padded_tokens=len(batch) * max(map(len, rows)),
+                                        compute_seconds=time.perf_counter() - start,
+                                        kind="cached_prompt" if any(capture[j] is None and pasts[j] is not None
+                                                                    for j in batch) else "pairs"))
         return scores, stats
 
-    def score_shared(self, prompt_ids: list[int], responses: list[list[int]]) -> tuple[list[float], BatchStats]:
-        """n responses to one prompt: the prompt runs once, its KV cache is shared by all n."""
-        if not prompt_ids:
-            return self.score_rows(responses)
-        return self.score_prefixed([prompt_ids], [(0, r) for r in responses])
+    def _pass(self, pasts: list[torch.Tensor | None], news: list[list[int]], *, capture: list[int | None],
+              lengths: list[int]) -> tuple[list[float], list[torch.Tensor | None]]:
+        """One forward pass: row i continues its past KV state (`lengths[i]` tokens, or none) with
+        `news[i]`. Returns the scores at each row's last token and, where `capture[i]` is a prompt
+        length, that prompt's KV state (past + the first new tokens), shaped (layers, 2, heads, T, d)."""
+        stacked = self._stack_pasts(pasts, lengths)
+        if self.packed:
+            return self._pass_packed(stacked, news, capture=capture, lengths=lengths)
+        return self._pass_padded(stacked, news, capture=capture, lengths=lengths)
+
+    def _stack_pasts(self, pasts: list[torch.Tensor | None], lengths: list[int]) -> torch.Tensor | None:
+        """Per-row states → one right-padded (layers, 2, rows, kv_heads, longest, d) tensor, or None."""
+        longest_past = max(lengths)
+        if not longest_past:
+            return None
+        ref = next(kv for kv in pasts if kv is not None)
+        layers, _, heads, _, dim = ref.shape
+        out = torch.zeros(layers, 2, len(pasts), heads, longest_past, dim, dtype=ref.dtype, device=self.device)
+        for i, (kv, n) in enumerate(zip(pasts, lengths)):
+            if kv is not None:
+                out[:, :, i, :, :n] = kv[:, :, :, :n]
+        return out
+
+    def _pass_packed(self, pasts: torch.Tensor | None, news: list[list[int]], *, capture: list[int | None],
+                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor | None]]:
+        want = any(c is not None for c in capture)
+        last, new_kv, starts = packed_forward(self.backbone, news, pasts, lengths, capture=want)
+        scores = self.model.reward_head(last).float().tolist()
+        kvs: list[torch.Tensor | None] = [None] * len(news)
+        if want:
+            new = torch.stack([new_kv[layer] for layer in range(len(new_kv))])  # (layers, 2, kv_heads, N, d)
+            for i, plen in enumerate(capture):
+                if plen is None:
+                    continue
+                s = int(starts[i])
+                fresh = new[:, :, :, s:s + plen - lengths[i]]
+                kvs[i] = (torch.cat([pasts[:, :, i, :, :lengths[i]], fresh], dim=3) if lengths[i] else fresh).contiguous()
+        return scores, kvs
+
+    def _pass_padded(self, pasts: torch.Tensor | None, news: list[list[int]], *, capture: list[int | None],
+                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor | None]]:
+        longest_past = max(lengths)
+        ids, new_mask = self._pad(news)  # (B, R)
+        past_mask = (torch.arange(longest_past, device=self.device).unsqueeze(0)
+                     < torch.tensor(lengths, device=self.device).unsqueeze(1)).to(new_mask.dtype)  # (B, P)
+        cache = DynamicCache()
+        if pasts is not None:
+            cache = DynamicCache(ddp_cache_data=[(pasts[layer, 0], pasts[layer, 1]) for layer in range(pasts.shape[0])])
+        start = torch.tensor(lengths, device=self.device).unsqueeze(1)  # (B, 1)
+        positions = start + torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # (B, R)
+        hidden = self.backbone(input_ids=ids, attention_mask=torch.cat([past_mask, new_mask], dim=1),
+                               past_key_values=cache, position_ids=positions, use_cache=True).last_hidden_state
+        scores = self.model.reward_head(pool_last(hidden, new_mask)).float().tolist()
+        kvs: list[torch.Tensor | None] = []
+        for i, want in enumerate(capture):
+            if want is None:
+                kvs.append(None)
+                continue
+            parts = []
+            for layer in cache.layers:
+                kv = torch.stack([layer.keys[i], layer.values[i]])  # (2, heads, P + R, d)
+                parts.append(torch.cat([kv[:, :, :lengths[i]], kv[:, :, longest_past:longest_past + want - lengths[i]]],
+                                       dim=2))
+            kvs.append(torch.stack(parts).contiguous())
+        return scores, kvs

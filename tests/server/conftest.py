@@ -12,7 +12,7 @@ from grmserve.server.config import local
 
 
 class SlowRunner:
-    """Wraps a ModelRunner: sleeps before every pass and records the rows it computed."""
+    """Wraps a ModelRunner: sleeps before every call and records the sequences it scored."""
 
     def __init__(self, runner, delay: float):
         self._runner = runner
@@ -21,23 +21,21 @@ class SlowRunner:
         self.calls: list[str] = []
         self.pad_id = runner.pad_id
 
+    @property
+    def cache(self):
+        return self._runner.cache
+
     def score_rows(self, rows):
         self.calls.append("rows")
         time.sleep(self.delay)
         self.seen.extend(rows)
         return self._runner.score_rows(rows)
 
-    def score_shared(self, prompt_ids, responses):
-        self.calls.append("shared")
+    def score_pairs(self, pairs, **limits):
+        self.calls.append("pairs")
         time.sleep(self.delay)
-        self.seen.extend(prompt_ids + r for r in responses)
-        return self._runner.score_shared(prompt_ids, responses)
-
-    def score_prefixed(self, prompts, items, kind="shared_prompt"):
-        self.calls.append("prefixed")
-        time.sleep(self.delay)
-        self.seen.extend(prompts[i] + r for i, r in items)
-        return self._runner.score_prefixed(prompts, items, kind)
+        self.seen.extend(list(p) + r for p, r in pairs)
+        return self._runner.score_pairs(pairs, **limits)
 
 
 def tiny_config(checkpoint, **limits):

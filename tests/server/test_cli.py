@@ -20,7 +20,9 @@ FROZEN_FLAGS = [
     "--preset",
     "--model.checkpoint", "--model.precision", "--model.fp8_recipe", "--model.device", "--model.threads", "--model.compile",
     "--model.max_tokens", "--model.warmup",
-    "--batch.max_batch_tokens", "--batch.max_batch_rows", "--batch.max_wait_ms", "--batch.max_queue_pairs",
+    "--batch.max_batch_tokens", "--batch.max_batch_rows", "--batch.max_wait_ms", "--batch.max_delay_ms",
+    "--batch.max_queue_pairs",
+    "--batch.prefix_cache_mib",
     "--limits.max_pairs_per_request", "--limits.max_candidates", "--limits.max_message_mb",
     "--server.host", "--server.port", "--server.metrics_port", "--server.metrics_host", "--server.tls_cert",
     "--server.tls_key", "--server.require_token", "--server.grace_seconds",
@@ -38,6 +40,11 @@ def test_cli_precedence_and_validation():
     assert (cfg.server.host, cfg.server.port, cfg.model.compile) == ("127.0.0.1", 1234, True)
     with pytest.raises(SystemExit):
         parse_serve_args(["--model.precision", "fp16"])
+    for bad in (["--batch.max_wait_ms", "80"], ["--batch.prefix_cache_mib", "-1"]):  # wait > max_delay (50)
+        with pytest.raises((SystemExit, ValueError)):
+            parse_serve_args(bad)
+    cfg = parse_serve_args(["--batch.max_wait_ms", "80", "--batch.max_delay_ms", "100", "--batch.prefix_cache_mib", "0"])
+    assert (cfg.batch.max_wait_ms, cfg.batch.max_delay_ms, cfg.batch.prefix_cache_mib) == (80, 100, 0)
 
 
 def start_cli(checkpoint, *extra):

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grmserve.clients.reward_client import RewardServerError
 from grmserve.protos import SERVICE_NAME, reward_pb2
-from grmserve.server.engine.batcher import plan_batches
+from grmserve.server.engine.runner import plan_batches
 from grmserve.training.model import load_grm
 from grmserve.training.templates import PromptRenderer
 
@@ -297,21 +297,99 @@ def test_tls(tiny_checkpoint, tmp_path):
         st.stop()
 
 
-def test_prefix_sharing_across_pairs_matches_direct_scores(tiny_checkpoint):
-    """Pairs that repeat a prompt (chosen/rejected, n samples per prompt) share one prompt pass."""
+def _full_scores(model, pairs):
+    with torch.no_grad():
+        return [float(model.score(torch.tensor([list(p) + r]), torch.ones(1, len(p) + len(r), dtype=torch.long))[0])
+                for p, r in pairs]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_score_pairs_reuses_prompt_states_and_matches_direct_scores(tiny_checkpoint, packed):
+    """Prompts run once (within a call and across calls, after the pinned head); scores equal
+    scoring each prompt + response from scratch, in packed passes (no padding) and padded ones."""
     from grmserve.server.engine.runner import ModelRunner
 
     loaded = load_grm(tiny_checkpoint)
-    runner = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33, 34]]
-    items = [(0, [40, 41]), (1, [42, 43, 44, 45, 46]), (0, [47]), (2, [48, 49, 50]), (1, [51])]
-    got, stats = runner.score_prefixed(prompts, items)
-    with torch.no_grad():
-        want = [float(loaded.model.score(torch.tensor([prompts[i] + r]), torch.ones(1, len(prompts[i]) + len(r),
-                                                                                    dtype=torch.long))[0])
-                for i, r in items]
+    runner = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=1 << 24, packed=packed)
+    assert runner.packed == packed
+    head = [5, 6, 7]
+    runner.set_head(head)
+    p1, p2, p3 = tuple(head + [8, 9, 10, 11]), (20, 21), tuple(head)  # head + more, no head, exactly the head
+    pairs = [(p1, [40, 41]), (p2, [42, 43, 44, 45, 46]), (p1, [47]), (p3, [48, 49, 50]), (p2, [51]), ((), [52, 53]),
+             (p1, [54, 55, 56, 57, 58, 59])]
+    want = _full_scores(loaded.model, pairs)
+
+    got, stats = runner.score_pairs(pairs, max_tokens=16, max_rows=2)  # several passes per wave
     assert got == pytest.approx(want, abs=1e-5)
-    assert stats.tokens == sum(map(len, prompts)) + sum(len(r) for _, r in items)
+    responses = sum(len(r) for _, r in pairs)
+    # Computed: each distinct prompt once, minus the head where it starts with it, plus every response.
+    assert sum(s.tokens for s in stats) == (len(p1) - 3) + len(p2) + 0 + responses
+    assert all(s.rows <= 2 and s.padded_tokens <= 16 for s in stats)
+    assert runner.cache.stats.misses == 3 and len(runner.cache) == 3
+    assert runner.cache.stats.reused_tokens == 3 + 3 + 2 * len(p1) + len(p2)  # heads of p1, p3; repeats of p1, p2
+
+    again, stats = runner.score_pairs(pairs)  # every prompt is cached now: only responses run
+    assert again == pytest.approx(want, abs=1e-5)
+    assert sum(s.tokens for s in stats) == responses
+    assert runner.cache.stats.hits == 3
+    assert {s.kind for s in stats} == {"cached_prompt"}
+
+
+def test_packed_passes_are_used_for_llama_and_match_padded_ones(tiny_checkpoint):
+    """The default runner packs (SmolLM2 is a llama); packed and padded runners agree on a mixed
+    batch: uneven lengths, with and without pasts, and capture the same prompt states."""
+    from grmserve.server.engine.runner import ModelRunner
+
+    loaded = load_grm(tiny_checkpoint)
+    packed = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=1 << 24)
+    padded = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=1 << 24, packed=False)
+    assert packed.packed
+    torch.manual_seed(0)
+    prompts = [tuple(torch.randint(3, 400, (n,)).tolist()) for n in (1, 9, 30, 4)]
+    pairs = [(prompts[i % 4], torch.randint(3, 400, (1 + (7 * i) % 23,)).tolist()) for i in range(11)]
+    for runner in (packed, padded):
+        runner.set_head(list(prompts[2][:5]))
+    got_packed, _ = packed.score_pairs(pairs)
+    got_padded, _ = padded.score_pairs(pairs)
+    assert got_packed == pytest.approx(got_padded, abs=1e-5)
+    assert got_packed == pytest.approx(_full_scores(loaded.model, pairs), abs=1e-5)
+    for p in prompts:
+        a, b = packed.cache.get(p), padded.cache.get(p)
+        assert a.shape == b.shape and a.shape[3] == len(p)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_prefix_cache_stays_within_its_byte_budget(tiny_checkpoint):
+    from grmserve.server.engine.runner import ModelRunner
+
+    loaded = load_grm(tiny_checkpoint)
+    probe = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=1 << 30)
+    probe.score_pairs([((1, 2, 3, 4), [5])])
+    per_token = probe.cache.nbytes // 4
+    runner = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=10 * per_token)
+    prompts = [tuple(range(10 + k, 14 + k)) for k in range(6)]  # 4 tokens each: two fit
+    pairs = [(p, [60 + k]) for k, p in enumerate(prompts)]
+    got, _ = runner.score_pairs(pairs)
+    assert got == pytest.approx(_full_scores(loaded.model, pairs), abs=1e-5)
+    assert runner.cache.nbytes <= 10 * per_token and len(runner.cache) == 2
+    assert runner.cache.stats.evictions == 4
+    assert runner.cache.get(prompts[-1]) is not None and runner.cache.get(prompts[0]) is None  # least recent out
+    # A state bigger than the whole budget is not kept, and still scores right (reused within the call).
+    long = tuple(range(100, 120))
+    got, _ = runner.score_pairs([(long, [1]), (long, [2])])
+    assert got == pytest.approx(_full_scores(loaded.model, [(long, [1]), (long, [2])]), abs=1e-5)
+    assert runner.cache.get(long) is None and runner.cache.stats.reused_tokens >= len(long)
+
+
+def test_template_head_is_the_chat_prefix(tiny_checkpoint):
+    from grmserve.server.app import template_head
+
+    renderer = PromptRenderer(load_grm(tiny_checkpoint).tokenizer)
+    head = template_head(renderer)
+    g = renderer.encode([{"role": "user", "content": "Tell me a story."}], ["ok"], max_tokens=256)
+    assert len(head) > 3 and g.prompt_ids[:len(head)] == head
+    assert "user" in renderer.tokenizer.decode(head) and "story" not in renderer.tokenizer.decode(head)
+    assert template_head(PromptRenderer(load_grm(tiny_checkpoint).tokenizer, use_chat_template=False)) == []
 
 
 def test_score_with_repeated_prompts_matches_training_code(make_server, tiny_checkpoint):
@@ -325,5 +403,9 @@ def test_score_with_repeated_prompts_matches_training_code(make_server, tiny_che
         split = [s for part in pool.map(c.score, [pairs[:7], pairs[7:]]) for s in part]
     assert whole == pytest.approx(want, abs=1e-5)
     assert split == pytest.approx(want, abs=1e-5)
-    assert "prefixed" in server.app.engine.runner.calls  # the repeated prompts ran once per pass
-    assert "rows" in server.app.engine.runner.calls  # the unique one ran as a plain sequence
+    text = scrape(server)
+    assert metric_value(text, "grm_serve_prefix_cache_lookups_total", {"result": "miss"}) == 5  # 5 distinct prompts
+    # The second round found every prompt cached: 5 lookups if the two split calls shared a step, else 4 + 5.
+    assert metric_value(text, "grm_serve_prefix_cache_lookups_total", {"result": "hit"}) in (5, 9)
+    assert metric_value(text, "grm_serve_prefix_cache_entries") == 5
+    assert metric_value(text, "grm_serve_prefix_reused_tokens_total") > 0
