@@ -55,6 +55,8 @@ class BatchingEngine(Engine):
         self._queue: collections.deque[_Entry] = collections.deque()
         self._pending_pairs = 0
         self._last_arrival = 0.0
+        self._arrivals = 0  # jobs ever submitted
+        self._step_end = (float("-inf"), 0, 0)  # when the last step ended, jobs it answered, arrivals by then
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -104,6 +106,7 @@ class BatchingEngine(Engine):
         entry = _Entry(job=job, future=asyncio.get_running_loop().create_future(), enqueued=time.monotonic(), tokens=tokens)
         self._queue.append(entry)
         self._last_arrival = entry.enqueued
+        self._arrivals += 1
         self._pending_pairs += pairs
         self._idle.clear()
         self._emit_depth()
@@ -137,25 +140,36 @@ class BatchingEngine(Engine):
             compute_seconds = results
             for entry in work:
                 self._finish(entry, compute_seconds=compute_seconds)
+            self._step_end = (time.monotonic(), len(work), self._arrivals)
 
     async def _gather_company(self) -> None:
-        """Wait for company before a step: until no job has arrived for `max_wait_ms`, at most
-        `max_delay_ms` after the batcher began waiting, or at once when a budget's worth is queued.
+        """Wait for company before a step, at most `max_delay_ms` from when the model became free;
+        at once when a token budget's worth is queued.
 
-        Measured from when the model became free, not from the oldest job's arrival: otherwise,
-        under a closed loop, the few jobs that arrived during a step would run alone right after
-        it while the callers it just answered are still sending, and steps would alternate
-        between a few rows and the rest.
+        Callers answered by the step that just ended usually send their next request within
+        milliseconds (RLHF workers, closed-loop clients). Without waiting for them, the few jobs
+        that arrived during the step would run alone while those callers are still sending, and
+        steps would settle into alternating a few rows and the rest. So, within `max_delay_ms` of
+        the last step's end: wait for the first of its callers to come back, then go when all of
+        them are back or after `max_wait_ms` without an arrival. After idling, nobody is
+        expected: go after `max_wait_ms` without an arrival.
         """
         start = time.monotonic()
-        cap = start + self.config.max_delay_ms / 1000.0
-        gap = self.config.max_wait_ms / 1000.0
+        delay, gap = self.config.max_delay_ms / 1000.0, self.config.max_wait_ms / 1000.0
+        ended, answered, base = self._step_end
+        if start - ended <= delay:  # a step ended just now: its callers may be on their way back
+            expected, cap = answered, ended + delay
+        else:
+            expected, base, cap = 0, self._arrivals, start + delay
         while True:
-            queued_tokens = sum(e.tokens for e in self._queue)
             now = time.monotonic()
-            quiet_until = max(self._last_arrival, start) + gap
-            deadline = min(cap, quiet_until)
-            if now >= deadline or queued_tokens >= self.config.max_batch_tokens:
+            arrived = self._arrivals - base
+            if (sum(e.tokens for e in self._queue) >= self.config.max_batch_tokens or now >= cap
+                    or (expected and arrived >= expected)):
+                return
+            # Nobody back yet from the last step: wait (up to the cap). Otherwise: until quiet.
+            deadline = cap if expected and not arrived else min(cap, max(self._last_arrival, start) + gap)
+            if now >= deadline:
                 return
             self._wake.clear()
             try:
