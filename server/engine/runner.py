@@ -29,7 +29,7 @@ from .prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
-PAST_BUDGET_FACTOR = 4  # a pass may read up to this many × max_tokens of cached prompt KV (rows × longest past)
+PAST_BUDGET_FACTOR = 2  # a pass may read up to this many × max_tokens of cached prompt KV (rows × longest past)
 
 
 def plan_batches(lengths: list[int], max_tokens: int, max_rows: int, *, past: list[int] | None = None,
@@ -277,14 +277,16 @@ class ModelRunner:
         ids, new_mask = self._pad(news)  # (B, R)
         past_mask = (torch.arange(longest_past, device=self.device).unsqueeze(0)
                      < torch.tensor(lengths, device=self.device).unsqueeze(1)).to(new_mask.dtype)  # (B, P)
-        cache = DynamicCache()
+        cache = None  # without pasts the model makes its own cache, typed for its architecture
         if pasts is not None:
             cache = DynamicCache(ddp_cache_data=[(pasts[layer, 0], pasts[layer, 1]) for layer in range(pasts.shape[0])])
         start = torch.tensor(lengths, device=self.device).unsqueeze(1)  # (B, 1)
         positions = start + torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # (B, R)
-        hidden = self.backbone(input_ids=ids, attention_mask=torch.cat([past_mask, new_mask], dim=1),
-                               past_key_values=cache, position_ids=positions, use_cache=True).last_hidden_state
-        scores = self.model.reward_head(pool_last(hidden, new_mask)).float().tolist()
+        out = self.backbone(input_ids=ids, attention_mask=torch.cat([past_mask, new_mask], dim=1),
+                            past_key_values=cache, position_ids=positions,
+                            use_cache=cache is not None or any(c is not None for c in capture))
+        cache = out.past_key_values
+        scores = self.model.reward_head(pool_last(out.last_hidden_state, new_mask)).float().tolist()
         kvs: list[torch.Tensor | None] = []
         for i, want in enumerate(capture):
             if want is None:
