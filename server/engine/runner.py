@@ -190,8 +190,8 @@ class ModelRunner:
         for i, (prompt, _) in enumerate(pairs):
             if not prompt:
                 first.append(i)
-            elif prompt in fresh:
-                later.append(i)
+            elif prompt in fresh:  # a repeat: with the first if cached, else on the state wave 1 makes
+                (first if fresh[prompt] is not None else later).append(i)
             else:
                 fresh[prompt] = self.cache.get(prompt)
                 first.append(i)
@@ -226,7 +226,8 @@ class ModelRunner:
                         self.cache.put(prompt, kv)
                 rows = [news[j] for j in batch]
                 stats.append(BatchStats(rows=len(batch), tokens=sum(map(len, rows)),
-                                        padded_tokens=len(batch) * max(map(len, rows)),
+                                        padded_tokens=(sum(map(len, rows)) if self.packed
+                                                       else len(batch) * max(map(len, rows))),
                                         compute_seconds=time.perf_counter() - start,
                                         kind="cached_prompt" if any(capture[j] is None and pasts[j] is not None
                                                                     for j in batch) else "pairs"))

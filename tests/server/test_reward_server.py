@@ -331,6 +331,7 @@ def test_score_pairs_reuses_prompt_states_and_matches_direct_scores(tiny_checkpo
     again, stats = runner.score_pairs(pairs)  # every prompt is cached now: only responses run
     assert again == pytest.approx(want, abs=1e-5)
     assert sum(s.tokens for s in stats) == responses
+    assert len(stats) == 1  # repeats of a cached prompt do not wait for a second wave
     assert runner.cache.stats.hits == 3
     assert {s.kind for s in stats} == {"cached_prompt"}
 
