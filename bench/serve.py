@@ -101,6 +101,13 @@ class NaiveEngine(Engine):
                            compute_seconds=secs)
 
 
+def latency_ms(latencies: list[float]) -> dict:
+    """p50 and p99 of call latencies (seconds), in milliseconds."""
+    ordered = sorted(latencies)
+    return {"p50_ms": 1000 * ordered[len(ordered) // 2],
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
 def closed_loop(target: str, pairs, concurrency: int, per_call: int, seconds: float) -> dict:
     latencies: list[float] = []
     scored = [0]
@@ -124,10 +131,7 @@ def closed_loop(target: str, pairs, concurrency: int, per_call: int, seconds: fl
     with cf.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(caller, range(concurrency)))
     wall = time.monotonic() - start
-    latencies.sort()
-    return {"pairs_per_s": scored[0] / wall, "calls": len(latencies), "pairs": scored[0],
-            "p50_ms": 1000 * latencies[len(latencies) // 2],
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    return {"pairs_per_s": scored[0] / wall, "calls": len(latencies), "pairs": scored[0], **latency_ms(latencies)}
 
 
 def one_pass(target: str, pairs, concurrency: int, per_call: int) -> dict:
@@ -167,19 +171,17 @@ def cold_pass(engine, target: str, pairs, args, cache_bytes: int) -> dict:
     engine.run_sync(reset)
     before = dataclasses.replace(cache.stats)
     run = one_pass(target, pairs, args.concurrency, args.pairs_per_call)
-    after = cache.stats
-    run.update(hits=after.hits - before.hits, misses=after.misses - before.misses,
-               reused=after.reused_tokens - before.reused_tokens)
+    added = cache.stats.since(before)
+    run.update(hits=added.hits, misses=added.misses, reused=added.reused_tokens)
     return run
 
 
 def summarise_passes(runs: list[dict], pairs: int, cache_bytes: int) -> dict:
-    latencies = sorted(t for r in runs for t in r["latencies"])
+    latencies = [t for r in runs for t in r["latencies"]]
     hits, misses = sum(r["hits"] for r in runs), sum(r["misses"] for r in runs)
     med = statistics.median(r["seconds"] for r in runs)
     return {"pairs_per_s": pairs / med, "seconds_per_pass": [r["seconds"] for r in runs], "calls": len(latencies),
-            "p50_ms": 1000 * latencies[len(latencies) // 2],
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            **latency_ms(latencies),
             "prompt_cache": {"budget_bytes": cache_bytes, "hits": hits, "misses": misses,
                              "hit_rate": hits / max(1, hits + misses),
                              "reused_prompt_tokens_per_pair": sum(r["reused"] for r in runs) / (pairs * len(runs))}}

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from ..config import BatchConfig
 from .base import (DeadlineExpiredError, Engine, EngineInfo, JobStats, NotServingError, QueueFullError, ScoreJob,
                    ScoreResult, StatsSinks)
-from .prefix_cache import PrefixStats
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +221,7 @@ class BatchingEngine(Engine):
         for s in stats:
             self._emit_batch(s)
         cache = self.runner.cache
-        after = cache.stats
-        delta = PrefixStats(hits=after.hits - before.hits, misses=after.misses - before.misses,
-                            evictions=after.evictions - before.evictions,
-                            reused_tokens=after.reused_tokens - before.reused_tokens)
+        delta = cache.stats.since(before)
         for sink in self.sinks.on_prefix:
             sink(delta, cache.nbytes, len(cache))
         return time.perf_counter() - start

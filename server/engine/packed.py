@@ -41,7 +41,6 @@ _state = threading.local()
 class _Layout:
     rows: int
     longest: int  # longest row of new tokens
-    longest_past: int
     index: torch.Tensor  # (N,) flat position (row * longest + j) of each packed token
     mask: torch.Tensor  # (rows, 1, longest, longest_past + longest) bool
     pasts: torch.Tensor | None  # (layers, 2, rows, kv_heads, longest_past, d), right-padded
@@ -130,8 +129,7 @@ def packed_forward(backbone, news: list[list[int]], pasts: torch.Tensor | None, 
     see_past = (kp < plen.view(-1, 1, 1)).expand(rows, longest, longest_past)  # (B, R, P)
     see_new = (kn <= q) & (kn < lengths.view(-1, 1, 1))  # (B, R, R); padded queries see the whole row
     mask = torch.cat([see_past, see_new], dim=2).unsqueeze(1)  # (B, 1, R, P + R)
-    layout = _Layout(rows=rows, longest=longest, longest_past=longest_past, index=index, mask=mask, pasts=pasts,
-                     capture=capture)
+    layout = _Layout(rows=rows, longest=longest, index=index, mask=mask, pasts=pasts, capture=capture)
     _state.layout = layout
     try:
         hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state  # (1, N, H)

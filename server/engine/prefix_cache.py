@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -39,6 +39,10 @@ class PrefixStats:
     misses: int = 0
     evictions: int = 0
     reused_tokens: int = 0  # prompt tokens not recomputed thanks to a cached or shared state
+
+    def since(self, before: PrefixStats) -> PrefixStats:
+        """What was added after `before` (an earlier copy of these totals, `dataclasses.replace(stats)`)."""
+        return PrefixStats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
 
 
 class PrefixCache:
