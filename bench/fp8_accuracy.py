@@ -29,10 +29,10 @@ import time
 
 import torch
 
-from grmserve.server.engine.runner import ModelRunner, plan_batches, prepare_model
+from grmserve.server.engine.runner import ModelRunner, prepare_model
 from grmserve.training.model import load_grm
 from grmserve.training.benchmark import load_split
-from grmserve.training.data import encode_pairs, read_pairs
+from grmserve.training.data import encode_pairs, plan_batches, read_pairs
 from grmserve.training.templates import PromptRenderer
 
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .losses import DEFAULT_ALPHA
-from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, pad_right, read_pairs
+from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, pad_right, plan_batches, read_pairs
 from .model import GRMConfig, GRMModel, HeadConfig, RewardHead, response_logps
 from .templates import PromptRenderer
 from .trainer import compute_loss, lr_multiplier
@@ -314,15 +314,10 @@ def _embeds(f: SplitFeatures, responses: list[int], width: int) -> torch.Tensor:
 def score_responses(model: GRMModel, f: SplitFeatures, *, pad_id: int, batch_tokens: int = 4096) -> torch.Tensor:
     """Reward of every distinct response of a split (float32, in `f.responses` order)."""
     lengths = [len(f.prompts[p]) + len(r) for p, r in f.responses]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     scores = torch.zeros(len(lengths))
-    i = 0
-    while i < len(order):
-        n = max(1, batch_tokens // lengths[order[min(len(order) - 1, i + 31)]])
-        idx = order[i: i + min(n, 64)]
+    for idx in plan_batches(lengths, batch_tokens, max_rows=64):
         ids, mask = pad_right([f.prompts[f.responses[j][0]] + f.responses[j][1] for j in idx], pad_id)
         scores[idx] = model(ids, mask, inputs_embeds=_embeds(f, idx, ids.shape[1])).rewards.float()
-        i += len(idx)
     return scores
 
 

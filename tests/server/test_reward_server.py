@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grmserve.clients.reward_client import RewardServerError
 from grmserve.protos import SERVICE_NAME, reward_pb2
-from grmserve.server.engine.runner import plan_batches
+from grmserve.training.data import plan_batches
 from grmserve.training.model import load_grm
 from grmserve.training.templates import PromptRenderer
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import pad_right
+from ..data import pad_right, plan_batches
 from .convert import FP8Recipe, get_recipe, skip_reason
 from .linear import FP8InferenceLinear
 
@@ -53,14 +53,10 @@ class _Replay(nn.Module):
 
 
 def _batches(seqs: list[list[int]], pad_id: int, batch_tokens: int):
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    i = 0
-    while i < len(order):
-        n = max(1, batch_tokens // len(seqs[order[min(len(order) - 1, i + 15)]]))
-        idx = order[i: i + n]
+    """(indices, ids, mask) of padded passes of similar lengths, rows × longest within `batch_tokens`."""
+    for idx in plan_batches([len(s) for s in seqs], batch_tokens, max_rows=len(seqs)):
         ids, mask = pad_right([seqs[j] for j in idx], pad_id)
         yield idx, ids, mask
-        i += len(idx)
 
 
 @torch.no_grad()
