@@ -57,8 +57,9 @@ class BatchConfig:
     max_queue_pairs: int = 4096
     """Pairs waiting in the queue before new requests get RESOURCE_EXHAUSTED."""
     prefix_cache_mib: int = 1024
-    """Prompt KV states kept across requests (least recently used out), in MiB; 0 keeps none (a
-    prompt repeated inside one batch still runs once, and the chat template's head is always kept)."""
+    """KV states of token prefixes (prompts, and responses that open alike) kept across requests,
+    least recently used out, in MiB; 0 keeps none (a prefix shared inside one batch still runs
+    once, and the chat template's head is always kept)."""
 
 
 @dataclass(kw_only=True)

@@ -54,15 +54,17 @@ class ServerMetrics:
         self.tokens = Counter(f"{PREFIX}_tokens_scored", "Tokens of scored jobs (a ScoreCandidates prompt counted once), before prompt reuse.", registry=r)
         self.jobs = Counter(f"{PREFIX}_jobs", "Jobs leaving the queue, by outcome (ok, expired, cancelled, error).",
                             ["outcome"], registry=r)
-        self.prefix_lookups = Counter(f"{PREFIX}_prefix_cache_lookups", "Prompt KV cache lookups by result (hit, miss).",
+        self.prefix_lookups = Counter(f"{PREFIX}_prefix_cache_lookups",
+                                      "Prefix KV cache lookups by result (hit: more than the template head reused).",
                                       ["result"], registry=r)
-        self.prefix_evictions = Counter(f"{PREFIX}_prefix_cache_evictions", "Prompt KV states evicted to stay in budget.",
+        self.prefix_evictions = Counter(f"{PREFIX}_prefix_cache_evictions", "Prefix KV segments evicted to stay in budget.",
                                         registry=r)
         self.prefix_reused = Counter(f"{PREFIX}_prefix_reused_tokens",
-                                     "Prompt tokens not recomputed: read from a cached or shared prompt state, or the "
+                                     "Tokens not recomputed: read from a cached or shared prefix state, or the "
                                      "template head.", registry=r)
-        self.prefix_bytes = Gauge(f"{PREFIX}_prefix_cache_bytes", "Bytes of prompt KV states held.", registry=r)
-        self.prefix_entries = Gauge(f"{PREFIX}_prefix_cache_entries", "Prompt KV states held.", registry=r)
+        self.prefix_bytes = Gauge(f"{PREFIX}_prefix_cache_bytes", "Bytes of prefix KV states held.", registry=r)
+        self.prefix_entries = Gauge(f"{PREFIX}_prefix_cache_entries",
+                                    "Prefix KV segments held (runs of tokens between branch points).", registry=r)
         self.model_info = Info(f"{PREFIX}_model", "The model being served.", registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 while the server reports SERVING.", registry=r)
         self._http = None

@@ -5,7 +5,7 @@ QueueFullError at once instead of growing). A single loop takes the queued work 
 arrived for `max_wait_ms` (at most `max_delay_ms` of waiting; at once when a token budget's worth
 is waiting), drops jobs whose caller has gone or whose deadline has passed, and hands every
 (prompt, response) pair of the step to the runner in one worker thread. The runner computes each
-prompt's KV state at most once (from its prefix cache, shared by all callers and kept across
+token prefix's KV state at most once (from its prefix cache, shared by all callers and kept across
 steps, see prefix_cache.py), and packs what is left to compute into passes without padding
 (packed.py), sorted by length, of at most `max_batch_tokens` tokens and `max_batch_rows` rows.
 ScoreCandidates (one prompt, n responses) is the same case: its prompt runs once. Each caller
@@ -200,7 +200,7 @@ class BatchingEngine(Engine):
 
     def _compute(self, work: list[_Entry]) -> float:
         """On the model thread: score every pair of this step in one call (the runner plans the
-        passes and reuses prompt states); fill each entry's scores in its own order."""
+        passes and reuses prefix states); fill each entry's scores in its own order."""
         start = time.perf_counter()
         pairs: list[tuple[tuple[int, ...], list[int]]] = []
         owners: list[tuple[_Entry, int]] = []

@@ -1,8 +1,8 @@
-"""Runs the reward model: device choice, precision, pass planning, packing and prompt KV reuse.
+"""Runs the reward model: device choice, precision, pass planning, packing and prefix KV reuse.
 
-`ModelRunner.score_pairs` is the serving path: each (prompt, response) pair continues its
-prompt's KV state (prefix_cache.py: kept across calls, or made once in this call), so only new
-tokens run, packed into passes without padding (packed.py; a padded fallback serves architectures
+`ModelRunner.score_pairs` is the serving path: each (prompt, response) pair continues the KV
+state of its longest cached prefix (prefix_cache.py: kept across calls, or made once in this
+call), so only new tokens run, packed into passes without padding (packed.py; a padded fallback serves architectures
 packing does not cover). `score_rows` scores plain sequences, right-padded: the reference path.
 
 Synchronous and single-threaded by design: the batcher calls it from one worker thread so the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -29,7 +30,7 @@ from .prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
-PAST_BUDGET_FACTOR = 2  # a pass may read up to this many × max_tokens of cached prompt KV (rows × longest past)
+PAST_BUDGET_FACTOR = 2  # a pass may read up to this many × max_tokens of cached prefix KV (rows × longest past)
 
 
 class DeviceError(RuntimeError):
@@ -132,119 +133,112 @@ class ModelRunner:
                            compute_seconds=time.perf_counter() - start, kind="pairs")
         return scores, stats
 
-    # -- pairs with prompt reuse ------------------------------------------------------------------
+    # -- pairs with prefix reuse ------------------------------------------------------------------
     def set_head(self, ids: list[int]) -> None:
         """Pin the KV state of the template head every rendered prompt starts with (see PrefixCache)."""
         if not ids:
             return
         with torch.inference_mode():
-            _, kv = self._pass([None], [list(ids)], capture=[len(ids)], lengths=[0])
+            _, kv = self._pass([[]], [list(ids)], lengths=[0])
         self.cache.pin_head(ids, kv[0])
 
     @torch.inference_mode()
-    def score_pairs(self, pairs: list[tuple[tuple[int, ...], list[int]]], *, max_tokens: int = 16384,
+    def score_pairs(self, pairs: list[tuple[Sequence[int], Sequence[int]]], *, max_tokens: int = 16384,
                     max_rows: int = 64) -> tuple[list[float], list[BatchStats]]:
-        """Score (prompt ids, response ids) pairs; a prompt's KV state is computed at most once.
+        """Score (prompt ids, response ids) pairs; a token prefix's KV state is computed at most once.
 
-        Wave 1 runs every pair whose prompt is cached (only its response is computed) and the first
-        pair of every other prompt (its prompt after the pinned head, then its response; the
-        prompt's KV state is kept). Wave 2 runs the remaining pairs of those prompts on the states
-        wave 1 just made, so a prompt repeated inside one batch also runs once, even when the cache
-        is too small to keep it. Each wave is cut into passes of similar new-token lengths within
-        `max_tokens` padded tokens and `max_rows` rows. Scores come back in the order of `pairs`.
+        Each sequence (prompt + response) continues the longest prefix the cache holds (prefix_cache.py:
+        a prompt seen before, the same prompt with a response that opens the same way, or the
+        template head) and computes only the rest; its last token always runs, since its hidden
+        state is the score. Identical sequences in one call run once. Wave 1 runs, of the
+        sequences that would compute the same next token, only one; wave 2 runs the others on the
+        states wave 1 just stored, so a prompt repeated inside one batch also runs once, even when
+        the cache's budget is too small to keep it. Each wave is cut into passes of similar
+        new-token lengths within `max_tokens` tokens and `max_rows` rows. Scores come back in the
+        order of `pairs`.
         """
+        where: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, response) in enumerate(pairs):
+            seq = tuple(prompt) + tuple(response)
+            if not seq:
+                raise ValueError(f"pair {i} has no tokens")
+            where.setdefault(seq, []).append(i)
         scores = [0.0] * len(pairs)
         stats: list[BatchStats] = []
-        fresh: dict[tuple[int, ...], torch.Tensor | None] = {}  # prompts computed in this call
-        first: list[int] = []
-        later: list[int] = []
-        for i, (prompt, _) in enumerate(pairs):
-            if not prompt:
-                first.append(i)
-            elif prompt in fresh:  # a repeat: with the first if cached, else on the state wave 1 makes
-                (first if fresh[prompt] is not None else later).append(i)
-            else:
-                fresh[prompt] = self.cache.get(prompt)
-                first.append(i)
-        for wave in (first, later):
-            pasts, news, capture, lengths = [], [], [], []
-            for i in wave:
-                prompt, response = pairs[i]
-                kv = fresh.get(prompt) if prompt else None
-                if kv is not None:  # cached before, or made by wave 1
-                    pasts.append(kv)
-                    news.append(response)
-                    capture.append(None)
-                    lengths.append(len(prompt))
-                    self.cache.stats.reused_tokens += len(prompt)
+        head = self.cache.head
+
+        def beyond_head(seq: tuple[int, ...], n: int) -> bool:  # reuses more than the template head
+            return n > 0 and seq[:n] != head[:n]
+
+        todo = list(where)
+        for wave in range(2):
+            rows, later, leading = [], [], set()
+            for seq in todo:
+                n, parts = self.cache.match(seq, limit=len(seq) - 1)  # the last token always runs
+                if wave == 0 and seq[:n + 1] in leading:  # shares its next tokens with a row of this wave
+                    later.append(seq)
+                    continue
+                leading.add(seq[:n + 1])
+                rows.append((seq, n, parts))
+                self.cache.stats.reused_tokens += n
+                if beyond_head(seq, n):
+                    self.cache.stats.hits += 1
                 else:
-                    n, head = self.cache.head_of(prompt)
-                    pasts.append(head)
-                    news.append(list(prompt[n:]) + response)
-                    capture.append(len(prompt) if prompt else None)
-                    lengths.append(n)
-                    self.cache.stats.reused_tokens += n
-            for batch in plan_batches([len(r) for r in news], max_tokens, max_rows,
-                                      past=lengths, max_past_tokens=PAST_BUDGET_FACTOR * max_tokens):
+                    self.cache.stats.misses += 1
+            for batch in plan_batches([len(seq) - n for seq, n, _ in rows], max_tokens, max_rows,
+                                      past=[n for _, n, _ in rows], max_past_tokens=PAST_BUDGET_FACTOR * max_tokens):
                 start = time.perf_counter()
-                out, kvs = self._pass([pasts[j] for j in batch], [news[j] for j in batch],
-                                      capture=[capture[j] for j in batch], lengths=[lengths[j] for j in batch])
-                for j, score, kv in zip(batch, out, kvs):
-                    scores[wave[j]] = score
-                    if kv is not None:
-                        prompt = pairs[wave[j]][0]
-                        fresh[prompt] = kv
-                        self.cache.put(prompt, kv)
-                rows = [news[j] for j in batch]
-                stats.append(BatchStats(rows=len(batch), tokens=sum(map(len, rows)),
-                                        padded_tokens=(sum(map(len, rows)) if self.packed
-                                                       else len(batch) * max(map(len, rows))),
+                chosen = [rows[j] for j in batch]
+                news = [list(seq[n:]) for seq, n, _ in chosen]
+                out, kvs = self._pass([parts for _, _, parts in chosen], news, lengths=[n for _, n, _ in chosen])
+                for (seq, n, _), score, kv in zip(chosen, out, kvs):
+                    for i in where[seq]:
+                        scores[i] = score
+                    self.cache.insert(seq, n, kv)
+                tokens = sum(map(len, news))
+                stats.append(BatchStats(rows=len(batch), tokens=tokens,
+                                        padded_tokens=tokens if self.packed else len(batch) * max(map(len, news)),
                                         compute_seconds=time.perf_counter() - start,
-                                        kind="cached_prompt" if any(capture[j] is None and pasts[j] is not None
-                                                                    for j in batch) else "pairs"))
+                                        kind="cached_prompt" if any(beyond_head(seq, n) for seq, n, _ in chosen) else "pairs"))
+            todo = later
+        self.cache.trim()
         return scores, stats
 
-    def _pass(self, pasts: list[torch.Tensor | None], news: list[list[int]], *, capture: list[int | None],
-              lengths: list[int]) -> tuple[list[float], list[torch.Tensor | None]]:
-        """One forward pass: row i continues its past KV state (`lengths[i]` tokens, or none) with
-        `news[i]`. Returns the scores at each row's last token and, where `capture[i]` is a prompt
-        length, that prompt's KV state (past + the first new tokens), shaped (layers, 2, heads, T, d)."""
+    def _pass(self, pasts: list[list[torch.Tensor]], news: list[list[int]], *,
+              lengths: list[int]) -> tuple[list[float], list[torch.Tensor]]:
+        """One forward pass: row i continues its past KV state (`lengths[i]` tokens, given as pieces
+        along the tokens, or none) with `news[i]`. Returns the scores at each row's last token and
+        the KV state of each row's new tokens, shaped (layers, 2, kv_heads, len(news[i]), d)."""
         stacked = self._stack_pasts(pasts, lengths)
         if self.packed:
-            return self._pass_packed(stacked, news, capture=capture, lengths=lengths)
-        return self._pass_padded(stacked, news, capture=capture, lengths=lengths)
+            return self._pass_packed(stacked, news, lengths=lengths)
+        return self._pass_padded(stacked, news, lengths=lengths)
 
-    def _stack_pasts(self, pasts: list[torch.Tensor | None], lengths: list[int]) -> torch.Tensor | None:
+    def _stack_pasts(self, pasts: list[list[torch.Tensor]], lengths: list[int]) -> torch.Tensor | None:
         """Per-row states → one right-padded (layers, 2, rows, kv_heads, longest, d) tensor, or None."""
         longest_past = max(lengths)
         if not longest_past:
             return None
-        ref = next(kv for kv in pasts if kv is not None)
+        ref = next(parts[0] for parts in pasts if parts)
         layers, _, heads, _, dim = ref.shape
+        # zeros, not empty: padded positions are masked, but a NaN value there would still poison the sums
         out = torch.zeros(layers, 2, len(pasts), heads, longest_past, dim, dtype=ref.dtype, device=self.device)
-        for i, (kv, n) in enumerate(zip(pasts, lengths)):
-            if kv is not None:
-                out[:, :, i, :, :n] = kv[:, :, :, :n]
+        for i, parts in enumerate(pasts):
+            at = 0
+            for kv in parts:
+                out[:, :, i, :, at:at + kv.shape[3]] = kv
+                at += kv.shape[3]
         return out
 
-    def _pass_packed(self, pasts: torch.Tensor | None, news: list[list[int]], *, capture: list[int | None],
-                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor | None]]:
-        want = any(c is not None for c in capture)
-        last, new_kv, starts = packed_forward(self.backbone, news, pasts, lengths, capture=want)
+    def _pass_packed(self, pasts: torch.Tensor | None, news: list[list[int]], *,
+                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor]]:
+        last, new_kv, starts = packed_forward(self.backbone, news, pasts, lengths, capture=True)
         scores = self.model.reward_head(last).float().tolist()
-        kvs: list[torch.Tensor | None] = [None] * len(news)
-        if want:
-            new = torch.stack([new_kv[layer] for layer in range(len(new_kv))])  # (layers, 2, kv_heads, N, d)
-            for i, plen in enumerate(capture):
-                if plen is None:
-                    continue
-                s = int(starts[i])
-                fresh = new[:, :, :, s:s + plen - lengths[i]]
-                kvs[i] = (torch.cat([pasts[:, :, i, :, :lengths[i]], fresh], dim=3) if lengths[i] else fresh).contiguous()
-        return scores, kvs
+        new = torch.stack([new_kv[layer] for layer in range(len(new_kv))])  # (layers, 2, kv_heads, N, d)
+        return scores, [new[:, :, :, int(s):int(s) + len(r)] for s, r in zip(starts, news)]
 
-    def _pass_padded(self, pasts: torch.Tensor | None, news: list[list[int]], *, capture: list[int | None],
-                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor | None]]:
+    def _pass_padded(self, pasts: torch.Tensor | None, news: list[list[int]], *,
+                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor]]:
         longest_past = max(lengths)
         ids, new_mask = self._pad(news)  # (B, R)
         past_mask = (torch.arange(longest_past, device=self.device).unsqueeze(0)
@@ -255,19 +249,8 @@ class ModelRunner:
         start = torch.tensor(lengths, device=self.device).unsqueeze(1)  # (B, 1)
         positions = start + torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # (B, R)
         out = self.backbone(input_ids=ids, attention_mask=torch.cat([past_mask, new_mask], dim=1),
-                            past_key_values=cache, position_ids=positions,
-                            use_cache=cache is not None or any(c is not None for c in capture))
-        cache = out.past_key_values
+                            past_key_values=cache, position_ids=positions, use_cache=True)
         scores = self.model.reward_head(pool_last(out.last_hidden_state, new_mask)).float().tolist()
-        kvs: list[torch.Tensor | None] = []
-        for i, want in enumerate(capture):
-            if want is None:
-                kvs.append(None)
-                continue
-            parts = []
-            for layer in cache.layers:
-                kv = torch.stack([layer.keys[i], layer.values[i]])  # (2, heads, P + R, d)
-                parts.append(torch.cat([kv[:, :, :lengths[i]], kv[:, :, longest_past:longest_past + want - lengths[i]]],
-                                       dim=2))
-            kvs.append(torch.stack(parts).contiguous())
-        return scores, kvs
+        new = torch.stack([torch.stack([layer.keys, layer.values]) for layer in out.past_key_values.layers])
+        new = new[:, :, :, :, longest_past:]  # (layers, 2, B, kv_heads, R, d): the new tokens
+        return scores, [new[:, :, i, :, :len(r)] for i, r in enumerate(news)]

@@ -303,10 +303,19 @@ def _full_scores(model, pairs):
                 for p, r in pairs]
 
 
+def _fresh_tokens(pairs, head=()):
+    """Tokens a prefix-sharing scorer must compute: every distinct prefix of the sequences once,
+    except those the pinned head already holds."""
+    head = tuple(head)
+    prefixes = {seq[:k] for seq in (tuple(p) + tuple(r) for p, r in pairs) for k in range(1, len(seq) + 1)}
+    return len({x for x in prefixes if x != head[:len(x)]})
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
-def test_score_pairs_reuses_prompt_states_and_matches_direct_scores(tiny_checkpoint, packed):
-    """Prompts run once (within a call and across calls, after the pinned head); scores equal
-    scoring each prompt + response from scratch, in packed passes (no padding) and padded ones."""
+def test_score_pairs_reuses_prefix_states_and_matches_direct_scores(tiny_checkpoint, packed):
+    """Every distinct prefix runs once (within a call and across calls, after the pinned head);
+    scores equal scoring each prompt + response from scratch, in packed passes (no padding) and
+    padded ones."""
     from grmserve.server.engine.runner import ModelRunner
 
     loaded = load_grm(tiny_checkpoint)
@@ -321,24 +330,46 @@ def test_score_pairs_reuses_prompt_states_and_matches_direct_scores(tiny_checkpo
 
     got, stats = runner.score_pairs(pairs, max_tokens=16, max_rows=2)  # several passes per wave
     assert got == pytest.approx(want, abs=1e-5)
-    responses = sum(len(r) for _, r in pairs)
     # Computed: each distinct prompt once, minus the head where it starts with it, plus every response.
-    assert sum(s.tokens for s in stats) == (len(p1) - 3) + len(p2) + 0 + responses
+    responses = sum(len(r) for _, r in pairs)
+    assert sum(s.tokens for s in stats) == (len(p1) - 3) + len(p2) + 0 + responses == _fresh_tokens(pairs, head)
     assert all(s.rows <= 2 and s.padded_tokens <= 16 for s in stats)
-    assert runner.cache.stats.misses == 3 and len(runner.cache) == 3
+    # Wave 2 (the later pairs of p1 and p2) continued what wave 1 stored: 4 hits; the rest reused at most the head.
+    assert (runner.cache.stats.hits, runner.cache.stats.misses) == (3, 4)
     assert runner.cache.stats.reused_tokens == 3 + 3 + 2 * len(p1) + len(p2)  # heads of p1, p3; repeats of p1, p2
+    for p, r in pairs:  # every whole sequence is cached now
+        assert runner.cache.match(tuple(p) + tuple(r))[0] == len(p) + len(r)
 
-    again, stats = runner.score_pairs(pairs)  # every prompt is cached now: only responses run
+    again, stats = runner.score_pairs(pairs)  # everything is cached: only the last token of each sequence runs
     assert again == pytest.approx(want, abs=1e-5)
-    assert sum(s.tokens for s in stats) == responses
-    assert len(stats) == 1  # repeats of a cached prompt do not wait for a second wave
-    assert runner.cache.stats.hits == 3
+    assert sum(s.tokens for s in stats) == len(pairs) and len(stats) == 1
+    assert runner.cache.stats.hits == 3 + len(pairs)
     assert {s.kind for s in stats} == {"cached_prompt"}
+
+
+def test_score_pairs_shares_response_prefixes_and_runs_duplicates_once(tiny_checkpoint):
+    """Responses that open the same way share those tokens' state; an identical pair in the same
+    call runs once and gets the same score; a sequence extending a cached one computes only its tail."""
+    from grmserve.server.engine.runner import ModelRunner
+
+    loaded = load_grm(tiny_checkpoint)
+    runner = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=1 << 24)
+    prompt = (11, 12, 13, 14)
+    first = [(prompt, [30, 31, 32, 33]), (prompt, [30, 31, 40]), (prompt, [30, 31, 32, 33]), ((99,), [30, 31])]
+    got, stats = runner.score_pairs(first)
+    assert got == pytest.approx(_full_scores(loaded.model, first), abs=1e-5)
+    assert got[0] == got[2]
+    assert sum(s.tokens for s in stats) == _fresh_tokens(first) == 4 + 4 + 1 + 3
+
+    later = [(prompt, [30, 31, 32, 33, 34, 35]), (prompt, [30, 31, 41])]
+    got, stats = runner.score_pairs(later)
+    assert got == pytest.approx(_full_scores(loaded.model, later), abs=1e-5)
+    assert sum(s.tokens for s in stats) == 2 + 1  # the two new tails, after a split of the shared segment
 
 
 def test_packed_passes_are_used_for_llama_and_match_padded_ones(tiny_checkpoint):
     """The default runner packs (SmolLM2 is a llama); packed and padded runners agree on a mixed
-    batch: uneven lengths, with and without pasts, and capture the same prompt states."""
+    batch: uneven lengths, with and without pasts, and store the same states."""
     from grmserve.server.engine.runner import ModelRunner
 
     loaded = load_grm(tiny_checkpoint)
@@ -354,10 +385,39 @@ def test_packed_passes_are_used_for_llama_and_match_padded_ones(tiny_checkpoint)
     got_padded, _ = padded.score_pairs(pairs)
     assert got_packed == pytest.approx(got_padded, abs=1e-5)
     assert got_packed == pytest.approx(_full_scores(loaded.model, pairs), abs=1e-5)
-    for p in prompts:
-        a, b = packed.cache.get(p), padded.cache.get(p)
-        assert a.shape == b.shape and a.shape[3] == len(p)
-        assert torch.allclose(a, b, atol=1e-5)
+    for p, r in pairs:
+        seq = tuple(p) + tuple(r)
+        (n, a), (m, b) = packed.cache.match(seq), padded.cache.match(seq)
+        assert n == m == len(seq)
+        assert torch.allclose(torch.cat(a, dim=3), torch.cat(b, dim=3), atol=1e-5)
+
+
+def test_prefix_cache_evicts_least_recent_leaves_and_keeps_the_head():
+    from grmserve.server.engine.prefix_cache import PrefixCache
+
+    def state(n, value=0.0):
+        return torch.full((2, 2, 1, n, 4), value)  # 64 bytes a token
+
+    cache = PrefixCache(max_bytes=64 * 5)
+    cache.pin_head((1, 2), state(2, 7.0))
+    cache.insert((1, 2, 3, 4, 5), 2, state(3, 1.0))
+    cache.insert((1, 2, 3, 9), 2, state(2, 2.0))  # splits (3, 4, 5) after 3: (3,) with (4, 5) and (9,) below
+    assert len(cache) == 3 and cache.nbytes == 64 * 4
+    n, parts = cache.match((1, 2, 3, 4, 5, 6))
+    assert n == 5 and [p[0, 0, 0, :, 0].tolist() for p in parts] == [[7.0, 7.0], [1.0], [1.0, 1.0]]
+    cache.insert((1, 2, 8, 8), 2, state(2, 3.0))  # over budget until trimmed
+    assert cache.nbytes == 64 * 6
+    cache.trim()  # (3, 9) is the least recently used leaf; (3,) still has a child, so it stays
+    assert cache.nbytes == 64 * 5 and cache.stats.evictions == 1
+    assert cache.match((1, 2, 3, 9))[0] == 3 and cache.match((1, 2, 3, 4, 5))[0] == 5
+    cache.max_bytes = 0
+    cache.trim()
+    assert len(cache) == 0 and cache.nbytes == 0 and cache.match((1, 2, 3))[0] == 2  # the head stays
+    cache.insert((1, 2, 3), 2, state(1))
+    cache.clear()
+    assert len(cache) == 0 and cache.match((1, 2, 3))[0] == 2
+    cache.insert((1, 2, 3, 4), 3, state(1))  # continues a prefix that is gone: nothing stored
+    assert len(cache) == 0
 
 
 def test_prefix_cache_stays_within_its_byte_budget(tiny_checkpoint):
@@ -366,20 +426,20 @@ def test_prefix_cache_stays_within_its_byte_budget(tiny_checkpoint):
     loaded = load_grm(tiny_checkpoint)
     probe = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=1 << 30)
     probe.score_pairs([((1, 2, 3, 4), [5])])
-    per_token = probe.cache.nbytes // 4
+    per_token = probe.cache.nbytes // 5
     runner = ModelRunner(loaded.model, pad_id=loaded.tokenizer.pad_token_id, cache_bytes=10 * per_token)
-    prompts = [tuple(range(10 + k, 14 + k)) for k in range(6)]  # 4 tokens each: two fit
-    pairs = [(p, [60 + k]) for k, p in enumerate(prompts)]
+    prompts = [tuple(range(10 + 5 * k, 14 + 5 * k)) for k in range(6)]  # 5 tokens a pair: two pairs fit
+    pairs = [(p, [200 + k]) for k, p in enumerate(prompts)]
     got, _ = runner.score_pairs(pairs)
     assert got == pytest.approx(_full_scores(loaded.model, pairs), abs=1e-5)
     assert runner.cache.nbytes <= 10 * per_token and len(runner.cache) == 2
     assert runner.cache.stats.evictions == 4
-    assert runner.cache.get(prompts[-1]) is not None and runner.cache.get(prompts[0]) is None  # least recent out
+    assert runner.cache.match(prompts[-1])[0] == 4 and runner.cache.match(prompts[0])[0] == 0  # least recent out
     # A state bigger than the whole budget is not kept, and still scores right (reused within the call).
     long = tuple(range(100, 120))
     got, _ = runner.score_pairs([(long, [1]), (long, [2])])
     assert got == pytest.approx(_full_scores(loaded.model, [(long, [1]), (long, [2])]), abs=1e-5)
-    assert runner.cache.get(long) is None and runner.cache.stats.reused_tokens >= len(long)
+    assert runner.cache.match(long)[0] == 0 and runner.cache.stats.reused_tokens >= len(long)
 
 
 def test_template_head_is_the_chat_prefix(tiny_checkpoint):
@@ -405,8 +465,10 @@ def test_score_with_repeated_prompts_matches_training_code(make_server, tiny_che
     assert whole == pytest.approx(want, abs=1e-5)
     assert split == pytest.approx(want, abs=1e-5)
     text = scrape(server)
-    assert metric_value(text, "grm_serve_prefix_cache_lookups_total", {"result": "miss"}) == 5  # 5 distinct prompts
-    # The second round found every prompt cached: 5 lookups if the two split calls shared a step, else 4 + 5.
-    assert metric_value(text, "grm_serve_prefix_cache_lookups_total", {"result": "hit"}) in (5, 9)
-    assert metric_value(text, "grm_serve_prefix_cache_entries") == 5
+    # First call: the four numbered prompts open alike ("Prompt number"), so one of them and the plain
+    # prompt run first (2 misses) and the other 13 sequences continue what those stored (hits).
+    assert metric_value(text, "grm_serve_prefix_cache_lookups_total", {"result": "miss"}) == 2
+    # The second round found all 15 whole sequences cached.
+    assert metric_value(text, "grm_serve_prefix_cache_lookups_total", {"result": "hit"}) == 13 + 15
+    assert metric_value(text, "grm_serve_prefix_cache_entries") >= 15  # a segment per response at least
     assert metric_value(text, "grm_serve_prefix_reused_tokens_total") > 0
