@@ -1,17 +1,18 @@
 """bench/serve: closed-loop load over real gRPC against grm-serve and its baselines. Prints JSON.
 
 Not a test. Every number comes from one run on one machine, so compare the ratios. The contenders
-take turns pass by pass (grm-serve, grm-serve without prompt cache, baseline (a), vLLM; `--passes`
+take turns pass by pass (grm-serve, grm-serve without prefix cache, baseline (a), vLLM; `--passes`
 rounds), and each ratio is the median of per-round ratios: these shared machines change speed by
 tens of percent within minutes, so numbers taken minutes apart do not compare.
 
-- grm-serve (dynamic batching, packed passes, prompt KV reuse) at `--precision`: C concurrent
+- grm-serve (dynamic batching, packed passes, prefix KV reuse) at `--precision`: C concurrent
   callers send Score calls of `--pairs-per-call` pairs until the 512 pairs of the data are scored
-  once; `--passes` passes, each from an empty prompt cache, median reported. Prompts repeated
-  inside a pass hit the cache (the data has 72 distinct prompts in 512 pairs, as RLHF data has
-  several responses per prompt). Measured twice: `grm_serve_no_prompt_cache` (budget 0: only the
-  chat template's head and prompts repeated inside one batch are shared) and `grm_serve` (the
-  default budget). Both report the cache's hit rate;
+  once; `--passes` passes, each from an empty prefix cache, median reported. Prefixes repeated
+  inside a pass hit the cache (the data has 72 distinct prompts and 421 distinct pairs in 512, as
+  RLHF data has several responses per prompt, and samples that repeat). Measured twice:
+  `grm_serve_no_prefix_cache` (budget 0: only the chat template's head and prefixes repeated
+  inside one batch are shared) and `grm_serve` (the default budget). Both report the cache's hit
+  rate, and the tokens the model computed (FLOP/s are counted on those);
 - baseline (a): the same gRPC API answered by a plain transformers forward per request, no
   batching across requests (what OpenRLHF's reward server does), same model, same precision, C
   callers in a closed loop for `--seconds` (it keeps no state, so a time window measures it);
@@ -161,7 +162,7 @@ def one_pass(target: str, pairs, concurrency: int, per_call: int) -> dict:
 
 
 def cold_pass(engine, target: str, pairs, args, cache_bytes: int) -> dict:
-    """One pass over `pairs` from an empty prompt cache of `cache_bytes`, with the cache's counts."""
+    """One pass over `pairs` from an empty prefix cache of `cache_bytes`, with the cache's counts."""
     cache = engine.runner.cache
 
     def reset():
@@ -170,9 +171,18 @@ def cold_pass(engine, target: str, pairs, args, cache_bytes: int) -> dict:
 
     engine.run_sync(reset)
     before = dataclasses.replace(cache.stats)
-    run = one_pass(target, pairs, args.concurrency, args.pairs_per_call)
+    computed = [0]
+
+    def count(batch):  # on the model thread, once per forward pass
+        computed[0] += batch.tokens
+
+    engine.sinks.on_batch.append(count)
+    try:
+        run = one_pass(target, pairs, args.concurrency, args.pairs_per_call)
+    finally:
+        engine.sinks.on_batch.remove(count)
     added = cache.stats.since(before)
-    run.update(hits=added.hits, misses=added.misses, reused=added.reused_tokens)
+    run.update(hits=added.hits, misses=added.misses, reused=added.reused_tokens, computed=computed[0])
     return run
 
 
@@ -182,9 +192,11 @@ def summarise_passes(runs: list[dict], pairs: int, cache_bytes: int) -> dict:
     med = statistics.median(r["seconds"] for r in runs)
     return {"pairs_per_s": pairs / med, "seconds_per_pass": [r["seconds"] for r in runs], "calls": len(latencies),
             **latency_ms(latencies),
-            "prompt_cache": {"budget_bytes": cache_bytes, "hits": hits, "misses": misses,
+            "computed_tokens_per_pass": [r["computed"] for r in runs],
+            "computed_tokens_per_s": statistics.median(r["computed"] / r["seconds"] for r in runs),
+            "prefix_cache": {"budget_bytes": cache_bytes, "hits": hits, "misses": misses,
                              "hit_rate": hits / max(1, hits + misses),
-                             "reused_prompt_tokens_per_pair": sum(r["reused"] for r in runs) / (pairs * len(runs))}}
+                             "reused_tokens_per_pair": sum(r["reused"] for r in runs) / (pairs * len(runs))}}
 
 
 class VLLMWorker:
@@ -253,10 +265,13 @@ def start_vllm(args, engine, pairs, workdir: Path) -> VLLMWorker:
 
 def add_flops(result: dict, tokens_per_pair: float, n_linear: int, peak_bf16: float, peak: float) -> dict:
     result["tokens_per_s"] = result["pairs_per_s"] * tokens_per_pair
-    # Scored tokens, a reused prompt counted in full: "effective" FLOP/s, as if nothing were shared.
+    # Scored tokens, a reused prefix counted in full: "effective" FLOP/s, as if nothing were shared.
     result["model_gflops_effective"] = 2 * n_linear * result["tokens_per_s"] / 1e9
-    result["model_flops_fraction_of_bf16_peak"] = 2 * n_linear * result["tokens_per_s"] / peak_bf16
-    result["model_flops_fraction_of_best_matmul_peak"] = 2 * n_linear * result["tokens_per_s"] / peak
+    # What the model really computed (linear layers only), against the matmul peaks.
+    flops = 2 * n_linear * result["computed_tokens_per_s"]
+    result["model_gflops_computed"] = flops / 1e9
+    result["model_flops_fraction_of_bf16_peak"] = flops / peak_bf16
+    result["model_flops_fraction_of_best_matmul_peak"] = flops / peak
     return result
 
 
@@ -280,7 +295,7 @@ def linear_params(model) -> int:
 def candidates_vs_score(target: str, reps: int) -> dict:
     """n = 16 responses to one ~600-token prompt: one ScoreCandidates call vs 16 Score pairs.
 
-    Every repetition uses prompts the server has not seen (a fresh first line), so the prompt
+    Every repetition uses prompts the server has not seen (a fresh first line), so the prefix
     cache never answers for them: this measures sharing inside one call, not across calls."""
     base = "Summarise the following notes.\n" + " ".join(f"note {i}: the quick brown fox jumps." for i in range(60))
     responses = [" ".join(f"word{j}{i}" for j in range(24)) for i in range(16)]
@@ -372,7 +387,7 @@ def main(argv=None) -> int:
             with RewardClient(target, timeout=600) as c0:
                 tokens_per_pair = statistics.mean(c0.score_full(pairs[:64]).metadata.sequence_tokens)
             # The contenders take turns, pass by pass, so that each ratio compares one stretch of
-            # machine time. Each pass scores the same 512 pairs once from a cold prompt cache
+            # machine time. Each pass scores the same 512 pairs once from a cold prefix cache
             # (prompts repeated inside the pass still hit: 72 distinct prompts, as RLHF data has
             # several responses per prompt).
             idle_cpu = 0.0
@@ -388,7 +403,7 @@ def main(argv=None) -> int:
                     time.sleep(3)  # vLLM's queues spin for about 1 s after work before they sleep
             out["grm_serve"] = add_flops(summarise_passes(ours, len(pairs), budget), tokens_per_pair, n_linear,
                                          peak_bf16, peak)
-            out["grm_serve_no_prompt_cache"] = add_flops(summarise_passes(ours_nc, len(pairs), 0), tokens_per_pair,
+            out["grm_serve_no_prefix_cache"] = add_flops(summarise_passes(ours_nc, len(pairs), 0), tokens_per_pair,
                                                          n_linear, peak_bf16, peak)
             out["candidates_vs_score"] = candidates_vs_score(target, args.reps)
             if vllm is not None:
@@ -408,7 +423,7 @@ def main(argv=None) -> int:
             "tokens_per_s": statistics.median(b["pairs_per_s"] for b in base) * tokens_per_pair}
         out["throughput_ratio_vs_baseline_a"] = ratio(len(pairs) / o["seconds"] / b["pairs_per_s"]
                                                       for o, b in zip(ours, base))
-        out["throughput_ratio_vs_baseline_a_no_prompt_cache"] = ratio(len(pairs) / o["seconds"] / b["pairs_per_s"]
+        out["throughput_ratio_vs_baseline_a_no_prefix_cache"] = ratio(len(pairs) / o["seconds"] / b["pairs_per_s"]
                                                                       for o, b in zip(ours_nc, base))
     if theirs:
         out["baseline_b_vllm_pooling"] = {**vllm.info, "seconds_per_pass": theirs,
@@ -418,7 +433,7 @@ def main(argv=None) -> int:
                                           "scores_pearson_vs_grm_serve":
                                               float(torch.corrcoef(torch.stack([our_scores, vllm_scores]))[0, 1])}
         out["throughput_ratio_vs_baseline_b"] = ratio(t / o["seconds"] for o, t in zip(ours, theirs))
-        out["throughput_ratio_vs_baseline_b_no_prompt_cache"] = ratio(t / o["seconds"] for o, t in zip(ours_nc, theirs))
+        out["throughput_ratio_vs_baseline_b_no_prefix_cache"] = ratio(t / o["seconds"] for o, t in zip(ours_nc, theirs))
     out["ratios"] = "medians over passes of per-pass ratios; each pass of each contender ran back to back"
 
     json.dump(out, sys.stdout, indent=2)

@@ -68,10 +68,9 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if layout.pasts is not None:
         past = layout.pasts[module.layer_idx]  # (2, rows, kv_heads, P, d)
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves several query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scaling)  # (rows, heads, longest, d)
+    # grouped-query attention (each kv head serves several query heads) without copying the keys
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scaling,
+                                         enable_gqa=k.shape[1] != q.shape[1])  # (rows, heads, longest, d)
     out = out.transpose(1, 2).reshape(layout.rows * layout.longest, q.shape[1], q.shape[3])[layout.index]
     return out.unsqueeze(0), None  # (1, N, heads, d), as transformers' attention functions return it
 
