@@ -4,18 +4,21 @@ A right-padded batch computes rows × longest tokens; with the short, uneven res
 traffic (and the prompt reuse of prefix_cache.py, which leaves only the responses to compute) half
 of that can be padding. Here the new tokens of every row are concatenated into one sequence of
 sum(lengths) tokens, so every projection and MLP (nearly all the FLOPs) runs on real tokens only.
-Attention is the one place the rows must stay apart: a registered attention function scatters
+Attention is the one place the rows must stay apart: a registered attention function gathers
 the packed queries, keys and values into a small padded (rows, heads, longest, d) layout, puts each
-row's cached prompt state in front of its keys, runs one `scaled_dot_product_attention` with a
+row's cached prefix state in front of its keys, runs one `scaled_dot_product_attention` with a
 mask that lets token j of row i see that row's past and its own tokens up to j, and gathers the
-result back. Rotary positions come from `position_ids`, which continue each row's past.
+result back. Rotary positions come from `position_ids`, which continue each row's past. A row may
+also borrow the first new tokens of another row with the same past (two responses to one new
+prompt: the prompt runs once, in one row, and the other row's keys start with it), so sequences
+that share uncached tokens still take one pass.
 
 The attention function is registered with transformers as ``grm_packed`` and is active only
 inside `packed_forward`; any other call (padded batches, training code) falls through to
 transformers' own SDPA attention and mask, unchanged.
 
     >>> use_packed_attention(model.lm)                                                # doctest: +SKIP
-    >>> hidden, new_kv = packed_forward(model.backbone, [[5, 6], [7]], pasts, past_lengths)  # doctest: +SKIP
+    >>> last, new_kv, starts = packed_forward(model.backbone, [[5, 6], [7]], pasts, past_lengths)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,21 +42,18 @@ _state = threading.local()
 
 @dataclass
 class _Layout:
-    rows: int
-    longest: int  # longest row of new tokens
-    index: torch.Tensor  # (N,) flat position (row * longest + j) of each packed token
-    mask: torch.Tensor  # (rows, 1, longest, longest_past + longest) bool
+    query_index: torch.Tensor  # (rows, longest) packed position of row i's token j (its last token past the end)
+    key_index: torch.Tensor  # (rows, borrowed + longest) packed positions of the tokens borrowed, then its own
+    out_index: torch.Tensor  # (N,) flat position (row * longest + j) of each packed token
+    mask: torch.Tensor  # (rows, 1, longest, longest_past + borrowed + longest) bool
     pasts: torch.Tensor | None  # (layers, 2, rows, kv_heads, longest_past, d), right-padded
     capture: bool
     new_kv: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → (2, kv_heads, N, d)
 
 
-def _pad_rows(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """(1, heads, N, d) packed → (rows, heads, longest, d) padded with zeros."""
-    _, heads, _, dim = x.shape
-    out = x.new_zeros(layout.rows * layout.longest, heads, dim)
-    out[layout.index] = x[0].transpose(0, 1)
-    return out.view(layout.rows, layout.longest, heads, dim).transpose(1, 2)
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(1, heads, N, d) packed → (rows, heads, T, d) gathered by a (rows, T) index of packed positions."""
+    return x[0][:, index].transpose(0, 1)
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -64,14 +64,17 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
                                       **kwargs)
     if layout.capture:
         layout.new_kv[module.layer_idx] = torch.stack([key[0], value[0]])  # (2, kv_heads, N, d)
-    q, k, v = _pad_rows(query, layout), _pad_rows(key, layout), _pad_rows(value, layout)
+    # Gathers, not scatters into zeros: padded slots repeat a real token (finite), and the mask hides them.
+    q = _rows(query, layout.query_index)
+    k, v = _rows(key, layout.key_index), _rows(value, layout.key_index)
     if layout.pasts is not None:
         past = layout.pasts[module.layer_idx]  # (2, rows, kv_heads, P, d)
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
     # grouped-query attention (each kv head serves several query heads) without copying the keys
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scaling,
                                          enable_gqa=k.shape[1] != q.shape[1])  # (rows, heads, longest, d)
-    out = out.transpose(1, 2).reshape(layout.rows * layout.longest, q.shape[1], q.shape[3])[layout.index]
+    rows, heads, longest, dim = out.shape
+    out = out.transpose(1, 2).reshape(rows * longest, heads, dim)[layout.out_index]
     return out.unsqueeze(0), None  # (1, N, heads, d), as transformers' attention functions return it
 
 
@@ -100,35 +103,48 @@ def use_packed_attention(lm) -> None:
 
 
 def packed_forward(backbone, news: list[list[int]], pasts: torch.Tensor | None, past_lengths: list[int], *,
-                   capture: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
+                   capture: bool = False, borrow: list[tuple[int, int] | None] | None = None,
+                   ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
     """Run rows of new tokens, each continuing its own past state, as one packed sequence.
 
     `pasts` is (layers, 2, rows, kv_heads, P, d) with row i's state in its first `past_lengths[i]`
-    positions (None when no row has a past). Returns the last hidden state of every row (rows, H),
-    the new tokens' keys and values per layer when `capture` ((2, kv_heads, N, d), in packed order),
-    and the packed start offset of every row (rows,).
+    positions (None when no row has a past). `borrow[i] = (r, s)` makes row i continue, after its
+    past, the first s new tokens of row r of the same pass (which must have the same past): the
+    tokens two sequences share run once, in row r, and row i's own tokens come after them. Returns
+    the last hidden state of every row (rows, H), the new tokens' keys and values per layer when
+    `capture` ((2, kv_heads, N, d), in packed order), and the packed start offset of every row (rows,).
     """
     device = next(backbone.parameters()).device
     rows = len(news)
     lengths = torch.tensor([len(r) for r in news], device=device)  # (B,)
     if int(lengths.min()) < 1:
         raise ValueError("every packed row needs at least one new token")
-    longest = int(lengths.max())
+    borrow = borrow or [None] * rows
+    source = torch.tensor([b[0] if b else i for i, b in enumerate(borrow)], device=device)  # (B,)
+    shared = torch.tensor([b[1] if b else 0 for b in borrow], device=device)  # (B,)
+    if any(b and (b[1] > len(news[b[0]]) or past_lengths[b[0]] != past_lengths[i]) for i, b in enumerate(borrow)):
+        raise ValueError("a row borrows more tokens than its source row has, or from a row with another past")
+    longest, most_shared = int(lengths.max()), int(shared.max())
     longest_past = pasts.shape[4] if pasts is not None else 0
     plen = torch.tensor(past_lengths, device=device)  # (B,)
     starts = torch.cumsum(lengths, 0) - lengths  # (B,)
     row_of = torch.repeat_interleave(torch.arange(rows, device=device), lengths)  # (N,)
     j = torch.arange(int(lengths.sum()), device=device) - starts[row_of]  # (N,) position within the row
-    index = row_of * longest + j
     ids = torch.tensor([t for r in news for t in r], device=device).unsqueeze(0)  # (1, N)
-    positions = (plen[row_of] + j).unsqueeze(0)  # (1, N)
-    q = torch.arange(longest, device=device).view(1, longest, 1)  # query position within the row
-    kp = torch.arange(longest_past, device=device).view(1, 1, -1)
+    positions = (plen[row_of] + shared[row_of] + j).unsqueeze(0)  # (1, N)
+    q = torch.arange(longest, device=device).view(1, -1)
+    query_index = starts.view(-1, 1) + torch.minimum(q, (lengths - 1).view(-1, 1))  # (B, R)
+    b = torch.arange(most_shared, device=device).view(1, -1)
+    borrowed_index = starts[source].view(-1, 1) + torch.minimum(b, (shared - 1).clamp(min=0).view(-1, 1))  # (B, S)
+    q = q.view(1, longest, 1)  # query position within the row
+    see_past = (torch.arange(longest_past, device=device).view(1, 1, -1) < plen.view(-1, 1, 1))  # (B, 1, P)
+    see_borrowed = b.view(1, 1, -1) < shared.view(-1, 1, 1)  # (B, 1, S)
     kn = torch.arange(longest, device=device).view(1, 1, -1)
-    see_past = (kp < plen.view(-1, 1, 1)).expand(rows, longest, longest_past)  # (B, R, P)
     see_new = (kn <= q) & (kn < lengths.view(-1, 1, 1))  # (B, R, R); padded queries see the whole row
-    mask = torch.cat([see_past, see_new], dim=2).unsqueeze(1)  # (B, 1, R, P + R)
-    layout = _Layout(rows=rows, longest=longest, index=index, mask=mask, pasts=pasts, capture=capture)
+    mask = torch.cat([see_past.expand(rows, longest, longest_past), see_borrowed.expand(rows, longest, most_shared),
+                      see_new], dim=2).unsqueeze(1)  # (B, 1, R, P + S + R)
+    layout = _Layout(query_index=query_index, key_index=torch.cat([borrowed_index, query_index], dim=1),
+                     out_index=row_of * longest + j, mask=mask, pasts=pasts, capture=capture)
     _state.layout = layout
     try:
         hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state  # (1, N, H)

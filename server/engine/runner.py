@@ -97,6 +97,31 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
     return precision
 
 
+def _common(a: Sequence[int], b: Sequence[int], at: int) -> int:
+    """How many tokens a and b share from position `at` on."""
+    k, end = 0, min(len(a), len(b)) - at
+    while k < end and a[at + k] == b[at + k]:
+        k += 1
+    return k
+
+
+@dataclasses.dataclass
+class _Row:
+    """One sequence of a wave: it continues `past` cached tokens (`parts`), then, when it has a
+    lead, the first `shared` new tokens of that row of the same pass, then runs its own."""
+
+    seq: tuple[int, ...]
+    past: int
+    parts: list[torch.Tensor]
+    lead: int | None = None  # index of the leading row in this wave's rows
+    shared: int = 0
+
+    @property
+    def start(self) -> int:
+        """Where the tokens this row computes begin."""
+        return self.past + self.shared
+
+
 class ModelRunner:
     """Scores token sequences with a prepared GRMModel.
 
@@ -150,12 +175,13 @@ class ModelRunner:
         Each sequence (prompt + response) continues the longest prefix the cache holds (prefix_cache.py:
         a prompt seen before, the same prompt with a response that opens the same way, or the
         template head) and computes only the rest; its last token always runs, since its hidden
-        state is the score. Identical sequences in one call run once. Wave 1 runs, of the
-        sequences that would compute the same next token, only one; wave 2 runs the others on the
-        states wave 1 just stored, so a prompt repeated inside one batch also runs once, even when
-        the cache's budget is too small to keep it. Each wave is cut into passes of similar
-        new-token lengths within `max_tokens` tokens and `max_rows` rows. Scores come back in the
-        order of `pairs`.
+        state is the score. Identical sequences in one call run once. Of the sequences that would
+        compute the same next token, one leads; in packed passes the others borrow its new tokens
+        in the same pass (they share them, then run their own), when everything fits one pass.
+        Otherwise they wait for a second wave that runs on the states the first one stored, so a
+        prompt repeated inside one batch still runs once, even when the cache's budget is too small
+        to keep it. Each wave is cut into passes of similar new-token lengths within `max_tokens`
+        tokens and `max_rows` rows. Scores come back in the order of `pairs`.
         """
         where: dict[tuple[int, ...], list[int]] = {}
         for i, (prompt, response) in enumerate(pairs):
@@ -170,48 +196,67 @@ class ModelRunner:
         def beyond_head(seq: tuple[int, ...], n: int) -> bool:  # reuses more than the template head
             return n > 0 and seq[:n] != head[:n]
 
+        def plan(rows: list[_Row]) -> list[list[int]]:
+            return plan_batches([len(r.seq) - r.start for r in rows], max_tokens, max_rows, past=[r.past for r in rows],
+                                max_past_tokens=PAST_BUDGET_FACTOR * max_tokens)
+
         todo = list(where)
         for wave in range(2):
-            rows, later, leading = [], [], set()
+            rows: list[_Row] = []
+            later: list[_Row] = []
+            leaders: dict[tuple[int, ...], int] = {}
             for seq in todo:
                 n, parts = self.cache.match(seq, limit=len(seq) - 1)  # the last token always runs
-                if wave == 0 and seq[:n + 1] in leading:  # shares its next tokens with a row of this wave
-                    later.append(seq)
-                    continue
-                leading.add(seq[:n + 1])
-                rows.append((seq, n, parts))
-                self.cache.stats.reused_tokens += n
-                if beyond_head(seq, n):
+                if wave == 0 and seq[:n + 1] in leaders:  # shares its next tokens with a row of this wave
+                    later.append(_Row(seq, n, parts, lead=leaders[seq[:n + 1]]))
+                else:
+                    leaders[seq[:n + 1]] = len(rows)
+                    rows.append(_Row(seq, n, parts))
+            if later and self.packed:
+                for row in later:  # share the lead's first new tokens, keep at least the last token its own
+                    row.shared = min(_common(row.seq, rows[row.lead].seq, row.past), len(row.seq) - row.past - 1)
+                if len(plan(rows + later)) == 1:
+                    rows, later = rows + later, []
+            for row in rows:
+                self.cache.stats.reused_tokens += row.start
+                if beyond_head(row.seq, row.start):
                     self.cache.stats.hits += 1
                 else:
                     self.cache.stats.misses += 1
-            for batch in plan_batches([len(seq) - n for seq, n, _ in rows], max_tokens, max_rows,
-                                      past=[n for _, n, _ in rows], max_past_tokens=PAST_BUDGET_FACTOR * max_tokens):
+            for batch in plan(rows):
                 start = time.perf_counter()
                 chosen = [rows[j] for j in batch]
-                news = [list(seq[n:]) for seq, n, _ in chosen]
-                out, kvs = self._pass([parts for _, _, parts in chosen], news, lengths=[n for _, n, _ in chosen])
-                for (seq, n, _), score, kv in zip(chosen, out, kvs):
-                    for i in where[seq]:
+                at = {j: k for k, j in enumerate(batch)}
+                borrow = [(at[r.lead], r.shared) if r.lead is not None and r.shared else None for r in chosen]
+                news = [list(r.seq[r.start:]) for r in chosen]
+                out, kvs = self._pass([r.parts for r in chosen], news, lengths=[r.past for r in chosen],
+                                      borrow=borrow if any(borrow) else None)
+                done = sorted(zip(chosen, out, kvs), key=lambda t: t[0].lead is not None)  # leads store first
+                for row, score, kv in done:
+                    for i in where[row.seq]:
                         scores[i] = score
-                    self.cache.insert(seq, n, kv)
+                    self.cache.insert(row.seq, row.start, kv)
                 tokens = sum(map(len, news))
                 stats.append(BatchStats(rows=len(batch), tokens=tokens,
                                         padded_tokens=tokens if self.packed else len(batch) * max(map(len, news)),
                                         compute_seconds=time.perf_counter() - start,
-                                        kind="cached_prompt" if any(beyond_head(seq, n) for seq, n, _ in chosen) else "pairs"))
-            todo = later
+                                        kind="cached_prompt" if any(beyond_head(r.seq, r.start) for r in chosen)
+                                        else "pairs"))
+            todo = [row.seq for row in later]
         self.cache.trim()
         return scores, stats
 
-    def _pass(self, pasts: list[list[torch.Tensor]], news: list[list[int]], *,
-              lengths: list[int]) -> tuple[list[float], list[torch.Tensor]]:
+    def _pass(self, pasts: list[list[torch.Tensor]], news: list[list[int]], *, lengths: list[int],
+              borrow: list[tuple[int, int] | None] | None = None) -> tuple[list[float], list[torch.Tensor]]:
         """One forward pass: row i continues its past KV state (`lengths[i]` tokens, given as pieces
-        along the tokens, or none) with `news[i]`. Returns the scores at each row's last token and
-        the KV state of each row's new tokens, shaped (layers, 2, kv_heads, len(news[i]), d)."""
+        along the tokens, or none) with `news[i]`; with `borrow[i] = (r, s)` (packed passes only),
+        after the first s new tokens of row r. Returns the scores at each row's last token and the
+        KV state of each row's new tokens, shaped (layers, 2, kv_heads, len(news[i]), d)."""
         stacked = self._stack_pasts(pasts, lengths)
         if self.packed:
-            return self._pass_packed(stacked, news, lengths=lengths)
+            return self._pass_packed(stacked, news, lengths=lengths, borrow=borrow)
+        if borrow:
+            raise ValueError("only packed passes can borrow another row's tokens")
         return self._pass_padded(stacked, news, lengths=lengths)
 
     def _stack_pasts(self, pasts: list[list[torch.Tensor]], lengths: list[int]) -> torch.Tensor | None:
@@ -230,9 +275,9 @@ class ModelRunner:
                 at += kv.shape[3]
         return out
 
-    def _pass_packed(self, pasts: torch.Tensor | None, news: list[list[int]], *,
-                     lengths: list[int]) -> tuple[list[float], list[torch.Tensor]]:
-        last, new_kv, starts = packed_forward(self.backbone, news, pasts, lengths, capture=True)
+    def _pass_packed(self, pasts: torch.Tensor | None, news: list[list[int]], *, lengths: list[int],
+                     borrow: list[tuple[int, int] | None] | None = None) -> tuple[list[float], list[torch.Tensor]]:
+        last, new_kv, starts = packed_forward(self.backbone, news, pasts, lengths, capture=True, borrow=borrow)
         scores = self.model.reward_head(last).float().tolist()
         new = torch.stack([new_kv[layer] for layer in range(len(new_kv))])  # (layers, 2, kv_heads, N, d)
         return scores, [new[:, :, :, int(s):int(s) + len(r)] for s, r in zip(starts, news)]

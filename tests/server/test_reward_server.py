@@ -360,6 +360,7 @@ def test_score_pairs_shares_response_prefixes_and_runs_duplicates_once(tiny_chec
     assert got == pytest.approx(_full_scores(loaded.model, first), abs=1e-5)
     assert got[0] == got[2]
     assert sum(s.tokens for s in stats) == _fresh_tokens(first) == 4 + 4 + 1 + 3
+    assert len(stats) == 1  # the second response borrowed the first one's prompt and "30 31" in the same pass
 
     later = [(prompt, [30, 31, 32, 33, 34, 35]), (prompt, [30, 31, 41])]
     got, stats = runner.score_pairs(later)
