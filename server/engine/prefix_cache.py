@@ -72,7 +72,7 @@ def _own(kv: torch.Tensor) -> torch.Tensor:
     return kv.clone(memory_format=torch.contiguous_format)
 
 
-def _common(segment: tuple[int, ...], ids: Sequence[int], at: int) -> int:
+def common_length(segment: tuple[int, ...], ids: Sequence[int], at: int) -> int:
     """How many leading tokens of `segment` equal ids[at:]."""
     k, end = 0, min(len(segment), len(ids) - at)
     while k < end and segment[k] == ids[at + k]:
@@ -117,7 +117,7 @@ class PrefixCache:
             child = node.children.get(ids[n])
             if child is None:
                 break
-            k = min(_common(child.tokens, ids, n), limit - n)
+            k = min(common_length(child.tokens, ids, n), limit - n)
             child.used = self._clock
             parts.append(child.kv if k == len(child.tokens) else child.kv[:, :, :, :k])
             n += k
@@ -137,7 +137,7 @@ class PrefixCache:
             child = node.children.get(ids[n])
             if child is None:
                 break
-            k = _common(child.tokens, ids, n)
+            k = common_length(child.tokens, ids, n)
             if n + k == len(ids):
                 child.used = self._clock
                 return  # ids ends inside (or at the end of) a cached segment

@@ -2,8 +2,8 @@
 
 `ModelRunner.score_pairs` is the serving path: each (prompt, response) pair continues the KV
 state of its longest cached prefix (prefix_cache.py: kept across calls, or made once in this
-call), so only new tokens run, packed into passes without padding (packed.py; a padded fallback serves architectures
-packing does not cover). `score_rows` scores plain sequences, right-padded: the reference path.
+call), so only new tokens run, packed into passes without padding (packed.py; a padded fallback
+serves architectures packing does not cover). `score_rows` scores plain sequences, right-padded: the reference path.
 
 Synchronous and single-threaded by design: the batcher calls it from one worker thread so the
 event loop never blocks on compute; the prefix cache relies on that.
@@ -25,12 +25,15 @@ from grmserve.training.model import GRMModel, pool_last
 
 from .base import BatchStats
 from .packed import packed_forward, supports_packing, use_packed_attention
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, common_length
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 PAST_BUDGET_FACTOR = 2  # a pass may read up to this many × max_tokens of cached prefix KV (rows × longest past)
+# What one more pass costs, in (query, key) pairs of padded attention: on 2 EPYC cores a pass has about 0.1 s of
+# fixed cost (weights read once more, per-layer overhead) and attention takes about 1 µs per pair over all layers.
+PASS_AREA = 1 << 17
 
 
 class DeviceError(RuntimeError):
@@ -97,14 +100,6 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
     return precision
 
 
-def _common(a: Sequence[int], b: Sequence[int], at: int) -> int:
-    """How many tokens a and b share from position `at` on."""
-    k, end = 0, min(len(a), len(b)) - at
-    while k < end and a[at + k] == b[at + k]:
-        k += 1
-    return k
-
-
 @dataclasses.dataclass
 class _Row:
     """One sequence of a wave: it continues `past` cached tokens (`parts`), then, when it has a
@@ -120,6 +115,17 @@ class _Row:
     def start(self) -> int:
         """Where the tokens this row computes begin."""
         return self.past + self.shared
+
+
+def _attention_area(rows: list[_Row], *, separate: bool = False) -> int:
+    """(query, key) pairs of a packed pass's padded attention: rows × longest × (past + borrowed +
+    longest). `separate`: the rows as a later wave would run them, their lead's tokens in the past."""
+    if not rows:
+        return 0
+    longest = max(len(r.seq) - r.start for r in rows)
+    if separate:
+        return len(rows) * longest * (max(r.start for r in rows) + longest)
+    return len(rows) * longest * (max(r.past for r in rows) + max(r.shared for r in rows) + longest)
 
 
 class ModelRunner:
@@ -177,8 +183,9 @@ class ModelRunner:
         template head) and computes only the rest; its last token always runs, since its hidden
         state is the score. Identical sequences in one call run once. Of the sequences that would
         compute the same next token, one leads; in packed passes the others borrow its new tokens
-        in the same pass (they share them, then run their own), when everything fits one pass.
-        Otherwise they wait for a second wave that runs on the states the first one stored, so a
+        in the same pass (they share them, then run their own) when everything fits one pass and
+        the padded attention this adds (a long new prompt pads every borrower's queries to its
+        length) costs less than a second pass. Otherwise they wait for a second wave that runs on the states the first one stored, so a
         prompt repeated inside one batch still runs once, even when the cache's budget is too small
         to keep it. Each wave is cut into passes of similar new-token lengths within `max_tokens`
         tokens and `max_rows` rows. Scores come back in the order of `pairs`.
@@ -214,8 +221,10 @@ class ModelRunner:
                     rows.append(_Row(seq, n, parts))
             if later and self.packed:
                 for row in later:  # share the lead's first new tokens, keep at least the last token its own
-                    row.shared = min(_common(row.seq, rows[row.lead].seq, row.past), len(row.seq) - row.past - 1)
-                if len(plan(rows + later)) == 1:
+                    own = row.seq[row.past:]
+                    row.shared = min(common_length(own, rows[row.lead].seq, row.past), len(own) - 1)
+                waves = _attention_area(rows) + _attention_area(later, separate=True) + PASS_AREA
+                if len(plan(rows + later)) == 1 and _attention_area(rows + later) <= waves:
                     rows, later = rows + later, []
             for row in rows:
                 self.cache.stats.reused_tokens += row.start

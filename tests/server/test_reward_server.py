@@ -362,6 +362,14 @@ def test_score_pairs_shares_response_prefixes_and_runs_duplicates_once(tiny_chec
     assert sum(s.tokens for s in stats) == _fresh_tokens(first) == 4 + 4 + 1 + 3
     assert len(stats) == 1  # the second response borrowed the first one's prompt and "30 31" in the same pass
 
+    # A long new prompt with short responses: borrowing would pad every response's queries to the
+    # prompt's length, so the others wait for a second pass instead; the prompt still runs once.
+    long_prompt = tuple(range(500, 800))
+    many = [(long_prompt, [40 + k, 41]) for k in range(4)]
+    got, stats = runner.score_pairs(many)
+    assert got == pytest.approx(_full_scores(loaded.model, many), abs=1e-5)
+    assert len(stats) == 2 and sum(s.tokens for s in stats) == _fresh_tokens(many)
+
     later = [(prompt, [30, 31, 32, 33, 34, 35]), (prompt, [30, 31, 41])]
     got, stats = runner.score_pairs(later)
     assert got == pytest.approx(_full_scores(loaded.model, later), abs=1e-5)
