@@ -19,6 +19,7 @@ scores, and the rms error of pair margins (chosen − rejected) over their std (
 continuous quantity behind agreement).
 
     python bench/fp8_keep_columns.py --pairs 100
+    python bench/fp8_keep_columns.py --pairs 500 --variants linears columns
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", type=int, default=24, help="train-split sequences for activation statistics")
     p.add_argument("--max-bytes-ratio", type=float, default=0.55)
     p.add_argument("--keep-linears", nargs="*", default=DEFAULT_KEEP)
+    p.add_argument("--variants", nargs="+", default=["none", "linears", "columns", "rows"],
+                   choices=["none", "linears", "columns", "rows"])
     args = p.parse_args(argv)
     if not args.checkpoint:
         from grmserve.server.app import default_checkpoint
@@ -132,10 +135,12 @@ def main(argv=None) -> int:
                 "margin_err": float((margin - ref_margin).pow(2).mean().sqrt() / ref_margin.std()),
                 "extra_bytes_used": used / extra}
 
+    variants = {"none": lambda: run(), "linears": lambda: run(keep_linears=set(args.keep_linears)),
+                "columns": lambda: run(columns=pick("columns")), "rows": lambda: run(rows=pick("rows"))}
     out = {"checkpoint": args.checkpoint, "pairs": len(pairs), "tokens": sum(map(len, seqs)),
-           "seconds_per_variant": seconds_per_variant, "extra_bytes_budget": extra,
-           "none": run(), "linears": run(keep_linears=set(args.keep_linears)),
-           "columns": run(columns=pick("columns")), "rows": run(rows=pick("rows"))}
+           "seconds_per_variant": seconds_per_variant, "extra_bytes_budget": extra}
+    for name in args.variants:
+        out[name] = variants[name]()
     json.dump(out, sys.stdout, indent=2)
     print()
     return 0
