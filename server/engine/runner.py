@@ -3,7 +3,8 @@
 `ModelRunner.score_pairs` is the serving path: each (prompt, response) pair continues the KV
 state of its longest cached prefix (prefix_cache.py: kept across calls, or made once in this
 call), so only new tokens run, packed into passes without padding (packed.py; a padded fallback
-serves architectures packing does not cover). `score_rows` scores plain sequences, right-padded: the reference path.
+serves architectures packing does not cover). `score_rows` scores plain sequences, right-padded:
+the reference path.
 
 Synchronous and single-threaded by design: the batcher calls it from one worker thread so the
 event loop never blocks on compute; the prefix cache relies on that.
@@ -116,13 +117,18 @@ class _Row:
         """Where the tokens this row computes begin."""
         return self.past + self.shared
 
+    @property
+    def new(self) -> int:
+        """How many tokens this row computes."""
+        return len(self.seq) - self.start
+
 
 def _attention_area(rows: list[_Row], *, separate: bool = False) -> int:
     """(query, key) pairs of a packed pass's padded attention: rows × longest × (past + borrowed +
     longest). `separate`: the rows as a later wave would run them, their lead's tokens in the past."""
     if not rows:
         return 0
-    longest = max(len(r.seq) - r.start for r in rows)
+    longest = max(r.new for r in rows)
     if separate:
         return len(rows) * longest * (max(r.start for r in rows) + longest)
     return len(rows) * longest * (max(r.past for r in rows) + max(r.shared for r in rows) + longest)
@@ -185,10 +191,11 @@ class ModelRunner:
         compute the same next token, one leads; in packed passes the others borrow its new tokens
         in the same pass (they share them, then run their own) when everything fits one pass and
         the padded attention this adds (a long new prompt pads every borrower's queries to its
-        length) costs less than a second pass. Otherwise they wait for a second wave that runs on the states the first one stored, so a
-        prompt repeated inside one batch still runs once, even when the cache's budget is too small
-        to keep it. Each wave is cut into passes of similar new-token lengths within `max_tokens`
-        tokens and `max_rows` rows. Scores come back in the order of `pairs`.
+        length) costs less than a second pass. Otherwise they wait for a second wave that runs on
+        the states the first one stored, so a prompt repeated inside one batch still runs once,
+        even when the cache's budget is too small to keep it. Each wave is cut into passes of
+        similar new-token lengths within `max_tokens` tokens and `max_rows` rows. Scores come back
+        in the order of `pairs`.
         """
         where: dict[tuple[int, ...], list[int]] = {}
         for i, (prompt, response) in enumerate(pairs):
@@ -204,7 +211,7 @@ class ModelRunner:
             return n > 0 and seq[:n] != head[:n]
 
         def plan(rows: list[_Row]) -> list[list[int]]:
-            return plan_batches([len(r.seq) - r.start for r in rows], max_tokens, max_rows, past=[r.past for r in rows],
+            return plan_batches([r.new for r in rows], max_tokens, max_rows, past=[r.past for r in rows],
                                 max_past_tokens=PAST_BUDGET_FACTOR * max_tokens)
 
         todo = list(where)
