@@ -37,14 +37,15 @@ from grmserve.training.templates import PromptRenderer
 
 
 def bf16_equivalent_bytes(model) -> int:
-    """Decoder linear weights as a bf16 deployment stores them: FP8 weights 1 byte + their scales,
-    every other linear 2 bytes (on this CPU those are held in fp32 for speed, which would double them)."""
+    """Decoder linear weights as a bf16 deployment stores them: FP8 weights 1 byte + their scales and
+    residual columns, every other linear 2 bytes (on this CPU those are held in fp32 for speed, which
+    would double them)."""
     total = 0
     for m in model.backbone.modules():
         if isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * 2
-        elif hasattr(m, "weight_scale"):
-            total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
+        elif hasattr(m, "storage_bytes"):  # FP8InferenceLinear: weight, scales, residual columns
+            total += m.storage_bytes()
     return total
 
 
@@ -53,8 +54,8 @@ def linear_bytes(model) -> int:
     for m in model.backbone.modules():
         if isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
-        elif hasattr(m, "weight_scale"):
-            total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * m.weight_scale.element_size()
+        elif hasattr(m, "storage_bytes"):  # FP8InferenceLinear: weight, scales, residual columns
+            total += m.storage_bytes()
     return total
 
 

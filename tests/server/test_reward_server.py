@@ -267,6 +267,50 @@ def test_fp8_server_tracks_fp32(tiny_checkpoint):
     assert not torch.equal(got, want)  # it really ran quantised weights
 
 
+def test_server_loads_fp8_checkpoint_with_residual_columns(tiny_checkpoint, tmp_path):
+    """An FP8 checkpoint from `grm-quantize --keep-columns` is served as written: its scores are the
+    training code's on the same checkpoint (residuals included), not those of plain FP8."""
+    from grmserve.server.app import build_engine
+    from grmserve.training.fp8 import FP8InferenceLinear, convert_to_fp8
+    from grmserve.training.fp8.cli import main as quantize
+
+    from .conftest import ServerThread, tiny_config
+
+    out = tmp_path / "fp8-columns"
+    assert quantize([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-columns",
+                     "--max-bytes-ratio", "0.58", "--calibration", "8"]) == 0
+    cfg = tiny_config(out)
+    st = ServerThread(cfg, build_engine(cfg)).start()
+    pairs = [([{"role": "user", "content": f"Name a colour, {i}."}], "Blue " * (1 + i % 5)) for i in range(12)]
+    try:
+        with st.client() as c:
+            assert c.info().precision == "fp8"
+            got = torch.tensor(c.score(pairs))
+    finally:
+        st.stop()
+
+    def scores(model):
+        for m in model.modules():
+            if isinstance(m, FP8InferenceLinear):
+                m.compute_dtype = torch.float32  # the server's fast dtype on this CPU
+        renderer = PromptRenderer(load_grm(out).tokenizer)
+        res = []
+        for prompt, response in pairs:
+            g = renderer.encode(prompt, [response], max_tokens=256)
+            ids = torch.tensor([g.prompt_ids + g.response_ids[0]])
+            with torch.no_grad():
+                res.append(float(model.score(ids, torch.ones_like(ids))[0]))
+        return torch.tensor(res)
+
+    loaded = load_grm(out, load_tokenizer=False).model
+    assert sum(m.residual_columns for m in loaded.modules() if isinstance(m, FP8InferenceLinear)) > 0
+    want = scores(loaded)
+    plain = load_grm(tiny_checkpoint, load_tokenizer=False).model
+    convert_to_fp8(plain, "fp8-channel")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (scores(plain) - want).abs().max() > 1e-4, "the residual columns change the scores"
+
+
 def test_tls(tiny_checkpoint, tmp_path):
     import shutil
     import subprocess

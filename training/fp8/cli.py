@@ -1,8 +1,14 @@
 """`grm-quantize`: write an FP8 copy of a reward-model checkpoint (any format load_grm reads).
 
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --recipe fp8-block64
+    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --recipe fp8-channel   # residual columns, <= 0.55x bf16 bytes
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
     $ grm-serve --model.checkpoint runs/my-grm-fp8          # served as FP8, no start-up quantisation
+
+`--keep-columns` (the most accurate recipe) runs calibration pairs forward and backward through the
+full-precision model, ranks every input column of every FP8 layer by how far its rounding error
+moves the pairs' reward margins, and stores the rounding error of the worst columns as an e4m3
+residual (training/fp8/residuals.py), as many columns as fit in `--max-bytes-ratio`.
 
 `--keep-sensitive` scans every decoder layer, then each linear of the 6 most sensitive layers
 (training/fp8/sensitivity.py), on calibration sequences from the bundled benchmark's train split
@@ -54,6 +60,25 @@ def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float,
     return report, scan, keep
 
 
+def quantize_with_residual_columns(src, out, recipe: str, *, max_bytes_ratio: float, calibration: int):
+    from ..model import load_grm
+    from .convert import _linear_bytes, get_recipe
+    from .residuals import add_residual_columns, column_sensitivity, pick_columns
+
+    recipe = get_recipe(recipe)
+    loaded = load_grm(src, dtype=torch.float32)
+    model = loaded.model.eval()
+    seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens))
+    gains = column_sensitivity(model, seqs[:len(seqs) // 2 * 2], recipe, pad_id=loaded.tokenizer.pad_token_id)
+    columns = pick_columns(gains, model, recipe, max_bytes_ratio=max_bytes_ratio)
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in columns}
+    report = convert_to_fp8(model, recipe)
+    count = add_residual_columns(model, columns, weights)
+    report.linear_bytes_after = _linear_bytes(model)
+    save_fp8_grm(model, loaded.tokenizer, out)
+    return report, columns, count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grm-quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint folder to quantise")
@@ -61,16 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="fp8-block64", choices=sorted(RECIPES), help="FP8 recipe")
     parser.add_argument("--keep-sensitive", action="store_true",
                         help="keep the decoder layers most sensitive to FP8 in full precision (scanned on calibration pairs)")
+    parser.add_argument("--keep-columns", action="store_true",
+                        help="correct the input columns whose FP8 rounding moves reward margins most with an e4m3 "
+                             "residual (gradients on calibration pairs); the most accurate recipe")
     parser.add_argument("--max-bytes-ratio", type=float, default=0.55,
-                        help="with --keep-sensitive: linear-weight bytes at most this times their bf16 size")
-    parser.add_argument("--calibration", type=int, default=64,
-                        help="with --keep-sensitive: calibration sequences from the bundled benchmark's train split")
+                        help="with --keep-sensitive/--keep-columns: linear-weight bytes at most this times their bf16 size")
+    parser.add_argument("--calibration", type=int, default=None,
+                        help="with --keep-sensitive/--keep-columns: calibration sequences (chosen and rejected "
+                             "responses) from the bundled benchmark's train split (default 64 / 256)")
     args = parser.parse_args(argv)
+    if args.keep_sensitive and args.keep_columns:
+        parser.error("--keep-sensitive and --keep-columns are two recipes; pick one")
     try:
-        if args.keep_sensitive:
+        if args.keep_columns:
+            report, columns, count = quantize_with_residual_columns(
+                args.src, args.out, args.recipe, max_bytes_ratio=args.max_bytes_ratio,
+                calibration=args.calibration or 256)
+            print(json.dumps({"residual_columns": count, "layers_with_residuals": len(columns)}))
+        elif args.keep_sensitive:
             report, scan, keep = quantize_keeping_sensitive(args.src, args.out, args.recipe,
                                                             max_bytes_ratio=args.max_bytes_ratio,
-                                                            calibration=args.calibration)
+                                                            calibration=args.calibration or 64)
             worst = sorted(scan, key=lambda s: -s.error)[:8]
             print(json.dumps({"kept": keep, "most_sensitive": [{"module": s.prefix, "error": round(s.error, 5)}
                                                                for s in worst]}))

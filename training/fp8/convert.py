@@ -31,6 +31,7 @@ from .linear import GRANULARITIES, FP8InferenceLinear
 
 QUANT_FORMAT_VERSION = 1
 SCALE_SUFFIX = "weight_scale"
+RESIDUAL_TENSORS = ("residual_index", "residual", "residual_scale")  # optional, per FP8 layer (residuals.py)
 NEVER_CONVERTED = "reward_head"  # GRMModel's head: always kept in full precision
 DIM_MULTIPLE = 16
 
@@ -156,7 +157,8 @@ def _linear_bytes(model: nn.Module) -> int:
         if isinstance(module, nn.Linear):
             tensors = [module.weight]
         elif isinstance(module, FP8InferenceLinear):
-            tensors = [module.weight, module.weight_scale]
+            tensors = [t for t in (module.weight, module.weight_scale, module.residual_index, module.residual,
+                                   module.residual_scale) if t is not None]
         else:
             continue
         for t in tensors:
@@ -349,6 +351,16 @@ def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dty
                                                     compute_dtype=compute_dtype)
         except ValueError as exc:
             raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
+        residual = {part: tensors.pop(f"{name}.{part}", None) for part in RESIDUAL_TENSORS}
+        present = [part for part, t in residual.items() if t is not None]
+        if present:
+            if len(present) != len(RESIDUAL_TENSORS):
+                missing = [f"`{name}.{p}`" for p in RESIDUAL_TENSORS if p not in present]
+                raise CheckpointError(f"{where}: residual columns of `{name}` are incomplete: missing {', '.join(missing)}")
+            try:
+                fp8.load_residual_columns(residual["residual_index"], residual["residual"], residual["residual_scale"])
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
         lm.set_submodule(name, fp8)
 
     # 4. Everything else, assigned in `dtype`; tied embeddings re-tied.

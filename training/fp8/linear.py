@@ -13,6 +13,11 @@ per call):
   `_scaled_mm` layout, so block-quantised layers on this backend dequantise the weight to bf16
   and run a bf16 matmul (the emulated numerics, W8A16); per-channel is the W8A8 recipe.
 
+A layer may also hold **residual columns** (`set_residual_columns`, chosen by training/fp8/residuals.py):
+for a few input columns `idx`, the rounding error of those columns, itself in e4m3 with a scale per
+output row. The emulated forward adds it into the dequantised weight (the kept columns come out
+almost exactly, at bf16 precision); `scaled_mm` adds ``x[..., idx] @ residual.T``, one small matmul.
+
 `select_backend(device)` picks the backend for a device, and refuses a forced ``"scaled_mm"``
 where it cannot run, with an error naming the fix.
 
@@ -83,15 +88,26 @@ def select_backend(device: torch.device | str | None = None, requested: str = "a
 
 def fp8_linear_emulated(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None, *, block_size: int | None = None,
-                        compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W8A16: dequantise the e4m3 weight to `compute_dtype`, then one `compute_dtype` matmul.
+                        compute_dtype: torch.dtype = torch.bfloat16, residual_index: torch.Tensor | None = None,
+                        residual: torch.Tensor | None = None, residual_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A16: dequantise the e4m3 weight to `compute_dtype` (plus residual columns, if given), then
+    one `compute_dtype` matmul.
 
     The upcast and scale multiply happen in float32 (exact for power-of-two scales) and the result
     is cast once; under `torch.compile` upcast, multiply and cast fuse into one pass over the weight.
     """
     w = dequantize(weight, weight_scale, block_size=block_size, dtype=compute_dtype)  # (out, in)
+    w = _with_residual(w, residual_index, residual, residual_scale)
     b = bias.to(compute_dtype) if bias is not None else None
     return F.linear(x.to(compute_dtype), w, b).to(x.dtype)
+
+
+def _with_residual(w: torch.Tensor, index: torch.Tensor | None, residual: torch.Tensor | None,
+                   residual_scale: torch.Tensor | None) -> torch.Tensor:
+    """The dequantised weight `w` (out, in) plus the residual columns, if any (out of place)."""
+    if index is None:
+        return w
+    return w.index_add(1, index, dequantize(residual, residual_scale, dtype=w.dtype))
 
 
 def quantize_activations_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +178,7 @@ class FP8InferenceLinear(nn.Module):
         torch.float8_e4m3fn
     """
 
-    _FIXED_DTYPE_BUFFERS = ("weight", "weight_scale")
+    _FIXED_DTYPE_BUFFERS = ("weight", "weight_scale", "residual_index", "residual", "residual_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "channel",
                  block_size: int | None = None, backend: str = "emulated", compute_dtype: torch.dtype = torch.bfloat16,
@@ -184,6 +200,10 @@ class FP8InferenceLinear(nn.Module):
                                                         dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False) \
             if bias else None
+        # Residual columns (absent until set): int32 (k,) input columns, e4m3 (out, k), float32 (out, 1).
+        self.register_buffer("residual_index", None)
+        self.register_buffer("residual", None)
+        self.register_buffer("residual_scale", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str = "channel", block_size: int = 64, *,
@@ -218,7 +238,7 @@ class FP8InferenceLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` would cast the float8 weight and float32 scales (float8 counts as
         # floating point): keep their dtypes and apply only the device move.
-        before = {name: self._buffers[name] for name in self._FIXED_DTYPE_BUFFERS}
+        before = {name: self._buffers[name] for name in self._FIXED_DTYPE_BUFFERS if self._buffers[name] is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -226,18 +246,69 @@ class FP8InferenceLinear(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    @property
+    def residual_columns(self) -> int:
+        """How many input columns carry a residual (0: none)."""
+        return 0 if self.residual_index is None else int(self.residual_index.numel())
+
+    def set_residual_columns(self, weight: torch.Tensor, index: torch.Tensor | list[int]) -> None:
+        """Store, for the input columns `index`, the rounding error ``weight - dequantized`` of those
+        columns in e4m3 with a power-of-two scale per output row, so they come out almost exactly
+        (`weight` is the full-precision (out, in) weight this layer was quantised from). An empty
+        `index` removes the residual."""
+        index = torch.as_tensor(index, dtype=torch.int64).flatten()
+        if not index.numel():
+            self.residual_index = self.residual = self.residual_scale = None
+            return
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+        index = index.unique(sorted=True).to(self.weight.device)
+        if int(index[0]) < 0 or int(index[-1]) >= self.in_features:
+            raise ValueError(f"residual column indices must lie in [0, {self.in_features})")
+        base = dequantize(self.weight, self.weight_scale, block_size=self.block_size, dtype=torch.float32)
+        error = weight.detach().to(torch.float32)[:, index] - base[:, index]
+        q, s = quantize_per_channel(error)
+        self.load_residual_columns(index.to(torch.int32), q, s)
+
+    def load_residual_columns(self, index: torch.Tensor, residual: torch.Tensor, residual_scale: torch.Tensor) -> None:
+        """Install stored residual columns (e.g. from a checkpoint), checking dtypes, shapes and indices."""
+        k = index.numel()
+        if index.dtype != torch.int32 or index.dim() != 1 or not k:
+            raise ValueError(f"residual_index must be a non-empty 1-D int32 tensor, got {index.dtype} {tuple(index.shape)}")
+        if residual.dtype != E4M3.dtype or tuple(residual.shape) != (self.out_features, k):
+            raise ValueError(f"residual must be {E4M3.dtype} of shape {(self.out_features, k)} (out, columns), got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+        if residual_scale.dtype != torch.float32 or tuple(residual_scale.shape) != (self.out_features, 1):
+            raise ValueError(f"residual_scale must be float32 of shape {(self.out_features, 1)}, got "
+                             f"{residual_scale.dtype} {tuple(residual_scale.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= self.in_features or index.unique().numel() != k:
+            raise ValueError(f"residual_index must hold distinct columns in [0, {self.in_features})")
+        self.residual_index, self.residual, self.residual_scale = \
+            index.contiguous(), residual.contiguous(), residual_scale.contiguous()
+
+    def storage_bytes(self) -> int:
+        """Bytes of the weight, its scales and the residual columns (what serving this layer holds)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale, self.residual_index,
+                                                          self.residual, self.residual_scale) if t is not None)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as `dtype` (out, in), exactly ``weight * weight_scale``."""
-        return dequantize(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
+        """The weight as `dtype` (out, in): ``weight * weight_scale``, plus the residual columns if any."""
+        w = dequantize(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
+        return _with_residual(w, self.residual_index, self.residual, self.residual_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "emulated" or (self.backend == "scaled_mm" and self.granularity == "block"):
             return fp8_linear_emulated(x, self.weight, self.weight_scale, self.bias, block_size=self.block_size,
-                                       compute_dtype=self.compute_dtype)
+                                       compute_dtype=self.compute_dtype, residual_index=self.residual_index,
+                                       residual=self.residual, residual_scale=self.residual_scale)
         if self.backend == "scaled_mm":
             # tensor (1, 1) and channel (out, 1) → the (1, out) per-column layout _scaled_mm takes.
             scale_row = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
-            return fp8_linear_scaled_mm(x, self.weight, scale_row, self.bias, compute_dtype=self.compute_dtype)
+            out = fp8_linear_scaled_mm(x, self.weight, scale_row, self.bias, compute_dtype=self.compute_dtype)
+            if self.residual_index is not None:
+                r = dequantize(self.residual, self.residual_scale, dtype=self.compute_dtype)
+                out = out + F.linear(x.index_select(-1, self.residual_index).to(self.compute_dtype), r).to(out.dtype)
+            return out
         raise ValueError(f"unknown FP8 backend {self.backend!r}; expected one of {BACKENDS}")
 
     def extra_repr(self) -> str:
