@@ -10,12 +10,15 @@ through the server's own ModelRunner and batch planner, and compares each with t
 - sequences/s over the whole set (median of `--reps` passes) and its ratio to the reference.
 
 The reference is fp32 unless `--reference bf16`; on CPUs without native bf16 a bf16 pass is ~100x
-slower than fp32 and is left out unless asked for.
+slower than fp32 and is left out unless asked for. `bf16-weights` is the fp32 model with its decoder's
+linear weights rounded to bf16: a bf16 checkpoint's weights at fp32 speed (no bf16 activation rounding).
 
     python bench/fp8_accuracy.py                                # default model, fp32 vs fp8-block64 / fp8-channel
     python bench/fp8_accuracy.py --checkpoint runs/x --precisions fp32 bf16 fp8-block64 --reference bf16
     python bench/fp8_accuracy.py --precisions fp32 fp8-block64 file:runs/default-fp8-keep   # an FP8 checkpoint
                                                                    # written by grm-quantize (same source model)
+    python bench/fp8_accuracy.py --pairs 500 --precisions fp32 bf16-weights file:runs/default-fp8-columns \
+        --reference bf16-weights --reps 1                          # agreement with bf16 weights, at fp32 speed
 """
 
 from __future__ import annotations
@@ -94,10 +97,17 @@ def main(argv=None) -> int:
         path = args.checkpoint
         if name.startswith("file:"):  # an FP8 checkpoint: served as FP8 whatever precision is asked
             path, precision, recipe = name[5:], "fp8", "fp8-block64"
+        elif name == "bf16-weights":
+            precision, recipe = "fp32", "fp8-block64"
         else:
             precision, recipe = ("fp8", name) if name.startswith("fp8") else (name, "fp8-block64")
         model = load_grm(path, load_tokenizer=False).model
         prepare_model(model, precision, torch.device("cpu"), recipe)
+        if name == "bf16-weights":
+            with torch.no_grad():
+                for m in model.backbone.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.weight.copy_(m.weight.to(torch.bfloat16).float())
         runner = ModelRunner(model, pad_id=tok.pad_token_id)
         score_all(runner, seqs[:16], args.batch_tokens)  # warm-up
         times = []
