@@ -127,6 +127,12 @@ def skip_reason(name: str, module: nn.Module, recipe: FP8Recipe) -> str | None:
     return None
 
 
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name in `model`, module) of every `nn.Linear` inside a `GRMModel`'s decoder (`model.backbone`)."""
+    in_backbone = {id(m) for m in model.backbone.modules()}
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in in_backbone]
+
+
 @dataclass
 class ConversionReport:
     """What `convert_to_fp8` did. Bytes count linear-layer weights (+ scales) only, each tensor once."""
@@ -157,8 +163,7 @@ def _linear_bytes(model: nn.Module) -> int:
         if isinstance(module, nn.Linear):
             tensors = [module.weight]
         elif isinstance(module, FP8InferenceLinear):
-            tensors = [t for t in (module.weight, module.weight_scale, module.residual_index, module.residual,
-                                   module.residual_scale) if t is not None]
+            tensors = module.stored_tensors()
         else:
             continue
         for t in tensors:

@@ -286,10 +286,14 @@ class FP8InferenceLinear(nn.Module):
         self.residual_index, self.residual, self.residual_scale = \
             index.contiguous(), residual.contiguous(), residual_scale.contiguous()
 
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The weight, its scales and the residual columns, if any (what serving this layer holds; not the bias)."""
+        return [t for t in (self.weight, self.weight_scale, self.residual_index, self.residual, self.residual_scale)
+                if t is not None]
+
     def storage_bytes(self) -> int:
-        """Bytes of the weight, its scales and the residual columns (what serving this layer holds)."""
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale, self.residual_index,
-                                                          self.residual, self.residual_scale) if t is not None)
+        """Bytes of `stored_tensors`."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors())
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as `dtype` (out, in): ``weight * weight_scale``, plus the residual columns if any."""

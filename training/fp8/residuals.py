@@ -25,14 +25,15 @@ whole kept linears at the same bytes (training/fp8/DESIGN.md).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..data import pad_right
-from .convert import FP8Recipe, get_recipe, skip_reason
-from .linear import FP8InferenceLinear, quantize_weight
-from .formats import dequantize
+from .convert import FP8Recipe, decoder_linears, get_recipe, skip_reason
+from .linear import FP8InferenceLinear, scale_shape
 
 INDEX_BYTES = 4  # int32 column index
 SCALE_BYTES = 4  # float32 residual scale per output row
@@ -40,16 +41,13 @@ SCALE_BYTES = 4  # float32 residual scale per output row
 
 def convertible_linears(model, recipe: FP8Recipe) -> dict[str, nn.Linear]:
     """The decoder's linears the recipe converts, by their names in `model`."""
-    in_backbone = {id(m) for m in model.backbone.modules()}
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and id(m) in in_backbone and skip_reason(n, m, recipe) is None}
+    return {n: m for n, m in decoder_linears(model) if skip_reason(n, m, recipe) is None}
 
 
 def rounding_error(linear: nn.Linear, recipe: FP8Recipe) -> torch.Tensor:
-    """(out, in) float32: what the recipe's FP8 rounding subtracts from the weight (dequantised − exact)."""
-    w = linear.weight.detach().float()
-    q, s = quantize_weight(w, recipe.granularity, recipe.block_size)
-    return dequantize(q, s, block_size=recipe.block_size if recipe.granularity == "block" else None) - w
+    """(out, in) float32: what the recipe's FP8 rounding adds to the weight (dequantised − exact)."""
+    fp8 = FP8InferenceLinear.from_linear(linear, recipe.granularity, recipe.block_size)
+    return fp8.dequantized_weight() - linear.weight.detach().float()
 
 
 def column_sensitivity(model, seqs: list[list[int]], recipe: str | FP8Recipe = "fp8-channel", *, pad_id: int,
@@ -99,16 +97,13 @@ def column_sensitivity(model, seqs: list[list[int]], recipe: str | FP8Recipe = "
 def linear_budget(model, recipe: FP8Recipe, max_bytes_ratio: float, keep_bytes_per_weight: int = 2) -> tuple[float, float]:
     """(budget, used) in bytes: `max_bytes_ratio` × the decoder's linear weights at `keep_bytes_per_weight`
     bytes, and what the FP8 weights + scales and the unconverted linears take before any residual."""
-    in_backbone = {id(m) for m in model.backbone.modules()}
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in in_backbone]
+    linears = decoder_linears(model)
     total = sum(m.weight.numel() for _, m in linears)
     used = 0.0
     for n, m in linears:
         if skip_reason(n, m, recipe) is None:
-            out_f, in_f = m.weight.shape
-            scales = {"tensor": 1, "channel": out_f,
-                      "block": out_f * -(-in_f // recipe.block_size)}[recipe.granularity]
-            used += m.weight.numel() + 4 * scales
+            scales = math.prod(scale_shape(m.out_features, m.in_features, recipe.granularity, recipe.block_size))
+            used += m.weight.numel() + 4 * scales  # e4m3 weights, float32 scales
         else:
             used += keep_bytes_per_weight * m.weight.numel()
     return max_bytes_ratio * keep_bytes_per_weight * total, used

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import pad_right, plan_batches
-from .convert import FP8Recipe, get_recipe, skip_reason
+from .convert import FP8Recipe, decoder_linears, get_recipe, skip_reason
 from .linear import FP8InferenceLinear
 
 
@@ -124,8 +124,7 @@ def pick_keep(scan: list[LayerSensitivity], model, recipe: str | FP8Recipe = "fp
     (bf16: 2). FP8 layers cost 1 byte per weight plus their scales."""
     recipe = get_recipe(recipe)
     scale_bytes = {"tensor": 0.0, "channel": 0.0, "block": 4.0 / recipe.block_size}[recipe.granularity]
-    in_backbone = {id(m) for m in model.backbone.modules()}
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in in_backbone]
+    linears = decoder_linears(model)
     total = sum(m.weight.numel() for _, m in linears)
     convertible = sum(m.weight.numel() for n, m in linears if skip_reason(n, m, recipe) is None)
     budget = max_bytes_ratio * total * keep_bytes_per_weight
