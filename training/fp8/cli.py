@@ -1,14 +1,19 @@
 """`grm-quantize`: write an FP8 copy of a reward-model checkpoint (any format load_grm reads).
 
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --recipe fp8-block64
-    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --recipe fp8-channel   # residual columns, <= 0.55x bf16 bytes
+    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --recipe fp8-channel   # GPTQ + residual columns, <= 0.55x bf16
+    $ grm-quantize runs/my-grm runs/my-grm-fp8 --rounding gptq --recipe fp8-channel  # GPTQ alone: plain FP8 layout
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
     $ grm-serve --model.checkpoint runs/my-grm-fp8          # served as FP8, no start-up quantisation
 
 `--keep-columns` (the most accurate recipe) runs calibration pairs forward and backward through the
 full-precision model, ranks every input column of every FP8 layer by how far its rounding error
 moves the pairs' reward margins, and stores the rounding error of the worst columns as an e4m3
-residual (training/fp8/residuals.py), as many columns as fit in `--max-bytes-ratio`.
+residual (training/fp8/residuals.py), as many columns as fit in `--max-bytes-ratio`. With it the
+weights are rounded by GPTQ (training/fp8/gptq.py, `--rounding gptq`, the default here): column by
+column, each column's error pushed onto the columns not yet rounded through the calibration
+inputs' Hessian, the residual columns last, so that they absorb that compensation too. Same grid,
+scales and bytes as rounding to nearest.
 
 `--keep-sensitive` scans every decoder layer, then each linear of the 6 most sensitive layers
 (training/fp8/sensitivity.py), on calibration sequences from the bundled benchmark's train split
@@ -27,6 +32,8 @@ import torch
 
 from ..model import CheckpointError
 from .convert import RECIPES, convert_to_fp8, quantize_checkpoint, save_fp8_grm
+
+ROUNDINGS = ("gptq", "nearest")
 
 
 def calibration_sequences(tokenizer, count: int, max_tokens: int) -> list[list[int]]:
@@ -60,20 +67,34 @@ def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float,
     return report, scan, keep
 
 
-def quantize_with_residual_columns(src, out, recipe: str, *, max_bytes_ratio: float, calibration: int):
+def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, rounding: str, max_bytes_ratio: float,
+                        calibration: int, damp: float = 0.01):
+    """FP8 with calibration: residual columns (`residual_columns`), GPTQ rounding (`rounding="gptq"`),
+    or both (the default of `--keep-columns`). Returns (report, columns, residual count)."""
     from ..model import load_grm
     from .convert import _linear_bytes, get_recipe
-    from .residuals import add_residual_columns, column_sensitivity, pick_columns
+    from .gptq import gptq_requantize, input_hessians
+    from .residuals import add_residual_columns, column_sensitivity, convertible_linears, pick_columns
 
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
     recipe = get_recipe(recipe)
     loaded = load_grm(src, dtype=torch.float32)
-    model = loaded.model.eval()
+    model, pad_id = loaded.model.eval(), loaded.tokenizer.pad_token_id
     seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens))
-    gains = column_sensitivity(model, seqs[:len(seqs) // 2 * 2], recipe, pad_id=loaded.tokenizer.pad_token_id)
-    columns = pick_columns(gains, model, recipe, max_bytes_ratio=max_bytes_ratio)
-    weights = {n: model.get_submodule(n).weight.detach().clone() for n in columns}
+    columns: dict[str, list[int]] = {}
+    if residual_columns:
+        gains = column_sensitivity(model, seqs[:len(seqs) // 2 * 2], recipe, pad_id=pad_id)
+        columns = pick_columns(gains, model, recipe, max_bytes_ratio=max_bytes_ratio)
+    linears = convertible_linears(model, recipe)
+    weights = {n: m.weight.detach().to(torch.float32).clone() for n, m in linears.items()}
+    if rounding == "gptq":
+        hessians, tokens = input_hessians(model, seqs, linears, pad_id=pad_id)
     report = convert_to_fp8(model, recipe)
-    count = add_residual_columns(model, columns, weights)
+    if rounding == "gptq":
+        count = gptq_requantize(model, weights, hessians, columns, damp=damp, tokens=tokens)
+    else:
+        count = add_residual_columns(model, columns, weights)
     report.linear_bytes_after = _linear_bytes(model)
     save_fp8_grm(model, loaded.tokenizer, out)
     return report, columns, count
@@ -89,20 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-columns", action="store_true",
                         help="correct the input columns whose FP8 rounding moves reward margins most with an e4m3 "
                              "residual (gradients on calibration pairs); the most accurate recipe")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=None,
+                        help="gptq: round each layer's columns in turn, pushing each column's error onto the rest "
+                             "through the calibration inputs' Hessian (same grid, scales and bytes); nearest: "
+                             "each weight on its own. Default gptq with --keep-columns, nearest otherwise")
     parser.add_argument("--max-bytes-ratio", type=float, default=0.55,
                         help="with --keep-sensitive/--keep-columns: linear-weight bytes at most this times their bf16 size")
     parser.add_argument("--calibration", type=int, default=None,
-                        help="with --keep-sensitive/--keep-columns: calibration sequences (chosen and rejected "
-                             "responses) from the bundled benchmark's train split (default 64 / 256)")
+                        help="with --keep-sensitive/--keep-columns/--rounding gptq: calibration sequences (chosen and "
+                             "rejected responses) from the bundled benchmark's train split (default 64 / 256)")
     args = parser.parse_args(argv)
     if args.keep_sensitive and args.keep_columns:
         parser.error("--keep-sensitive and --keep-columns are two recipes; pick one")
+    rounding = args.rounding or ("gptq" if args.keep_columns else "nearest")
+    if args.keep_sensitive and rounding == "gptq":
+        parser.error("--rounding gptq works alone or with --keep-columns, not with --keep-sensitive")
     try:
-        if args.keep_columns:
-            report, columns, count = quantize_with_residual_columns(
-                args.src, args.out, args.recipe, max_bytes_ratio=args.max_bytes_ratio,
-                calibration=args.calibration or 256)
-            print(json.dumps({"residual_columns": count, "layers_with_residuals": len(columns)}))
+        if args.keep_columns or rounding == "gptq":
+            report, columns, count = quantize_calibrated(
+                args.src, args.out, args.recipe, residual_columns=args.keep_columns, rounding=rounding,
+                max_bytes_ratio=args.max_bytes_ratio, calibration=args.calibration or 256)
+            print(json.dumps({"rounding": rounding, "residual_columns": count, "layers_with_residuals": len(columns)}))
         elif args.keep_sensitive:
             report, scan, keep = quantize_keeping_sensitive(args.src, args.out, args.recipe,
                                                             max_bytes_ratio=args.max_bytes_ratio,

@@ -144,7 +144,12 @@ def add_residual_columns(model, columns: dict[str, list[int]], weights: dict[str
             raise ValueError(f"`{name}` is not an FP8 layer (convert the model first)")
         module.set_residual_columns(weights[name], cols)
         total += module.residual_columns
-    quant = getattr(getattr(model, "grm_config", None), "quantization", None)
-    if quant is not None:
-        quant["residual_columns"] = {"count": total, "dtype": "float8_e4m3fn", "scale": "dequant, per output row"}
+    record_residual_columns(model, total)
     return total
+
+
+def record_residual_columns(model, count: int) -> None:
+    """Note `count` residual columns in the model's `grm.quantization` block (when it has one)."""
+    quant = getattr(getattr(model, "grm_config", None), "quantization", None)
+    if quant is not None and count:
+        quant["residual_columns"] = {"count": count, "dtype": "float8_e4m3fn", "scale": "dequant, per output row"}
