@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference", default="fp32")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--save-scores", default="", help="also save every precision's scores (torch.save) to this path")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if not args.checkpoint:
@@ -121,12 +122,16 @@ def main(argv=None) -> int:
                          "sequences_per_s": len(seqs) / statistics.median(times)}
         print(f"{name}: {results[name]}", file=sys.stderr)
     ref = scores[args.reference]
-    ref_pref = ref[0::2] > ref[1::2]
+    ref_pref, ref_margin = ref[0::2] > ref[1::2], ref[0::2] - ref[1::2]
     for name, s in scores.items():
-        pref = s[0::2] > s[1::2]
+        pref, margin = s[0::2] > s[1::2], s[0::2] - s[1::2]
         results[name].update({
             "accuracy": float(pref.float().mean()),
             "agreement_with_reference": float((pref == ref_pref).float().mean()),
+            "flips_vs_reference": int((pref != ref_pref).sum()),
+            # rms error of (chosen - rejected) over the spread of the reference's margins: the
+            # continuous quantity behind agreement (flips are few and noisy)
+            "margin_error_vs_reference": float((margin - ref_margin).pow(2).mean().sqrt() / ref_margin.std()),
             "pearson_with_reference": float(torch.corrcoef(torch.stack([s, ref]))[0, 1]),
             "bytes_ratio_vs_reference": results[name]["linear_weight_bytes"] / results[args.reference]["linear_weight_bytes"],
             "bytes_ratio_vs_bf16": results[name]["bf16_equivalent_bytes"] / results[args.reference]["bf16_equivalent_bytes"],
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
     out = {"checkpoint": args.checkpoint, "pairs": len(rows), "sequences": len(seqs), "reference": args.reference,
            "tokens_mean": statistics.mean(map(len, seqs)), "cpus": os.cpu_count(),
            "bf16_fast": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "results": results}
+    if args.save_scores:
+        torch.save({"scores": scores, "sequences": seqs}, args.save_scores)
     json.dump(out, sys.stdout, indent=2)
     print()
     return 0

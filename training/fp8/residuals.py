@@ -12,7 +12,9 @@ full-precision model (one backward pass per batch, no weight gradients) and sums
 (c_j(chosen) − c_j(rejected))² over the pairs: the share of margin error variance that column lets
 through. `pick_columns` spends the byte budget on the columns with the most of it per byte, and
 `add_residual_columns` stores their rounding error (e4m3, a scale per output row, 1 byte per
-weight) in the FP8 layers (`FP8InferenceLinear.set_residual_columns`).
+weight) in the FP8 layers (`FP8InferenceLinear.set_residual_columns`). With GPTQ rounding
+(gptq.py, the default of `--keep-columns`) these columns are rounded last and their residual
+restores the compensated weight instead.
 
 Columns, not whole layers, because the error is carried by a few input features (LLM.int8's outlier
 features) spread over every layer; and the score gradient, not the layer's output error, because
