@@ -148,3 +148,34 @@ def test_grm_quantize_rounding_flag(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tiny_checkpoint), str(tmp_path / "x"), "--keep-sensitive", "--rounding", "gptq"])
     assert "--rounding gptq" in capsys.readouterr().err
+
+
+def test_grm_quantize_calibrates_on_given_pairs(tiny_checkpoint, tmp_path, capsys):
+    from grmserve.training.fp8.cli import main
+
+    data = tmp_path / "traffic.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f" {2 * i}.", "rejected": f" {2 * i + 1}, I think."}
+            for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "own-calibration"
+    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--rounding", "gptq",
+                 "--calibration", "8", "--calibration-data", str(data)]) == 0
+    quant = json.loads((out / "config.json").read_text())["grm"]["quantization"]
+    assert quant["calibration"] == {"data": str(data), "sequences": 8}
+    default = tmp_path / "bundled-calibration"
+    assert main([str(tiny_checkpoint), str(default), "--recipe", "fp8-channel", "--rounding", "gptq",
+                 "--calibration", "8"]) == 0
+    a, b = load_grm(out).model, load_grm(default).model
+    name = "lm.model.layers.0.mlp.down_proj"
+    assert not torch.equal(a.get_submodule(name).weight.float(), b.get_submodule(name).weight.float())
+    capsys.readouterr()
+    # A missing or unusable calibration file is named, and nothing is written.
+    assert main([str(tiny_checkpoint), str(tmp_path / "x"), "--rounding", "gptq",
+                 "--calibration-data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such data file" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
+    assert main([str(tiny_checkpoint), str(tmp_path / "y"), "--keep-columns",
+                 "--calibration-data", str(empty)]) == 2
+    assert "no usable preference pairs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

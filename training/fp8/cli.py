@@ -30,31 +30,37 @@ import sys
 
 import torch
 
+from ..data import DataError
 from ..model import CheckpointError
 from .convert import RECIPES, convert_to_fp8, quantize_checkpoint, save_fp8_grm
 
 ROUNDINGS = ("gptq", "nearest")
 
 
-def calibration_sequences(tokenizer, count: int, max_tokens: int) -> list[list[int]]:
-    """`count` token sequences (chosen and rejected responses) from the benchmark's train split."""
+def calibration_sequences(tokenizer, count: int, max_tokens: int, data=None) -> list[list[int]]:
+    """`count` token sequences (chosen and rejected responses, alternating) from the preference
+    pairs in `data` (any file or folder the trainer reads), by default the benchmark's train split."""
     from ..benchmark import load_split
     from ..data import encode_pairs, read_pairs
     from ..templates import PromptRenderer
 
-    pairs, report = read_pairs(load_split("train"), limit=(count + 1) // 2)
+    source = data if data is not None else load_split("train")
+    pairs, report = read_pairs(source, limit=(count + 1) // 2)
     enc = encode_pairs(pairs, PromptRenderer(tokenizer), report, max_tokens=max_tokens)
+    if not enc:
+        raise DataError(f"{source}: no usable preference pairs for calibration ({report.summary()})")
     return [e.prompt_ids + r for e in enc for r in (e.chosen_ids, e.rejected_ids)][:count]
 
 
 def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float, calibration: int,
-                               refine_layers: int = 6):
+                               refine_layers: int = 6, calibration_data=None):
     from ..model import load_grm
     from .sensitivity import pick_keep, recipe_with_keep, scan_layers
 
     loaded = load_grm(src, dtype=torch.float32)
     model = loaded.model.eval()
-    seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens))
+    seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens),
+                                calibration_data)
     # Two stages: every layer, then each linear of the most sensitive layers (a few linears usually
     # carry most of the error, and keeping a linear costs far fewer bytes than keeping a layer).
     layers = scan_layers(model, seqs, recipe, pad_id=loaded.tokenizer.pad_token_id)
@@ -68,7 +74,7 @@ def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float,
 
 
 def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, rounding: str, max_bytes_ratio: float,
-                        calibration: int, damp: float = 0.01):
+                        calibration: int, damp: float = 0.01, calibration_data=None):
     """FP8 with calibration: residual columns (`residual_columns`), GPTQ rounding (`rounding="gptq"`),
     or both (the default of `--keep-columns`). Returns (report, columns, residual count)."""
     from ..model import load_grm
@@ -81,7 +87,8 @@ def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, roundi
     recipe = get_recipe(recipe)
     loaded = load_grm(src, dtype=torch.float32)
     model, pad_id = loaded.model.eval(), loaded.tokenizer.pad_token_id
-    seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens))
+    seqs = calibration_sequences(loaded.tokenizer, calibration, min(512, model.grm_config.max_tokens),
+                                calibration_data)
     columns: dict[str, list[int]] = {}
     if residual_columns:
         gains = column_sensitivity(model, seqs[:len(seqs) // 2 * 2], recipe, pad_id=pad_id)
@@ -96,6 +103,9 @@ def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, roundi
     else:
         count = add_residual_columns(model, columns, weights)
     report.linear_bytes_after = _linear_bytes(model)
+    model.grm_config.quantization["calibration"] = {
+        "data": str(calibration_data) if calibration_data is not None else "bundled benchmark: train",
+        "sequences": len(seqs)}
     save_fp8_grm(model, loaded.tokenizer, out)
     return report, columns, count
 
@@ -119,28 +129,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=None,
                         help="with --keep-sensitive/--keep-columns/--rounding gptq: calibration sequences (chosen and "
                              "rejected responses) from the bundled benchmark's train split (default 64 / 256)")
+    parser.add_argument("--calibration-data", default=None, metavar="PATH",
+                        help="preference pairs to calibrate on instead of the bundled train split (any file or "
+                             "folder the trainer reads): pairs like the traffic the model will serve")
     args = parser.parse_args(argv)
     if args.keep_sensitive and args.keep_columns:
         parser.error("--keep-sensitive and --keep-columns are two recipes; pick one")
     rounding = args.rounding or ("gptq" if args.keep_columns else "nearest")
+    if args.calibration_data and not (args.keep_columns or args.keep_sensitive or rounding == "gptq"):
+        parser.error("--calibration-data needs a calibrated recipe: --keep-columns, --keep-sensitive or --rounding gptq")
     if args.keep_sensitive and rounding == "gptq":
         parser.error("--rounding gptq works alone or with --keep-columns, not with --keep-sensitive")
     try:
         if args.keep_columns or rounding == "gptq":
             report, columns, count = quantize_calibrated(
                 args.src, args.out, args.recipe, residual_columns=args.keep_columns, rounding=rounding,
-                max_bytes_ratio=args.max_bytes_ratio, calibration=args.calibration or 256)
+                max_bytes_ratio=args.max_bytes_ratio, calibration=args.calibration or 256,
+                calibration_data=args.calibration_data)
             print(json.dumps({"rounding": rounding, "residual_columns": count, "layers_with_residuals": len(columns)}))
         elif args.keep_sensitive:
             report, scan, keep = quantize_keeping_sensitive(args.src, args.out, args.recipe,
                                                             max_bytes_ratio=args.max_bytes_ratio,
-                                                            calibration=args.calibration or 64)
+                                                            calibration=args.calibration or 64,
+                                                            calibration_data=args.calibration_data)
             worst = sorted(scan, key=lambda s: -s.error)[:8]
             print(json.dumps({"kept": keep, "most_sensitive": [{"module": s.prefix, "error": round(s.error, 5)}
                                                                for s in worst]}))
         else:
             report = quantize_checkpoint(args.src, args.out, args.recipe)
-    except CheckpointError as exc:
+    except (CheckpointError, DataError) as exc:
         print(f"grm-quantize: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
