@@ -4,6 +4,7 @@
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --recipe fp8-channel   # GPTQ + residual columns, <= 0.55x bf16
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --rounding gptq --recipe fp8-channel  # GPTQ alone: plain FP8 layout
     $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
+    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --calibration-data traffic.jsonl  # your own pairs
     $ grm-serve --model.checkpoint runs/my-grm-fp8          # served as FP8, no start-up quantisation
 
 `--keep-columns` (the most accurate recipe) runs calibration pairs forward and backward through the
