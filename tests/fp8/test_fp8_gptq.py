@@ -43,7 +43,7 @@ def test_gptq_lowers_the_output_error_on_the_same_grid(granularity, block):
     assert not torch.equal(q.float(), q0.float())
     # Each weight is the nearest grid point (same scales) to the compensated value it was rounded from.
     s = scale if granularity == "channel" else expand_block_scale(scale, block, w.shape[1])
-    assert torch.equal(cast_to_fp8((target / s).clamp(-E4M3.max, E4M3.max)).float(), q.float())
+    assert torch.equal(cast_to_fp8(target / s).float(), q.float())
 
 
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():

@@ -142,7 +142,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, weight_scale: torch.
         for i in range(i2 - i1):
             col = block[:, i]
             s = scale[:, i1 + i]
-            qc = cast_to_fp8((col / s).clamp(-E4M3.max, E4M3.max), E4M3)
+            qc = cast_to_fp8(col / s, E4M3)  # clamps to ±448 first
             q[:, i1 + i] = qc
             target[:, i1 + i] = col
             err = (col - qc.float() * s) / u[i1 + i, i1 + i]
@@ -151,7 +151,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, weight_scale: torch.
         w[:, i2:] -= errors @ u[i1:i2, i2:]
     if keep_t.numel():  # compensated, rounded to nearest; the residual stores the rest
         target[:, n_rest:] = w[:, n_rest:]
-        q[:, n_rest:] = cast_to_fp8((w[:, n_rest:] / scale[:, n_rest:]).clamp(-E4M3.max, E4M3.max), E4M3)
+        q[:, n_rest:] = cast_to_fp8(w[:, n_rest:] / scale[:, n_rest:], E4M3)
     inverse = torch.argsort(perm)
     return q[:, inverse].contiguous(), target[:, inverse].contiguous()
 
