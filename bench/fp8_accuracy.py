@@ -33,10 +33,11 @@ import time
 import torch
 
 from grmserve.server.engine.runner import ModelRunner, prepare_model
-from grmserve.training.model import load_grm
 from grmserve.training.benchmark import load_split
-from grmserve.training.data import encode_pairs, plan_batches, read_pairs
-from grmserve.training.templates import PromptRenderer
+from grmserve.training.core.batching import plan_batches
+from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.core.prompts import PromptRenderer
+from grmserve.training.data import encode_pairs, read_pairs
 
 
 def bf16_equivalent_bytes(model) -> int:

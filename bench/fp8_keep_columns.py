@@ -39,11 +39,11 @@ from fp8_accuracy import score_all  # noqa: E402
 
 from grmserve.server.engine.runner import ModelRunner  # noqa: E402
 from grmserve.training.benchmark import load_split  # noqa: E402
+from grmserve.training.core.checkpoint import load_grm  # noqa: E402
+from grmserve.training.core.fp8.formats import dequantize, quantize_per_channel  # noqa: E402
+from grmserve.training.core.prompts import PromptRenderer  # noqa: E402
 from grmserve.training.data import encode_pairs, read_pairs  # noqa: E402
-from grmserve.training.fp8.cli import calibration_sequences  # noqa: E402
-from grmserve.training.fp8.formats import dequantize, quantize_per_channel  # noqa: E402
-from grmserve.training.model import load_grm  # noqa: E402
-from grmserve.training.templates import PromptRenderer  # noqa: E402
+from grmserve.training.quantize import calibration_sequences  # noqa: E402
 
 DEFAULT_KEEP = [f"model.layers.{n}" for n in (
     "0.self_attn.o_proj", "23.self_attn.k_proj", "1.self_attn.v_proj", "2.mlp.down_proj", "0.mlp.up_proj",

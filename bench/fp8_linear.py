@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from grmserve.training.fp8.formats import sqnr_db
-from grmserve.training.fp8.linear import FP8InferenceLinear
+from grmserve.training.core.fp8.formats import sqnr_db
+from grmserve.training.core.fp8.linear import FP8InferenceLinear
 
 # (in_features, out_features) of SmolLM2-135M (hidden 576, MLP 1536, 3 KV heads x 64).
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 192)]

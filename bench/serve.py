@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from grmserve.clients.reward_client import RewardClient
@@ -250,7 +249,10 @@ class VLLMWorker:
 def start_vllm(args, engine, pairs, workdir: Path) -> VLLMWorker:
     """Export the served checkpoint as SequenceClassification, write the exact token sequences
     grm-serve scores, and start vLLM on them."""
-    from grmserve.training.model import export_sequence_classification, load_grm
+    from grmserve.training.core.checkpoint import (
+        export_sequence_classification,
+        load_grm,
+    )
 
     loaded = load_grm(args.checkpoint)
     seqcls = export_sequence_classification(loaded.model, loaded.tokenizer, workdir / "seqcls")
@@ -324,7 +326,8 @@ def linear_head_checkpoint(src: str, workdir: Path) -> Path:
     """The given (or default) checkpoint's backbone with a seeded linear, bias-free head: the one
     head shape a SequenceClassification export (and so vLLM) can carry."""
     from grmserve.server.app import default_checkpoint
-    from grmserve.training.model import GRMModel, HeadConfig, RewardHead, load_grm, save_grm
+    from grmserve.training.core.checkpoint import load_grm, save_grm
+    from grmserve.training.core.model import GRMModel, HeadConfig, RewardHead
 
     loaded = load_grm(src or default_checkpoint())
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from grmserve.training.model import load_grm
-from grmserve.training.templates import PromptRenderer
+from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.core.prompts import PromptRenderer
 
 from .config import ServeConfig
 from .engine.base import EngineInfo
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def default_checkpoint() -> Path:
-    """The embedded default reward model (built on first use; see grmserve.training.default_model)."""
-    from grmserve.training.default_model import ensure_default_model
+    """The embedded default reward model (built on first use; see grmserve.training.core.default_model)."""
+    from grmserve.training.core.default_model import ensure_default_model
 
     return ensure_default_model()
 

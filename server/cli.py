@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from grmserve.training.model import CheckpointError
+from grmserve.training.core.checkpoint import CheckpointError
 
 from .app import RewardServer
 from .config import parse_serve_args

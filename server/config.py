@@ -14,7 +14,11 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from grmserve.training.configtools import add_config_arguments, apply_overrides, iter_leaves
+from grmserve.training.core.configtools import (
+    add_config_arguments,
+    apply_overrides,
+    iter_leaves,
+)
 
 PRECISIONS = ("auto", "fp8", "bf16", "fp32")
 
@@ -112,7 +116,7 @@ class ServeConfig:
     def validate(self) -> None:
         if self.model.precision not in PRECISIONS:
             raise ValueError(f"--model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
-        from grmserve.training.fp8 import RECIPES
+        from grmserve.training.core.fp8 import RECIPES
 
         if self.model.fp8_recipe not in RECIPES:
             raise ValueError(f"--model.fp8_recipe must be one of {sorted(RECIPES)}, got {self.model.fp8_recipe!r}")
@@ -155,7 +159,7 @@ PRESETS: dict[str, Callable[[], ServeConfig]] = {"default": default, "local": lo
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI generated from the dataclasses (grmserve.training.configtools): one `--section.field` flag
+# CLI generated from the dataclasses (grmserve.training.core.configtools): one `--section.field` flag
 # per leaf field.
 
 

@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
-                               ProcessCollector, generate_latest, start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
 
 from .engine.base import BatchStats, EngineInfo, JobStats, StatsSinks
 from .engine.prefix_cache import PrefixStats

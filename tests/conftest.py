@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grmserve.training import assets
-from grmserve.training.model import GRMConfig, HeadConfig, init_grm, save_grm
+from grmserve.training.core import assets
+from grmserve.training.core.checkpoint import save_grm
+from grmserve.training.core.model import GRMConfig, HeadConfig, init_grm
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -17,11 +17,13 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from .configtools import (add_config_arguments, apply_overrides, check_literals, field_defaults, field_docs,  # noqa: F401
-                          from_dict, iter_leaves, to_dict)
-
+from .core.configtools import (
+    add_config_arguments,
+    apply_overrides,
+    check_literals,
+)
+from .core.model import HEAD_TYPES, HeadConfig
 from .losses import DEFAULT_ALPHA, DEFAULT_BETA
-from .model import HEAD_TYPES, HeadConfig
 
 PrecisionMode = Literal["auto", "fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]
 Regulariser = Literal["none", "sft", "sft-nll", "dpo", "dpo-noref"]

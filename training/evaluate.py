@@ -165,8 +165,8 @@ class EvalRunConfig:
 
 def evaluate_checkpoint(cfg: EvalRunConfig) -> dict[str, Any]:
     """Load the checkpoint, read and encode the data, score it; the result as a JSON-able dict."""
-    from .model import load_grm
-    from .templates import PromptRenderer
+    from .core.checkpoint import load_grm
+    from .core.prompts import PromptRenderer
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
@@ -185,7 +185,7 @@ def evaluate_checkpoint(cfg: EvalRunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import add_config_arguments, from_dict
+    from .core.configtools import add_config_arguments, from_dict
 
     parser = argparse.ArgumentParser(prog="grm-eval", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, EvalRunConfig)

@@ -44,10 +44,12 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import TrainConfig
+from .core.batching import pad_right, plan_batches
+from .core.default_model import ARTIFACT_FORMAT
+from .core.model import GRMConfig, GRMModel, HeadConfig, RewardHead, response_logps
+from .core.prompts import PromptRenderer
+from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, read_pairs
 from .losses import DEFAULT_ALPHA
-from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, pad_right, plan_batches, read_pairs
-from .model import GRMConfig, GRMModel, HeadConfig, RewardHead, response_logps
-from .templates import PromptRenderer
 from .trainer import compute_loss, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,6 @@ METHODS = {"bt": "none", "grm-sft": "sft", "grm-sft-nll": "sft-nll", "grm-dpo-no
 """Experiment method -> the trainer's `loss.regulariser`."""
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ARTIFACT_FORMAT = "grm-top-layers-v1"
 
 
 @dataclass(kw_only=True)
@@ -444,8 +445,8 @@ def load_backbone(cfg: ExperimentConfig):
     """(causal LM in float32, tokenizer) for `cfg.backbone`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets
-    from .model import init_grm
+    from .core import assets
+    from .core.model import init_grm
 
     if cfg.backbone == "tiny":
         tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir())
@@ -616,37 +617,8 @@ def _global_name(key: str, first: int) -> str:
     return ".".join(["layers", str(idx), *rest])
 
 
-@torch.no_grad()
-def apply_artifact(lm: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RewardHead:
-    """Merge an artifact's top layers into a full causal LM (in place) and return its reward head."""
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"not a {ARTIFACT_FORMAT} artifact (format {meta.get('format')!r})")
-    layers = lm.get_decoder().layers
-    if len(layers) != meta["layers"]:
-        raise ValueError(f"artifact is for a {meta['layers']}-layer backbone, this one has {len(layers)}")
-    scale = meta["lora_alpha"] / meta["lora_r"] if meta["lora_r"] else 0.0
-    for key, value in tensors.items():
-        if key.startswith("reward_head.") or key.endswith(".lora_B"):
-            continue
-        parts = key.split(".")
-        module = layers[int(parts[1])]
-        if key.endswith(".lora_A"):
-            for attr in parts[2:-1]:
-                module = getattr(module, attr)
-            b = tensors[key[: -len("lora_A")] + "lora_B"]
-            module.weight += (scale * (b.float() @ value.float())).to(module.weight.dtype)  # (out, r) @ (r, in)
-        else:
-            *path, attr = parts[2:]
-            for p in path:
-                module = getattr(module, p)
-            getattr(module, attr).copy_(value)
-    head = RewardHead(lm.config.hidden_size, HeadConfig(**meta["head"]))
-    head.load_state_dict({k[len("reward_head."):]: v for k, v in tensors.items() if k.startswith("reward_head.")})
-    return head.eval()
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .configtools import add_config_arguments, apply_overrides
+    from .core.configtools import add_config_arguments, apply_overrides
 
     parser = argparse.ArgumentParser(prog="grm-experiment", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, ExperimentConfig)

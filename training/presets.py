@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import TrainConfig
-from .model import HeadConfig
+from .core.model import HeadConfig
 
 
 def tiny() -> TrainConfig:

@@ -49,22 +49,42 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import assets
-from .config import PrecisionConfig, TrainConfig, parse_args, to_dict
-from .fsutil import replace_dir
-from .data import PairBatch, PreferenceDataset, collate_pairs, load_preferences, synthetic_rows, write_jsonl
+from .config import PrecisionConfig, TrainConfig, parse_args
+from .core import assets
+from .core.checkpoint import (
+    CheckpointError,
+    detect_format,
+    load_grm,
+    read_config,
+    save_grm,
+)
+from .core.configtools import to_dict
+from .core.fsutil import replace_dir
+from .core.model import GRMConfig, GRMModel, init_grm, response_logps
+from .core.prompts import PromptRenderer
+from .data import (
+    PairBatch,
+    PreferenceDataset,
+    collate_pairs,
+    load_preferences,
+    synthetic_rows,
+    write_jsonl,
+)
 from .evaluate import reward_stats, score_pairs
-from .losses import grm_loss, needs_logps, pairwise_accuracy, regulariser_loss, reward_loss
-from .model import (CheckpointError, GRMConfig, GRMModel, detect_format, init_grm, load_grm, read_config,
-                    response_logps, save_grm)
-from .templates import PromptRenderer
+from .losses import (
+    grm_loss,
+    needs_logps,
+    pairwise_accuracy,
+    regulariser_loss,
+    reward_loss,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_VERSION = 1
-FP8_ISSUE = "issue \"FP8 mixed-precision training (FP8-LM O1-O3)\", implemented in grmserve.training.fp8"
+FP8_ISSUE = "issue \"FP8 mixed-precision training (FP8-LM O1-O3)\", implemented in grmserve.training.core.fp8"
 
 # FSDP2 warns when a module returns a view; the losses never modify model outputs in place.
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -254,7 +274,7 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     torch.bfloat16
     """
     if cfg.mode == "auto":
-        from .devices import fast_dtype
+        from .core.devices import fast_dtype
 
         cfg = dataclasses.replace(cfg, mode="bf16" if fast_dtype(device) == torch.bfloat16 else "fp32")
     if cfg.mode.startswith("fp8"):
@@ -556,7 +576,11 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Write `checkpoints/step-N/` atomically (temporary folder, then rename); rank 0 writes."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)  # collective under FSDP
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
@@ -681,7 +705,10 @@ def load_weights(model: GRMModel, ckpt: Path) -> None:
 
 def load_trainer_state(trainer: Trainer, ckpt: Path) -> int:
     """Restore optimizer, scheduler and RNG from `ckpt`; returns the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("version") != STATE_VERSION:

@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from grmserve.training.templates import EncodedGroup, InputError  # noqa: F401  (re-exported)
+from grmserve.training.core.prompts import EncodedGroup, InputError  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from .prefix_cache import PrefixStats

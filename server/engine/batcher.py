@@ -27,8 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import BatchConfig
-from .base import (DeadlineExpiredError, Engine, EngineInfo, JobStats, NotServingError, QueueFullError, ScoreJob,
-                   ScoreResult, StatsSinks)
+from .base import (
+    DeadlineExpiredError,
+    Engine,
+    EngineInfo,
+    JobStats,
+    NotServingError,
+    QueueFullError,
+    ScoreJob,
+    ScoreResult,
+    StatsSinks,
+)
 
 log = logging.getLogger(__name__)
 

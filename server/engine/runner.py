@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from grmserve.training.data import pad_right, plan_batches
-from grmserve.training.devices import fast_dtype
-from grmserve.training.model import GRMModel, pool_last
+from grmserve.training.core.batching import pad_right, plan_batches
+from grmserve.training.core.devices import fast_dtype
+from grmserve.training.core.model import GRMModel, pool_last
 
 from .base import BatchStats
 from .packed import packed_forward, supports_packing, use_packed_attention
@@ -77,8 +77,13 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
     precision = resolve_precision(precision, device)
     already_fp8 = bool(model.grm_config.quantization)
     if precision == "fp8" or already_fp8:
-        from grmserve.training.fp8 import (FP8InferenceLinear, convert_to_fp8, get_recipe, select_backend,
-                                           set_fp8_backend)
+        from grmserve.training.core.fp8 import (
+            FP8InferenceLinear,
+            convert_to_fp8,
+            get_recipe,
+            select_backend,
+            set_fp8_backend,
+        )
 
         backend = select_backend(device)
         compute = fast_dtype(device)

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from grmserve.training.templates import InputError
+from grmserve.training.core.prompts import InputError
 
 from ..engine.base import DeadlineExpiredError, NotServingError, QueueFullError
 

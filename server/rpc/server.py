@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from grmserve.protos import SERVICE_NAME, reward_pb2, reward_pb2_grpc
-from grmserve.training import env
+from grmserve.training.core import env
 
 from ..config import ServeConfig
 from ..engine.base import Engine

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from grmserve.protos import reward_pb2, reward_pb2_grpc
-from grmserve.training.templates import InputError
+from grmserve.training.core.prompts import InputError
 
 from ..config import LimitsConfig
 from ..engine.base import Engine, ScoreJob, ScoreResult

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from grmserve.training.benchmark import OOD_FAMILIES, BenchmarkError, gold_reward, load_prompts, load_split
+from grmserve.training.benchmark import (
+    OOD_FAMILIES,
+    BenchmarkError,
+    gold_reward,
+    load_prompts,
+    load_split,
+)
 from grmserve.training.benchmark.build import BuildConfig, build
 from grmserve.training.benchmark.generate import GenerateConfig, read_cache, run
 from grmserve.training.benchmark.prompts import PromptConfig, build_prompts
 from grmserve.training.benchmark.topics import OOD_TOPICS
+from grmserve.training.core.prompts import PromptRenderer
 from grmserve.training.data import load_preferences, read_pairs
-from grmserve.training.templates import PromptRenderer
 
 SMALL = dict(train=80, test_id=25, test_ood=25)
 SPLITS = ("train", "test_id", "test_ood")

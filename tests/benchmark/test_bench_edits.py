@@ -10,8 +10,21 @@ import pytest
 
 from grmserve.training.benchmark import checks
 from grmserve.training.benchmark.build import base_drafts, make_responses
-from grmserve.training.benchmark.edits import Draft, Sentence, fit, render, sentence_case, split_sentences, truncate_words
-from grmserve.training.benchmark.families import FAMILIES, apply_edits, gold_reward, satisfied
+from grmserve.training.benchmark.edits import (
+    Draft,
+    Sentence,
+    fit,
+    render,
+    sentence_case,
+    split_sentences,
+    truncate_words,
+)
+from grmserve.training.benchmark.families import (
+    FAMILIES,
+    apply_edits,
+    gold_reward,
+    satisfied,
+)
 from grmserve.training.benchmark.generate import fake_generation
 from grmserve.training.benchmark.prompts import PromptConfig, build_prompts
 from grmserve.training.benchmark.topics import TOPICS

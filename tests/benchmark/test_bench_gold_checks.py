@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from grmserve.training.benchmark import FAMILIES, ID_FAMILIES, OOD_FAMILIES, checks, gold_reward
+from grmserve.training.benchmark import (
+    FAMILIES,
+    ID_FAMILIES,
+    OOD_FAMILIES,
+    checks,
+    gold_reward,
+)
 from grmserve.training.benchmark.families import INCOMPATIBLE, MIN_WORDS
 from grmserve.training.benchmark.topics import ID_TOPICS, OOD_TOPICS, TOPICS
 
@@ -114,7 +120,9 @@ def test_incompatible_families_are_known_and_topics_are_sound():
 
 
 def test_synthetic_prefs_uses_the_same_checks():
-    from grmserve.training.synthetic_prefs import KINDS, TOPICS as SYN_TOPICS, gold_reward as syn_gold, make_pairs
+    from grmserve.training.synthetic_prefs import KINDS, make_pairs
+    from grmserve.training.synthetic_prefs import TOPICS as SYN_TOPICS
+    from grmserve.training.synthetic_prefs import gold_reward as syn_gold
 
     rows = make_pairs(60, seed=3)
     assert {r["meta"]["kind"] for r in rows} == set(KINDS) and set(SYN_TOPICS)

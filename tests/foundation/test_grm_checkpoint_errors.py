@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grmserve.training import assets
-from grmserve.training.model import CheckpointError, load_grm
+from grmserve.training.core import assets
+from grmserve.training.core.checkpoint import CheckpointError, load_grm
 
 
 def rewrite_tensors(file: Path, edit) -> None:

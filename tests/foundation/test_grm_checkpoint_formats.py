@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from grmserve.training import assets
-from grmserve.training.model import load_grm, save_grm
+from grmserve.training.core import assets
+from grmserve.training.core.checkpoint import load_grm, save_grm
 
 HIDDEN = 64
 NEURONS = 16
@@ -264,7 +264,11 @@ def test_export_sequence_classification_round_trip(make_tiny_grm, tokenizer, tmp
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from grmserve.training.model import HeadConfig, export_sequence_classification, load_grm
+    from grmserve.training.core.checkpoint import (
+        export_sequence_classification,
+        load_grm,
+    )
+    from grmserve.training.core.model import HeadConfig
 
     model = make_tiny_grm("linear", seed=3)
     model.reward_head = type(model.reward_head)(model.lm.config.hidden_size, HeadConfig(type="linear", bias=False, dropout=0.0))
@@ -284,7 +288,7 @@ def test_export_sequence_classification_round_trip(make_tiny_grm, tokenizer, tmp
 def test_export_refuses_an_mlp_head(make_tiny_grm, tokenizer, tmp_path):
     import pytest
 
-    from grmserve.training.model import export_sequence_classification
+    from grmserve.training.core.checkpoint import export_sequence_classification
 
     with pytest.raises(ValueError, match="mlp"):
         export_sequence_classification(make_tiny_grm("mlp"), tokenizer, tmp_path / "x")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from grmserve.training.model import last_token_index
+from grmserve.training.core.model import last_token_index
 
 
 def batch():

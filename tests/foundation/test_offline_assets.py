@@ -69,8 +69,8 @@ def test_the_network_guard_works(no_network):
 def test_assets_tokenizer_and_checkpoint_load_offline(no_network, tiny_checkpoint):
     from transformers import AutoTokenizer
 
-    from grmserve.training import assets
-    from grmserve.training.model import load_grm
+    from grmserve.training.core import assets
+    from grmserve.training.core.checkpoint import load_grm
 
     folder = assets.tokenizer_dir()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -81,13 +81,13 @@ def test_assets_tokenizer_and_checkpoint_load_offline(no_network, tiny_checkpoin
 
 
 def test_importing_env_switches_hugging_face_offline():
-    import grmserve.training.env  # noqa: F401
+    import grmserve.training.core.env  # noqa: F401
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     # In a fresh interpreter without any of the variables set, importing the package sets them.
     clean = {k: v for k, v in os.environ.items()
              if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    code = ("import os, grmserve.training.env; "
+    code = ("import os, grmserve.training.core.env; "
             "print(os.environ['HF_HUB_OFFLINE'], os.environ['TRANSFORMERS_OFFLINE'], os.environ['HF_DATASETS_OFFLINE'])")
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -97,7 +97,7 @@ def test_importing_env_switches_hugging_face_offline():
 def test_model_module_sets_offline_before_transformers_loads():
     """Importing the model module alone (as the server does) is enough to be offline."""
     clean = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    code = ("import sys, os; import grmserve.training.model; "
+    code = ("import sys, os; import grmserve.training.core.model; "
             "import huggingface_hub.constants as c; print(os.environ['HF_HUB_OFFLINE'], c.HF_HUB_OFFLINE)")
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

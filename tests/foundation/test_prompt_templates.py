@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from grmserve.training.templates import InputError, PromptRenderer, truncate_pair
+from grmserve.training.core.prompts import InputError, PromptRenderer, truncate_pair
 
 IM_START, IM_END = 1, 2
 CHAT = [

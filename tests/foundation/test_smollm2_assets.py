@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from grmserve.training import assets
+from grmserve.training.core import assets
 
 
 def test_smollm2_checkpoint_generates_sensible_text():

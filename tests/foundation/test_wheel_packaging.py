@@ -53,15 +53,16 @@ def test_wheel_contains_the_namespaced_packages_and_proto(wheel):
     wheel_files = wheel["names"]
     for required in (
         "grmserve/server/__init__.py",
-        "grmserve/training/model.py",
-        "grmserve/training/templates.py",
+        "grmserve/training/core/model.py",
+        "grmserve/training/core/checkpoint.py",
+        "grmserve/training/core/prompts.py",
         "grmserve/protos/__init__.py",
         "grmserve/protos/grmserve/reward/v1/reward_pb2.py",
         "grmserve/protos/grmserve/reward/v1/reward_pb2_grpc.py",
         "grmserve/protos/grmserve/reward/v1/reward.proto",
         "grmserve/clients/__init__.py",
-        "grmserve/training/defaults/grm-smollm2-135m/top-layers.safetensors",  # the default model's artifact
-        "grmserve/training/defaults/grm-smollm2-135m/top-layers.json",
+        "grmserve/training/core/defaults/grm-smollm2-135m/top-layers.safetensors",  # the default model's artifact
+        "grmserve/training/core/defaults/grm-smollm2-135m/top-layers.json",
         "grmserve/training/benchmark/data/train.jsonl.gz",
     ):
         assert required in wheel_files, f"{required} missing from the wheel"

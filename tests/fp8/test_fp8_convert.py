@@ -10,10 +10,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from grmserve.training.fp8.convert import (FP8Recipe, compressed_tensors_config, convert_to_fp8, get_recipe,
-                                           quantize_checkpoint, save_fp8_grm, skip_reason)
-from grmserve.training.fp8.linear import FP8InferenceLinear
-from grmserve.training.model import CheckpointError, GRMConfig, load_grm
+from grmserve.training.core.checkpoint import (
+    CheckpointError,
+    compressed_tensors_config,
+    load_grm,
+    quantize_checkpoint,
+    save_fp8_grm,
+)
+from grmserve.training.core.fp8.convert import (
+    FP8Recipe,
+    convert_to_fp8,
+    get_recipe,
+    skip_reason,
+)
+from grmserve.training.core.fp8.linear import FP8InferenceLinear
+from grmserve.training.core.model import GRMConfig
 
 DECODER_LINEARS = 7  # q, k, v, o, gate, up, down per layer
 
@@ -189,8 +200,8 @@ def test_broken_fp8_checkpoints_name_the_problem(fp8_checkpoint, tmp_path):
 def test_grm_quantize_cli(tiny_checkpoint, tmp_path):
     import json
 
-    from grmserve.training.fp8.cli import main
-    from grmserve.training.model import load_grm
+    from grmserve.training.core.checkpoint import load_grm
+    from grmserve.training.quantize import main
 
     out = tmp_path / "fp8"
     assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel"]) == 0
@@ -203,8 +214,8 @@ def test_grm_quantize_cli(tiny_checkpoint, tmp_path):
 def test_grm_quantize_keep_sensitive_cli(tiny_checkpoint, tmp_path, capsys):
     """--keep-sensitive: layer scan, then a linear scan of the worst layers on calibration pairs from
     the bundled benchmark; the kept linears stay full precision in the checkpoint and it loads."""
-    from grmserve.training.fp8.cli import main
-    from grmserve.training.fp8.linear import FP8InferenceLinear
+    from grmserve.training.core.fp8.linear import FP8InferenceLinear
+    from grmserve.training.quantize import main
 
     out = tmp_path / "fp8-keep"
     assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-sensitive",

@@ -7,9 +7,20 @@ import math
 import pytest
 import torch
 
-from grmserve.training.fp8.formats import (E4M3, E5M2, DelayedScaling, FP8ScaleError, cast_to_fp8, compute_scale,
-                                           dequantize, get_format, quantize_per_block, quantize_per_channel,
-                                           quantize_per_tensor, sqnr_db)
+from grmserve.training.core.fp8.formats import (
+    E4M3,
+    E5M2,
+    DelayedScaling,
+    FP8ScaleError,
+    cast_to_fp8,
+    compute_scale,
+    dequantize,
+    get_format,
+    quantize_per_block,
+    quantize_per_channel,
+    quantize_per_tensor,
+    sqnr_db,
+)
 
 
 def test_format_descriptors_match_torch():

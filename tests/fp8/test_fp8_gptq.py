@@ -10,12 +10,22 @@ import json
 import pytest
 import torch
 
-from grmserve.training.fp8.convert import convert_to_fp8, get_recipe
-from grmserve.training.fp8.formats import E4M3, cast_to_fp8, dequantize, expand_block_scale
-from grmserve.training.fp8.gptq import GPTQError, gptq_requantize, gptq_round, input_hessians
-from grmserve.training.fp8.linear import FP8InferenceLinear, quantize_weight
-from grmserve.training.fp8.residuals import convertible_linears
-from grmserve.training.model import load_grm
+from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.core.fp8.convert import convert_to_fp8, get_recipe
+from grmserve.training.core.fp8.formats import (
+    E4M3,
+    cast_to_fp8,
+    dequantize,
+    expand_block_scale,
+)
+from grmserve.training.core.fp8.gptq import (
+    GPTQError,
+    gptq_requantize,
+    gptq_round,
+    input_hessians,
+)
+from grmserve.training.core.fp8.linear import FP8InferenceLinear, quantize_weight
+from grmserve.training.core.fp8.residuals import convertible_linears
 
 
 def _problem(out_f=48, in_f=192, tokens=3000, seed=0):
@@ -135,7 +145,7 @@ def test_gptq_requantize_keeps_scales_and_records_the_method(make_tiny_grm):
 
 
 def test_grm_quantize_rounding_flag(tiny_checkpoint, tmp_path, capsys):
-    from grmserve.training.fp8.cli import main
+    from grmserve.training.quantize import main
 
     out = tmp_path / "gptq-only"
     assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--rounding", "gptq",
@@ -151,7 +161,7 @@ def test_grm_quantize_rounding_flag(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_grm_quantize_calibrates_on_given_pairs(tiny_checkpoint, tmp_path, capsys):
-    from grmserve.training.fp8.cli import main
+    from grmserve.training.quantize import main
 
     data = tmp_path / "traffic.jsonl"
     rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f" {2 * i}.", "rejected": f" {2 * i + 1}, I think."}

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grmserve.training.fp8.formats import E4M3, cast_to_fp8, compute_scale, sqnr_db
-from grmserve.training.fp8.linear import (FP8BackendError, FP8InferenceLinear, fp8_linear_scaled_mm,
-                                          quantize_activations_per_token, select_backend, set_fp8_backend)
+from grmserve.training.core.fp8.formats import E4M3, cast_to_fp8, compute_scale, sqnr_db
+from grmserve.training.core.fp8.linear import (
+    FP8BackendError,
+    FP8InferenceLinear,
+    fp8_linear_scaled_mm,
+    quantize_activations_per_token,
+    select_backend,
+    set_fp8_backend,
+)
 
 GRANULARITIES = [("tensor", None), ("channel", None), ("block", 64), ("block", 128)]
 

@@ -13,12 +13,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from grmserve.training.fp8.convert import _linear_bytes, convert_to_fp8, get_recipe
-from grmserve.training.fp8.formats import E4M3, dequantize
-from grmserve.training.fp8.linear import FP8InferenceLinear
-from grmserve.training.fp8.residuals import (add_residual_columns, column_sensitivity, convertible_linears,
-                                             linear_budget, pick_columns, rounding_error)
-from grmserve.training.model import CheckpointError, load_grm
+from grmserve.training.core.checkpoint import CheckpointError, load_grm
+from grmserve.training.core.fp8.convert import _linear_bytes, convert_to_fp8, get_recipe
+from grmserve.training.core.fp8.formats import E4M3, dequantize
+from grmserve.training.core.fp8.linear import FP8InferenceLinear
+from grmserve.training.core.fp8.residuals import (
+    add_residual_columns,
+    column_sensitivity,
+    convertible_linears,
+    linear_budget,
+    pick_columns,
+    rounding_error,
+)
 
 
 def _linear(in_f=256, out_f=128, seed=0):
@@ -196,7 +202,7 @@ def test_residual_columns_cut_the_margin_error_on_held_out_pairs(model_and_pairs
 
 @pytest.fixture(scope="module")
 def residual_checkpoint(tiny_checkpoint, tmp_path_factory):
-    from grmserve.training.fp8.cli import main
+    from grmserve.training.quantize import main
 
     out = tmp_path_factory.mktemp("fp8res") / "tiny-fp8-columns"
     assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-columns",

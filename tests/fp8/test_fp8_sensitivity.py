@@ -10,9 +10,13 @@ import dataclasses
 import pytest
 import torch
 
-from grmserve.training.fp8.convert import convert_to_fp8
-from grmserve.training.fp8.linear import FP8InferenceLinear
-from grmserve.training.fp8.sensitivity import pick_keep, recipe_with_keep, scan_layers
+from grmserve.training.core.fp8.convert import convert_to_fp8
+from grmserve.training.core.fp8.linear import FP8InferenceLinear
+from grmserve.training.core.fp8.sensitivity import (
+    pick_keep,
+    recipe_with_keep,
+    scan_layers,
+)
 
 
 @pytest.fixture()

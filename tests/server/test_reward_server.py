@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grmserve.clients.reward_client import RewardServerError
 from grmserve.protos import SERVICE_NAME, reward_pb2
-from grmserve.training.data import plan_batches
-from grmserve.training.model import load_grm
-from grmserve.training.templates import PromptRenderer
+from grmserve.training.core.batching import plan_batches
+from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.core.prompts import PromptRenderer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
 
@@ -267,12 +267,15 @@ def test_fp8_server_tracks_fp32(tiny_checkpoint):
     assert not torch.equal(got, want)  # it really ran quantised weights
 
 
-def test_server_loads_fp8_checkpoint_with_residual_columns(tiny_checkpoint, tmp_path):
+def test_server_loads_fp8_checkpoint_with_residual_columns(tiny_checkpoint, tmp_path, monkeypatch):
     """An FP8 checkpoint from `grm-quantize --keep-columns` is served as written: its scores are the
-    training code's on the same checkpoint (residuals included), not those of plain FP8."""
+    training code's on the same checkpoint (residuals included), not those of plain FP8. The server's
+    compute dtype is pinned to fp32 (on CPUs with native bf16 it would pick bf16, whose rounding
+    is larger than the residuals' effect)."""
+    monkeypatch.setattr("grmserve.server.engine.runner.fast_dtype", lambda device: torch.float32)
     from grmserve.server.app import build_engine
-    from grmserve.training.fp8 import FP8InferenceLinear, convert_to_fp8
-    from grmserve.training.fp8.cli import main as quantize
+    from grmserve.training.core.fp8 import FP8InferenceLinear, convert_to_fp8
+    from grmserve.training.quantize import main as quantize
 
     from .conftest import ServerThread, tiny_config
 
@@ -292,7 +295,7 @@ def test_server_loads_fp8_checkpoint_with_residual_columns(tiny_checkpoint, tmp_
     def scores(model):
         for m in model.modules():
             if isinstance(m, FP8InferenceLinear):
-                m.compute_dtype = torch.float32  # the server's fast dtype on this CPU
+                m.compute_dtype = torch.float32  # the server's compute dtype, pinned above
         renderer = PromptRenderer(load_grm(out).tokenizer)
         res = []
         for prompt, response in pairs:

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from grmserve.training import default_model
-from grmserve.training.model import load_grm
+from grmserve.training.core import default_model
+from grmserve.training.core.checkpoint import load_grm
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,23 @@ import torch
 from safetensors.torch import load_file
 
 from grmserve.training.benchmark import load_split
+from grmserve.training.core.default_model import apply_artifact
+from grmserve.training.core.model import GRMConfig, GRMModel, HeadConfig
+from grmserve.training.core.prompts import PromptRenderer
 from grmserve.training.data import encode_pairs, read_pairs
-from grmserve.training.experiment import (ExperimentConfig, SplitFeatures, apply_artifact, build_top_model,
-                                          compute_features, export_artifact, load_backbone, main, pair_batch, run,
-                                          score_responses, split_lm)
-from grmserve.training.model import GRMConfig, GRMModel, HeadConfig
-from grmserve.training.templates import PromptRenderer
+from grmserve.training.experiment import (
+    ExperimentConfig,
+    SplitFeatures,
+    build_top_model,
+    compute_features,
+    export_artifact,
+    load_backbone,
+    main,
+    pair_batch,
+    run,
+    score_responses,
+    split_lm,
+)
 
 
 def _cfg(tmp_path, **kw) -> ExperimentConfig:

@@ -9,8 +9,20 @@ import pytest
 import torch
 
 from grmserve.training import losses
-from grmserve.training.losses import (bt_loss, bt_margin_loss, bt_smoothed_loss, dpo_loss, dpo_noref_loss, grm_loss,
-                                      needs_logps, nll_loss, pairwise_accuracy, regulariser_loss, reward_loss, sft_loss)
+from grmserve.training.losses import (
+    bt_loss,
+    bt_margin_loss,
+    bt_smoothed_loss,
+    dpo_loss,
+    dpo_noref_loss,
+    grm_loss,
+    needs_logps,
+    nll_loss,
+    pairwise_accuracy,
+    regulariser_loss,
+    reward_loss,
+    sft_loss,
+)
 
 
 def log_sigmoid(x: float) -> float:

@@ -4,7 +4,7 @@ import torch
 
 from grmserve.server.engine.runner import resolve_precision
 from grmserve.training.config import PrecisionConfig
-from grmserve.training.devices import fast_dtype
+from grmserve.training.core.devices import fast_dtype
 from grmserve.training.trainer import apply_precision
 
 

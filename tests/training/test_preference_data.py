@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from grmserve.training import data as data_module
-from grmserve.training.data import (DataError, EncodedPair, collate_pairs, load_preferences, parse_hh_transcript,
-                                    read_pairs, synthetic_rows, write_jsonl)
-from grmserve.training.templates import PromptRenderer
+from grmserve.training.core.prompts import PromptRenderer
+from grmserve.training.data import (
+    DataError,
+    EncodedPair,
+    collate_pairs,
+    load_preferences,
+    parse_hh_transcript,
+    read_pairs,
+    synthetic_rows,
+    write_jsonl,
+)
 
 USER_HI = {"role": "user", "content": "Hi, who are you?"}
 

@@ -10,9 +10,11 @@ import torch
 
 from grmserve.training import config as config_module
 from grmserve.training import presets
-from grmserve.training.config import (PrecisionConfig, TrainConfig, build_parser, from_dict, parse_config, to_dict)
+from grmserve.training.config import PrecisionConfig, TrainConfig, build_parser, parse_config
+from grmserve.training.core.configtools import from_dict, to_dict
 from grmserve.training.evaluate import main as eval_main
-from grmserve.training.trainer import apply_precision, lr_multiplier, main as train_main
+from grmserve.training.trainer import apply_precision, lr_multiplier
+from grmserve.training.trainer import main as train_main
 
 # The public surface of `grm-train`. Changing it breaks users' scripts: update this list on purpose.
 TRAIN_FLAGS = [

@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 
 from grmserve.training import presets
-from grmserve.training.evaluate import main as eval_main, score_pairs
-from grmserve.training.model import load_grm
+from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.evaluate import main as eval_main
+from grmserve.training.evaluate import score_pairs
 from grmserve.training.trainer import Trainer, latest_checkpoint
 
 

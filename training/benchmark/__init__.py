@@ -41,7 +41,7 @@ class BenchmarkError(RuntimeError):
 
 
 def _built_dir() -> Path:
-    from .. import env
+    from ..core import env
 
     return env.cache_dir() / "benchmark" / "built"
 
@@ -72,7 +72,8 @@ def load_split(name: str, *, data_dir: str | Path | None = None, build: bool = T
     if data_dir is not None or not build:
         raise BenchmarkError(f"no benchmark split {name!r} in {', '.join(map(str, folders))}; build it with "
                              "`python -m grmserve.training.benchmark.build --out <dir>`")
-    from .build import BuildConfig, build as build_benchmark
+    from .build import BuildConfig
+    from .build import build as build_benchmark
 
     try:
         build_benchmark(BuildConfig(out=str(_built_dir())))

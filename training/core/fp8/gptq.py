@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import pad_right
+from ..batching import pad_right
 from .formats import E4M3, cast_to_fp8, expand_block_scale
 from .linear import FP8InferenceLinear
 from .residuals import record_residual_columns

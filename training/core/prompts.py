@@ -14,7 +14,7 @@ the reward is read at the end-of-turn token.
 Truncation policy (when asked; otherwise too-long input is an error): drop prompt tokens from the
 left until prompt + response fits; if the response alone is too long keep its last tokens.
 
-    >>> from grmserve.training.templates import truncate_pair
+    >>> from grmserve.training.core.prompts import truncate_pair
     >>> truncate_pair([1, 2, 3, 4], [5, 6], max_tokens=4)
     ([3, 4], [5, 6], True)
 """

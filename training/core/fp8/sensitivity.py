@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import pad_right, plan_batches
+from ..batching import pad_right, plan_batches
 from .convert import FP8Recipe, decoder_linears, get_recipe, skip_reason
 from .linear import FP8InferenceLinear
 

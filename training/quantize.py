@@ -31,9 +31,9 @@ import sys
 
 import torch
 
-from ..data import DataError
-from ..model import CheckpointError
-from .convert import RECIPES, convert_to_fp8, quantize_checkpoint, save_fp8_grm
+from .core.checkpoint import CheckpointError, quantize_checkpoint, save_fp8_grm
+from .core.fp8.convert import RECIPES, convert_to_fp8
+from .data import DataError
 
 ROUNDINGS = ("gptq", "nearest")
 
@@ -41,9 +41,9 @@ ROUNDINGS = ("gptq", "nearest")
 def calibration_sequences(tokenizer, count: int, max_tokens: int, data=None) -> list[list[int]]:
     """`count` token sequences (chosen and rejected responses, alternating) from the preference
     pairs in `data` (any file or folder the trainer reads), by default the benchmark's train split."""
-    from ..benchmark import load_split
-    from ..data import encode_pairs, read_pairs
-    from ..templates import PromptRenderer
+    from .benchmark import load_split
+    from .core.prompts import PromptRenderer
+    from .data import encode_pairs, read_pairs
 
     source = data if data is not None else load_split("train")
     pairs, report = read_pairs(source, limit=(count + 1) // 2)
@@ -55,8 +55,8 @@ def calibration_sequences(tokenizer, count: int, max_tokens: int, data=None) -> 
 
 def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float, calibration: int,
                                refine_layers: int = 6, calibration_data=None):
-    from ..model import load_grm
-    from .sensitivity import pick_keep, recipe_with_keep, scan_layers
+    from .core.checkpoint import load_grm
+    from .core.fp8.sensitivity import pick_keep, recipe_with_keep, scan_layers
 
     loaded = load_grm(src, dtype=torch.float32)
     model = loaded.model.eval()
@@ -78,10 +78,15 @@ def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, roundi
                         calibration: int, damp: float = 0.01, calibration_data=None):
     """FP8 with calibration: residual columns (`residual_columns`), GPTQ rounding (`rounding="gptq"`),
     or both (the default of `--keep-columns`). Returns (report, columns, residual count)."""
-    from ..model import load_grm
-    from .convert import _linear_bytes, get_recipe
-    from .gptq import gptq_requantize, input_hessians
-    from .residuals import add_residual_columns, column_sensitivity, convertible_linears, pick_columns
+    from .core.checkpoint import load_grm
+    from .core.fp8.convert import _linear_bytes, get_recipe
+    from .core.fp8.gptq import gptq_requantize, input_hessians
+    from .core.fp8.residuals import (
+        add_residual_columns,
+        column_sensitivity,
+        convertible_linears,
+        pick_columns,
+    )
 
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")

@@ -36,8 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import E4M3, cast_to_fp8, compute_scale, dequantize, num_blocks, quantize_per_block, \
-    quantize_per_channel, quantize_per_tensor
+from .formats import (
+    E4M3,
+    cast_to_fp8,
+    compute_scale,
+    dequantize,
+    num_blocks,
+    quantize_per_block,
+    quantize_per_channel,
+    quantize_per_tensor,
+)
 
 BACKENDS = ("emulated", "scaled_mm")
 GRANULARITIES = ("tensor", "channel", "block")

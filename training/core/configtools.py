@@ -23,7 +23,6 @@ import types
 import typing
 from typing import Any, Callable, Literal
 
-
 # ---------------------------------------------------------------------------------------------
 # Dataclass <-> JSON
 

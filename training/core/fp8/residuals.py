@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import pad_right
+from ..batching import pad_right
 from .convert import FP8Recipe, decoder_linears, get_recipe, skip_reason
 from .linear import FP8InferenceLinear, scale_shape
 

@@ -16,17 +16,13 @@ training/fp8/DESIGN.md.
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .formats import E4M3
+from ..model import GRMModel
 from .linear import GRANULARITIES, FP8InferenceLinear
 
 QUANT_FORMAT_VERSION = 1
@@ -35,7 +31,7 @@ RESIDUAL_TENSORS = ("residual_index", "residual", "residual_scale")  # optional,
 NEVER_CONVERTED = "reward_head"  # GRMModel's head: always kept in full precision
 DIM_MULTIPLE = 16
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(kw_only=True)
@@ -60,13 +56,13 @@ class FP8Recipe:
             raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
         if self.granularity == "block" and self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.compute_dtype not in _DTYPES:
-            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; expected one of {sorted(_DTYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}")
         self.skip, self.keep = tuple(self.skip), tuple(self.keep)
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return _DTYPES[self.compute_dtype]
+        return COMPUTE_DTYPES[self.compute_dtype]
 
 
 def _tensor() -> FP8Recipe:
@@ -176,8 +172,6 @@ def _linear_bytes(model: nn.Module) -> int:
 
 def _lm_of(model: nn.Module) -> tuple[nn.Module, str]:
     """The causal LM inside a GRMModel (weights in model.safetensors are named relative to it)."""
-    from ..model import GRMModel
-
     return (model.lm, "lm.") if isinstance(model, GRMModel) else (model, "")
 
 
@@ -225,158 +219,3 @@ def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe | None = None, *, b
         names = [n[len(prefix):] for n in report.converted]
         model.grm_config.quantization = quantization_description(recipe, names)
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def compressed_tensors_config(quant: dict[str, Any]) -> dict[str, Any]:
-    """The same layout described in compressed-tensors terms (config.json `quantization_config`),
-    for tools that read that convention. Activations are dynamic per token, as in the W8A8 path."""
-    strategy = {"tensor": "tensor", "channel": "channel", "block": "group"}[quant["granularity"]]
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": sorted(quant["modules"]),
-            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
-                        "group_size": quant["block_size"]},
-            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
-                                  "strategy": "token"},
-        }},
-        "ignore": [],
-    }
-
-
-def save_fp8_grm(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write a converted `GRMModel` as an FP8 checkpoint (`save_grm`, plus `quantization_config`)."""
-    from ..model import GRMModel, save_grm
-
-    if not isinstance(model, GRMModel) or not getattr(model.grm_config, "quantization", None):
-        raise ValueError("save_fp8_grm takes a GRMModel converted with convert_to_fp8")
-    out = save_grm(model, tokenizer, out_dir)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = compressed_tensors_config(model.grm_config.quantization)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cfg_path)
-    return out
-
-
-def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, recipe: str | FP8Recipe | None = None, *,
-                        dtype: torch.dtype = torch.float32) -> ConversionReport:
-    """Load any supported reward-model checkpoint, convert it to FP8, write it in the `grm` format.
-
-    `dtype` is the dtype of the tensors that stay unquantised (embeddings, norms, kept layers).
-
-        >>> report = quantize_checkpoint("ckpt/grm", "ckpt/grm-fp8", "fp8-block64")   # doctest: +SKIP
-        >>> print(report.summary())                                                    # doctest: +SKIP
-    """
-    from ..model import load_grm
-
-    loaded = load_grm(src_dir, dtype=dtype)
-    report = convert_to_fp8(loaded.model, recipe)
-    save_fp8_grm(loaded.model, loaded.tokenizer, out_dir)
-    return report
-
-
-def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build the causal LM of an FP8 checkpoint folder straight from its tensors.
-
-    The model skeleton is created with empty (meta) parameters, the listed linear layers become
-    `FP8InferenceLinear` holding the stored float8 weights and scales, and the remaining tensors
-    are assigned in `dtype`: full-precision copies of the quantised weights never exist. The
-    modules get the "emulated" backend; call `set_fp8_backend` after moving to a GPU.
-    Called by `training.model.load_grm` when config.json's grm block has a `quantization` entry.
-    """
-    from accelerate import init_empty_weights
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..model import CheckpointError, weight_files
-
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if quantization.get("method") != "fp8" or quantization.get("version") != QUANT_FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file}: grm.quantization is method={quantization.get('method')!r} "
-                              f"version={quantization.get('version')!r}; this grm-serve reads fp8 version "
-                              f"{QUANT_FORMAT_VERSION}")
-    granularity, block_size = quantization.get("granularity"), quantization.get("block_size")
-    compute_dtype = _DTYPES.get(quantization.get("compute_dtype", "bfloat16"))
-    if granularity not in GRANULARITIES or compute_dtype is None:
-        raise CheckpointError(f"{cfg_file}: bad grm.quantization (granularity={granularity!r}, "
-                              f"compute_dtype={quantization.get('compute_dtype')!r})")
-
-    # 1. All stored tensors (float8 weights stay float8).
-    tensors: dict[str, torch.Tensor] = {}
-    for f in weight_files(path):
-        if f.suffix != ".safetensors":
-            raise CheckpointError(f"{f}: FP8 checkpoints are stored as safetensors only")
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    tensors[key] = fh.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{f}: unreadable safetensors file ({exc})") from exc
-    where = weight_files(path)[0]
-
-    # 2. An empty skeleton (parameters on meta; buffers such as rotary tables are real).
-    hf_config = AutoConfig.from_pretrained(path)
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config  # describes our layout for other tools; we build it ourselves
-    with init_empty_weights(include_buffers=False):
-        lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-
-    # 3. FP8 layers from their stored tensors.
-    for name in quantization.get("modules") or []:
-        try:
-            linear = lm.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which the model does not have") from None
-        if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which is not a linear layer")
-        weight, scale = tensors.pop(f"{name}.weight", None), tensors.pop(f"{name}.{SCALE_SUFFIX}", None)
-        bias = tensors.pop(f"{name}.bias", None)
-        if weight is None or scale is None:
-            raise CheckpointError(f"{where}: missing `{name}.weight` or `{name}.{SCALE_SUFFIX}` of an FP8 layer")
-        if weight.dtype != E4M3.dtype:
-            raise CheckpointError(f"{where}: `{name}.weight` is {weight.dtype}; FP8 layers store {E4M3.dtype}")
-        if tuple(weight.shape) != (linear.out_features, linear.in_features):
-            raise CheckpointError(f"{where}: `{name}.weight` has shape {tuple(weight.shape)}, expected "
-                                  f"{(linear.out_features, linear.in_features)}")
-        if (bias is None) != (linear.bias is None):
-            raise CheckpointError(f"{where}: `{name}.bias` is {'missing' if bias is None else 'unexpected'}")
-        try:
-            fp8 = FP8InferenceLinear.from_quantized(weight, scale, bias.to(dtype) if bias is not None else None,
-                                                    granularity=granularity, block_size=block_size,
-                                                    compute_dtype=compute_dtype)
-        except ValueError as exc:
-            raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
-        residual = {part: tensors.pop(f"{name}.{part}", None) for part in RESIDUAL_TENSORS}
-        present = [part for part, t in residual.items() if t is not None]
-        if present:
-            if len(present) != len(RESIDUAL_TENSORS):
-                missing = [f"`{name}.{p}`" for p in RESIDUAL_TENSORS if p not in present]
-                raise CheckpointError(f"{where}: residual columns of `{name}` are incomplete: missing {', '.join(missing)}")
-            try:
-                fp8.load_residual_columns(residual["residual_index"], residual["residual"], residual["residual_scale"])
-            except ValueError as exc:
-                raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
-        lm.set_submodule(name, fp8)
-
-    # 4. Everything else, assigned in `dtype`; tied embeddings re-tied.
-    rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    result = lm.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{where}: unexpected tensors {sorted(result.unexpected_keys)[:8]}")
-    tied = getattr(lm.config, "tie_word_embeddings", False)
-    if tied:
-        lm.tie_weights()
-    missing = sorted(n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta)
-    if missing:
-        raise CheckpointError(f"{where}: missing tensors {missing[:8]}")
-    return lm.eval()
