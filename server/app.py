@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.core.devices import resolve_device
 from grmserve.training.core.prompts import PromptRenderer
 
 from .config import ServeConfig
 from .engine.base import EngineInfo
 from .engine.batcher import BatchingEngine
 from .engine.prefix_cache import common_head
-from .engine.runner import ModelRunner, prepare_model, resolve_device
+from .engine.runner import ModelRunner, prepare_model
 from .metrics import ServerMetrics
 from .rpc.server import ConfigError, create_server, set_serving
 from .rpc.servicer import SERVER_VERSION

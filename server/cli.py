@@ -1,6 +1,6 @@
 """`grm-serve`: run the GRM reward server.
 
-    $ grm-serve                                              # the default model, bf16, port 50051
+    $ grm-serve                                              # the default model, port 50051, precision auto
     $ grm-serve --model.checkpoint runs/my-grm --model.precision fp8 --server.port 8001
     $ GRM_SERVE_TOKEN=s3cret grm-serve --server.require_token true
 
@@ -15,10 +15,10 @@ import signal
 import sys
 
 from grmserve.training.core.checkpoint import CheckpointError
+from grmserve.training.core.devices import DeviceError
 
 from .app import RewardServer
 from .config import parse_serve_args
-from .engine.runner import DeviceError
 from .rpc.server import ConfigError
 
 

@@ -2,32 +2,27 @@
 
 `TrainConfig` is the one root config of `grm-train`; each component has a small
 `@dataclass(kw_only=True)` whose fields carry a docstring (it becomes the `--help` text). The CLI
-is built from the tree by `build_parser`: every leaf field is a flag named by its dotted path
+is built from the tree by `presets.build_parser`: every leaf field is a flag named by its dotted path
 (`--optim.lr 1e-4`, `--model.head.type linear`, `--loss.regulariser dpo`). Precedence is
-CLI > preset (`--preset tiny`, see presets.py) > dataclass default.
+CLI > preset (`--preset tiny`, see presets.py, which also builds the parser) > dataclass default.
 
-    >>> cfg = parse_config(["--optim.lr", "3e-4", "--loss.regulariser", "dpo"])
+    >>> cfg = TrainConfig()
     >>> cfg.optim.lr, cfg.loss.regulariser, cfg.loss.alpha
-    (0.0003, 'dpo', 0.01)
+    (1e-05, 'sft', 0.01)
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from .core.configtools import (
-    add_config_arguments,
-    apply_overrides,
     check_literals,
 )
-from .core.model import HEAD_TYPES, HeadConfig
-from .losses import DEFAULT_ALPHA, DEFAULT_BETA
+from .core.model import HeadConfig
+from .losses import DEFAULT_ALPHA, DEFAULT_BETA, Regulariser, RewardLoss
 
 PrecisionMode = Literal["auto", "fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]
-Regulariser = Literal["none", "sft", "sft-nll", "dpo", "dpo-noref"]
-RewardLoss = Literal["bt", "bt-margin", "bt-smooth"]
 
 
 @dataclass(kw_only=True)
@@ -119,6 +114,8 @@ class OptimConfig:
 
     lr: float = 1e-5
     """Peak learning rate."""
+    head_lr: float = 0.0
+    """Peak learning rate of the reward head (0: the same as `lr`)."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak."""
     warmup_steps: int = 0
@@ -219,8 +216,6 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check cross-field constraints; raise ValueError saying what to change."""
         check_literals(self)
-        if self.model.head.type not in HEAD_TYPES:
-            raise ValueError(f"model.head.type is {self.model.head.type!r}; expected one of {list(HEAD_TYPES)}")
         if not (self.data.train or self.data.synthetic):
             raise ValueError("no training data: pass --data.train PATH (or --data.synthetic N for generated pairs)")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1:
@@ -230,44 +225,3 @@ class TrainConfig:
         if not 0.0 <= self.data.flip_fraction <= 1.0:
             raise ValueError(f"data.flip_fraction must be in [0, 1], got {self.data.flip_fraction}")
         return self
-
-
-def build_parser(presets: dict[str, Callable[[], TrainConfig]] | None = None) -> argparse.ArgumentParser:
-    """The `grm-train` argument parser (config flags plus --preset and --print_config)."""
-    from . import presets as preset_module
-
-    presets = presets if presets is not None else preset_module.PRESETS
-    parser = argparse.ArgumentParser(
-        prog="grm-train",
-        description="Train a GRM reward model (Bradley-Terry + text-generation regulariser). "
-                    "Flags override the preset, which overrides the defaults.",
-    )
-    parser.add_argument("--preset", choices=sorted(presets), default=None,
-                        help="named starting config (see grmserve.training.presets)")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
-    add_config_arguments(parser, TrainConfig)
-    return parser
-
-
-def parse_config(argv: list[str] | None = None, *, presets: dict[str, Callable[[], TrainConfig]] | None = None,
-                 validate: bool = False) -> TrainConfig:
-    """Resolve a `TrainConfig` from command-line arguments: CLI > preset > default."""
-    cfg, _ = parse_args(argv, presets=presets)
-    return cfg.validate() if validate else cfg
-
-
-def parse_args(argv: list[str] | None = None, *, presets: dict[str, Callable[[], TrainConfig]] | None = None
-               ) -> tuple[TrainConfig, argparse.Namespace]:
-    from . import presets as preset_module
-
-    presets = presets if presets is not None else preset_module.PRESETS
-    parser = build_parser(presets)
-    ns = parser.parse_args(argv)
-    cfg = presets[ns.preset]() if ns.preset else TrainConfig()
-    overrides = {k: v for k, v in vars(ns).items() if k not in ("preset", "print_config")}
-    apply_overrides(cfg, overrides)
-    try:
-        check_literals(cfg)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return cfg, ns

@@ -26,6 +26,9 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from .core.checkpoint import load_grm
+from .core.devices import DTYPES, DType, resolve_device
+from .core.prompts import PromptRenderer
 from .data import DataError, EncodedPair, collate_pairs, encode_pairs, read_pairs
 from .losses import bt_loss, pairwise_accuracy
 
@@ -157,21 +160,16 @@ class EvalRunConfig:
     """Evaluate at most this many rows (0: all)."""
     device: str = "auto"
     """cpu, cuda or auto."""
-    dtype: str = "float32"
-    """Weights dtype for scoring: float32 or bfloat16."""
+    dtype: DType = "fp32"
+    """Weights dtype for scoring: fp32 or bf16."""
     output: str = ""
     """Write the JSON result here instead of stdout."""
 
 
 def evaluate_checkpoint(cfg: EvalRunConfig) -> dict[str, Any]:
     """Load the checkpoint, read and encode the data, score it; the result as a JSON-able dict."""
-    from .core.checkpoint import load_grm
-    from .core.prompts import PromptRenderer
-
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    loaded = load_grm(cfg.model, dtype=dtype)
+    device = resolve_device(cfg.device)
+    loaded = load_grm(cfg.model, dtype=DTYPES[cfg.dtype])
     model = loaded.model.to(device).eval()
     tok = loaded.tokenizer
     renderer = PromptRenderer(tok, use_chat_template=model.grm_config.chat_template)

@@ -43,14 +43,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import TrainConfig
+from . import components
+from .components import (
+    MetricsLog,
+    TrainStep,
+    adamw_factory,
+    add_lora,
+    build_reference,
+    build_scheduler,
+    compute_loss,
+    progress,
+)
+from .config import LoraConfig, TrainConfig
 from .core.batching import pad_right, plan_batches
 from .core.default_model import ARTIFACT_FORMAT
-from .core.model import GRMConfig, GRMModel, HeadConfig, RewardHead, response_logps
+from .core.model import GRMConfig, GRMModel, HeadConfig, RewardHead
 from .core.prompts import PromptRenderer
 from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, read_pairs
 from .losses import DEFAULT_ALPHA
-from .trainer import compute_loss, lr_multiplier
+from .precision import apply_precision
 
 log = logging.getLogger(__name__)
 
@@ -354,65 +365,52 @@ def build_top_model(upper: nn.Module, cfg: ExperimentConfig, seed: int) -> GRMMo
     lm = copy.deepcopy(upper)
     lm.requires_grad_(False)
     if cfg.lora_r > 0:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as exc:
-            raise RuntimeError("LoRA needs peft: pip install 'grm-serve[lora]' (or --lora_r 0)") from exc
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                           target_modules=list(LORA_TARGETS), bias="none"))
+        lm = add_lora(lm, LoraConfig(enabled=True, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
+                                     target_modules=list(LORA_TARGETS)))
     else:
         lm.get_decoder().layers.requires_grad_(True)
     head = RewardHead(lm.config.hidden_size, copy.deepcopy(cfg.head))
     return GRMModel(lm, head, GRMConfig(head=copy.deepcopy(cfg.head), max_tokens=cfg.max_tokens))
 
 
-def _frozen_reference(upper: nn.Module):
-    """DPO's reference log-probs: the initial top layers (frozen copy) on the same cached states."""
-    frozen = copy.deepcopy(upper).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def reference(b: PairBatch) -> torch.Tensor:
-        hidden = frozen.get_decoder()(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask,
-                                      use_cache=False).last_hidden_state
-        return response_logps(frozen.get_output_embeddings(), hidden, b.input_ids, b.response_mask * b.attention_mask)
-
-    return reference
+def train_settings(cfg: ExperimentConfig, method: str, total_steps: int) -> TrainConfig:
+    """The `TrainConfig` one configuration trains with: the GRM loss of `method`, AdamW at `lr` (top
+    layers) and `head_lr` (reward head), warm-up then cosine to 10 %, clipping, fp32."""
+    tcfg = TrainConfig()
+    tcfg.loss.regulariser = METHODS[method]
+    tcfg.loss.alpha, tcfg.loss.beta = cfg.alpha, cfg.beta
+    o = tcfg.optim
+    o.lr, o.head_lr, o.weight_decay, o.grad_clip = cfg.lr, cfg.head_lr, 0.0, cfg.clip
+    o.warmup_steps, o.min_lr_ratio, o.max_steps = max(1, round(cfg.warmup_ratio * total_steps)), 0.1, total_steps
+    o.batch_size = cfg.batch_size
+    tcfg.precision.mode = "fp32"
+    return tcfg
 
 
 def train_config(upper: nn.Module, train: PairIndex, tests: dict[str, PairIndex], cfg: ExperimentConfig, method: str,
                  noise: float, *, pad_id: int, log_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Train one configuration on cached features; (result, trained parameters by name)."""
-    tcfg = TrainConfig()
-    tcfg.loss.regulariser = METHODS[method]
-    tcfg.loss.alpha, tcfg.loss.beta = cfg.alpha, cfg.beta
-    model = build_top_model(upper, cfg, cfg.seed)
-    reference = _frozen_reference(upper) if tcfg.loss.regulariser == "dpo" else None
-    body = [p for n, p in model.lm.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": list(model.reward_head.parameters()),
-                                                                "lr": cfg.head_lr}], weight_decay=0.0)
-    base_lrs = [cfg.lr, cfg.head_lr]
     n = len(train.pairs)
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * per_epoch
-    warmup = max(1, round(cfg.warmup_ratio * total))
+    total = cfg.epochs * math.ceil(n / cfg.batch_size)
+    tcfg = train_settings(cfg, method, total)
+    model = build_top_model(upper, cfg, cfg.seed)
+    frozen = copy.deepcopy(upper) if tcfg.loss.regulariser == "dpo" else None
+    plan = apply_precision(model, adamw_factory(tcfg.optim), tcfg.precision, device=torch.device("cpu"))
+    model = plan.model
+    reference = build_reference(model, frozen, plan.autocast) if frozen is not None else None
+    step_fn = TrainStep(model, plan.optimizer, build_scheduler(plan.optimizer, tcfg.optim, total_steps=total),
+                        loss_fn=lambda m, b: compute_loss(m, b, tcfg, reference), grad_clip=tcfg.optim.grad_clip,
+                        autocast=plan.autocast)
+    metrics = MetricsLog(log_path, fresh=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, step = time.perf_counter(), 0
-    model.train()
-    with open(log_path, "w") as logf, tqdm(total=total, desc=config_name(method, noise, cfg.alpha), unit="step") as bar:
+    with progress(total, desc=config_name(method, noise, cfg.alpha)) as bar:
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for s in range(0, n, cfg.batch_size):
-                batch = pair_batch(train, perm[s: s + cfg.batch_size], pad_id)
-                mult = lr_multiplier(step, warmup=warmup, total=total, min_ratio=0.1)
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = base * mult
-                loss, stats = compute_loss(model, batch, tcfg, reference)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(body + list(model.reward_head.parameters()), cfg.clip)
-                opt.step()
+                stats = step_fn([pair_batch(train, perm[s: s + cfg.batch_size], pad_id)])
                 step += 1
-                logf.write(json.dumps({"step": step, "lr": base_lrs[0] * mult, **stats}) + "\n")
+                metrics.write({"step": step, **stats})
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
                 bar.update(1)
     train_seconds = time.perf_counter() - start
@@ -442,21 +440,8 @@ def _select_prompts(pairs: list, count: int, seed: int) -> list:
 
 
 def load_backbone(cfg: ExperimentConfig):
-    """(causal LM in float32, tokenizer) for `cfg.backbone`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .core import assets
-    from .core.model import init_grm
-
-    if cfg.backbone == "tiny":
-        tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir())
-        lm = init_grm(assets.tiny_llama_config(len(tok), layers=cfg.tiny_layers), seed=cfg.seed).lm
-    else:
-        path = assets.smollm2_dir() if cfg.backbone == "smollm2" else Path(cfg.backbone)
-        tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    """(causal LM in float32, eval mode, tokenizer) for `cfg.backbone`."""
+    lm, tok = components.load_backbone(cfg.backbone, seed=cfg.seed, tiny_layers=cfg.tiny_layers)
     return lm.eval(), tok
 
 

@@ -21,14 +21,18 @@ entry per preference pair; every loss returns a scalar mean over the B pairs.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_BETA = 0.1
 
-REWARD_LOSSES = ("bt", "bt-margin", "bt-smooth")
-REGULARISERS = ("none", "sft", "sft-nll", "dpo", "dpo-noref")
+RewardLoss = Literal["bt", "bt-margin", "bt-smooth"]
+Regulariser = Literal["none", "sft", "sft-nll", "dpo", "dpo-noref"]
+REWARD_LOSSES: tuple[str, ...] = get_args(RewardLoss)
+REGULARISERS: tuple[str, ...] = get_args(Regulariser)
 
 
 # ---------------------------------------------------------------------------------------------

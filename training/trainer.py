@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -43,13 +42,25 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import PrecisionConfig, TrainConfig, parse_args
+from .components import (
+    MetricsLog,
+    TrainStep,
+    adamw_factory,
+    add_lora,
+    build_reference,
+    build_scheduler,
+    compute_loss,
+    is_lora,
+    load_backbone,
+    progress,
+)
+from .config import TrainConfig
 from .core import assets
 from .core.checkpoint import (
     CheckpointError,
@@ -59,8 +70,9 @@ from .core.checkpoint import (
     save_grm,
 )
 from .core.configtools import to_dict
+from .core.devices import resolve_device
 from .core.fsutil import replace_dir
-from .core.model import GRMConfig, GRMModel, init_grm, response_logps
+from .core.model import GRMConfig, GRMModel, init_grm
 from .core.prompts import PromptRenderer
 from .data import (
     PairBatch,
@@ -71,23 +83,14 @@ from .data import (
     write_jsonl,
 )
 from .evaluate import reward_stats, score_pairs
-from .losses import (
-    grm_loss,
-    needs_logps,
-    pairwise_accuracy,
-    regulariser_loss,
-    reward_loss,
-)
+from .precision import apply_precision
+from .presets import parse_args
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_VERSION = 1
-FP8_ISSUE = "issue \"FP8 mixed-precision training (FP8-LM O1-O3)\", implemented in grmserve.training.core.fp8"
-
-# FSDP2 warns when a module returns a view; the losses never modify model outputs in place.
-warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +121,7 @@ class DistInfo:
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA GPU is visible; pass --device cpu")
+    want_cuda = resolve_device(cfg.device).type == "cuda"
     owns = False
     if dist.is_torchelastic_launched() and not dist.is_initialized():
         backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if want_cuda else "gloo")
@@ -148,38 +149,24 @@ def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, reference, LoRA, sharding
+# Model and sharding
 
 
 def build_model(cfg: TrainConfig) -> tuple[GRMModel, Any]:
     """The GRM model to train and its tokenizer, from `cfg.model` (deterministic given cfg.seed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     m = cfg.model
     grm = GRMConfig(head=copy.deepcopy(m.head), chat_template=m.chat_template, max_tokens=cfg.data.max_tokens,
                     model_name=m.name)
-    if m.backbone == "tiny":
-        tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir())
-        hf_cfg = assets.tiny_llama_config(len(tok), hidden_size=m.tiny_hidden_size, layers=m.tiny_layers)
-        model = init_grm(hf_cfg, grm=grm, seed=cfg.seed)
-    else:
-        path = assets.smollm2_dir() if m.backbone == "smollm2" else Path(m.backbone)
-        try:
-            detect_format(path, read_config(path))
-            is_reward_model = True
-        except CheckpointError:
-            is_reward_model = False  # a plain causal LM: put a fresh head on it
-        if is_reward_model:
-            loaded = load_grm(path)
-            model, tok = loaded.model, loaded.tokenizer
-            model.grm_config.max_tokens = cfg.data.max_tokens
-            model.grm_config.model_name = m.name
-        else:
-            tok = AutoTokenizer.from_pretrained(path)
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            model = init_grm(lm, grm=grm, seed=cfg.seed)
+    reward_model = _reward_model_folder(m.backbone)
+    if reward_model is not None:  # keep training a reward model: it brings its own head
+        loaded = load_grm(reward_model)
+        model, tok = loaded.model, loaded.tokenizer
+        model.grm_config.max_tokens = cfg.data.max_tokens
+        model.grm_config.model_name = m.name
+    else:  # a causal LM: put a fresh head on it
+        lm, tok = load_backbone(m.backbone, seed=cfg.seed, tiny_hidden_size=m.tiny_hidden_size,
+                                tiny_layers=m.tiny_layers)
+        model = init_grm(lm, grm=grm)
     if model.grm_config.chat_template and not getattr(tok, "chat_template", None):
         model.grm_config.chat_template = False
     if m.gradient_checkpointing:
@@ -187,34 +174,24 @@ def build_model(cfg: TrainConfig) -> tuple[GRMModel, Any]:
     return model.train(), tok
 
 
+def _reward_model_folder(backbone: str) -> Path | None:
+    """`backbone` as a folder when it holds a reward-model checkpoint (any format load_grm reads)."""
+    if backbone in ("tiny", "smollm2"):
+        return None
+    path = Path(backbone)
+    try:
+        detect_format(path, read_config(path))
+    except CheckpointError:
+        return None
+    return path
+
+
 def apply_lora(model: GRMModel, cfg: TrainConfig) -> GRMModel:
     """Wrap the LM in peft LoRA adapters; the reward head stays fully trainable."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:
-        raise RuntimeError("model.lora.enabled needs peft: pip install 'grm-serve[lora]'") from exc
-    lc = cfg.model.lora
-    model.lm = get_peft_model(model.lm, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                   target_modules=list(lc.target_modules), bias="none"))
+    model.lm = add_lora(model.lm, cfg.model.lora)
     for p in model.reward_head.parameters():
         p.requires_grad_(True)
     return model
-
-
-def is_lora(model: GRMModel) -> bool:
-    return hasattr(model.lm, "disable_adapter")
-
-
-class ReferenceModel(nn.Module):
-    """A frozen copy of the initial LM, giving the reference log-probs of the DPO regulariser."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm.eval().requires_grad_(False)
-
-    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:  # (B, T) x3 -> (B,)
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return response_logps(self.lm.get_output_embeddings(), hidden, input_ids, response_mask * attention_mask)
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -229,6 +206,8 @@ def build_sharder(info: DistInfo, cfg: TrainConfig) -> Callable[[nn.Module], nn.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns when a module returns a view; the losses never modify model outputs in place.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     mesh = init_device_mesh(info.device.type, (info.world_size,))
 
     def shard(module: nn.Module) -> nn.Module:
@@ -239,123 +218,6 @@ def build_sharder(info: DistInfo, cfg: TrainConfig) -> Callable[[nn.Module], nn.
         return module
 
     return shard
-
-
-# ---------------------------------------------------------------------------------------------
-# Precision: the one place it is resolved
-
-
-@dataclass
-class PrecisionPlan:
-    """What a precision mode decided: the (converted, sharded) model, its optimizer, and the
-    context the forward passes run in."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    autocast: Callable[[], ContextManager]
-    mode: str
-
-
-def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
-                    cfg: PrecisionConfig, *, device: torch.device,
-                    shard: Callable[[nn.Module], nn.Module] = lambda m: m) -> PrecisionPlan:
-    """Resolve `precision.mode`: convert the model, shard it (`shard`, e.g. FSDP2), build its optimizer.
-
-    - auto: bf16 where bf16 matmuls are fast (CUDA, CPUs with native bf16), else fp32.
-    - fp32: everything in float32.
-    - bf16: float32 master weights and optimizer state; forward and backward under bf16 autocast.
-    - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels, a separate issue (`_apply_fp8`, the hook to fill in).
-
-    >>> import torch
-    >>> plan = apply_precision(torch.nn.Linear(2, 2), lambda m: torch.optim.SGD(m.parameters(), 0.1),
-    ...                        PrecisionConfig(mode="bf16"), device=torch.device("cpu"))
-    >>> with plan.autocast():
-    ...     plan.model(torch.ones(1, 2)).dtype
-    torch.bfloat16
-    """
-    if cfg.mode == "auto":
-        from .core.devices import fast_dtype
-
-        cfg = dataclasses.replace(cfg, mode="bf16" if fast_dtype(device) == torch.bfloat16 else "fp32")
-    if cfg.mode.startswith("fp8"):
-        return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
-    model = shard(model.to(device=device, dtype=torch.float32))
-    optimizer = optimizer_factory(model)
-    if cfg.mode == "fp32":
-        return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode)
-    if cfg.mode == "bf16":
-        return PrecisionPlan(model, optimizer, lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16),
-                             cfg.mode)
-    raise ValueError(f"unknown precision.mode {cfg.mode!r}")
-
-
-def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard) -> PrecisionPlan:
-    """Hook for FP8-LM O1 (FP8 linear weights/gradients), O2 (+ FP8 Adam states) and O3 (+ FP8
-    sharded all-gathers): convert the model's linear layers, shard with FP8 communication, and
-    build the FP8 optimizer, returning a `PrecisionPlan` like the other modes."""
-    raise NotImplementedError(
-        f"precision.mode={cfg.mode}: FP8 training is not implemented yet; it is the {FP8_ISSUE}. "
-        "Use --precision.mode bf16 or fp32 until then."
-    )
-
-
-def build_optimizer_factory(cfg: TrainConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
-    o = cfg.optim
-
-    def make(model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-
-    return make
-
-
-def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`.
-
-    >>> [round(lr_multiplier(s, warmup=2, total=6, min_ratio=0.0), 3) for s in range(6)]
-    [0.5, 1.0, 1.0, 0.75, 0.25, 0.0]
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss on one micro-batch
-
-
-def compute_loss(model: nn.Module, batch: PairBatch, cfg: TrainConfig,
-                 reference: Callable[[PairBatch], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRM loss of one micro-batch and its stats (loss parts, accuracy, mean margin)."""
-    b = batch.num_pairs
-    want_c, want_r = needs_logps(cfg.loss.regulariser)
-    response_mask = None
-    if want_c:
-        response_mask = batch.response_mask.clone()  # (2B, T)
-        if not want_r:
-            response_mask[b:] = 0  # sft needs only the chosen log-probs: skip the LM head on the rest
-    extra = {} if batch.inputs_embeds is None else {"inputs_embeds": batch.inputs_embeds}
-    out = model(batch.input_ids, batch.attention_mask, response_mask, **extra)
-    r_c, r_r = out.rewards[:b], out.rewards[b:]  # (B,), (B,)
-    logp_c = out.logps[:b] if want_c else None
-    logp_r = out.logps[b:] if want_r else None
-    ref_c = ref_r = None
-    if cfg.loss.regulariser == "dpo":
-        ref = reference(batch)  # (2B,)
-        ref_c, ref_r = ref[:b], ref[b:]
-    l_r = reward_loss(r_c, r_r, cfg.loss.reward, margin=cfg.loss.margin, label_smoothing=cfg.loss.label_smoothing)
-    l_reg = regulariser_loss(cfg.loss.regulariser, logp_c, logp_r, ref_c, ref_r, beta=cfg.loss.beta)
-    loss = grm_loss(l_reg, l_r, cfg.loss.alpha)
-    stats = {"loss": loss.item(), "reward_loss": l_r.item(), "accuracy": pairwise_accuracy(r_c, r_r).item(),
-             "margin": (r_c - r_r).mean().item()}
-    if l_reg is not None:
-        stats["reg_loss"] = l_reg.item()
-    return loss, stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +257,12 @@ class Trainer:
 
         # Precision, sharding, optimizer, schedule.
         shard = build_sharder(self.info, cfg)
-        plan = apply_precision(model, build_optimizer_factory(cfg), cfg.precision, device=self.info.device, shard=shard)
+        plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=self.info.device, shard=shard)
         self.model, self.optimizer, self.autocast = plan.model, plan.optimizer, plan.autocast
-        self.reference = self.build_reference(shard)
+        self.reference = None
+        if cfg.loss.regulariser == "dpo":
+            self.reference = build_reference(self.model, self.reference_lm, self.autocast,
+                                             place=lambda ref: shard(ref.to(self.info.device)))
         self.steps_per_epoch = len(self.train_data) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_data)} training pairs is fewer than optim.batch_size={cfg.optim.batch_size}")
@@ -406,9 +271,8 @@ class Trainer:
             raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by processes x grad_accum = {per}")
         self.micro_size = cfg.optim.batch_size // per
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
-        o = cfg.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(
-            s, warmup=o.warmup_steps, total=self.total_steps, min_ratio=o.min_lr_ratio))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=self.total_steps)
+        self.train_step = self.build_step()
         self.step = 0
         self.saved_step: int | None = None
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout; restored exactly on resume
@@ -420,6 +284,7 @@ class Trainer:
         if self.info.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
             trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.info.is_main)
 
     # -- builders -----------------------------------------------------------------------------
     def build_data(self) -> tuple[PreferenceDataset, PreferenceDataset | None]:
@@ -444,23 +309,6 @@ class Trainer:
                 log.info("eval data: %s", evald.report.summary())
         return train, evald
 
-    def build_reference(self, shard) -> Callable[[PairBatch], torch.Tensor] | None:
-        """Reference log-probs for DPO: a frozen copy of the initial LM, or (LoRA) the same model
-        with its adapters switched off."""
-        if self.cfg.loss.regulariser != "dpo":
-            return None
-        if self.reference_lm is None:  # LoRA: the base weights are the reference
-            def lora_reference(batch: PairBatch) -> torch.Tensor:
-                with torch.no_grad(), self.model.lm.disable_adapter(), self.autocast():
-                    return self.model(batch.input_ids, batch.attention_mask, batch.response_mask).logps
-            return lora_reference
-        ref = shard(ReferenceModel(self.reference_lm).to(self.info.device))
-
-        def reference(batch: PairBatch) -> torch.Tensor:
-            with torch.no_grad(), self.autocast():
-                return ref(batch.input_ids, batch.attention_mask, batch.response_mask)
-        return reference
-
     # -- data position ------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -480,38 +328,19 @@ class Trainer:
         return out
 
     # -- one optimizer step -------------------------------------------------------------------
-    def train_step(self, batches: list[PairBatch]) -> dict[str, float]:
-        self.model.train()
-        sums: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            set_grad_sync(self.model, i == len(batches) - 1)
-            with self.autocast():
-                loss, stats = compute_loss(self.model, batch, self.cfg, self.reference)
-            (loss / len(batches)).backward()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
-        if self.info.distributed and not self.cfg.dist.fsdp:
-            all_reduce_grads(self.model, self.info)
-        max_norm = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        sums["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        stats = all_mean(sums, self.info)
-        stats["grad_norm"] = float(grad_norm)
-        return stats
+    def build_step(self) -> TrainStep:
+        info, fsdp = self.info, self.cfg.dist.fsdp
+        return TrainStep(self.model, self.optimizer, self.scheduler, autocast=self.autocast,
+                         loss_fn=lambda model, batch: compute_loss(model, batch, self.cfg, self.reference),
+                         grad_clip=self.cfg.optim.grad_clip, grad_sync=set_grad_sync,
+                         reduce_grads=(lambda: all_reduce_grads(self.model, info)) if info.distributed and not fsdp else None,
+                         reduce_stats=lambda stats: all_mean(stats, info))
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps` (or `stop_at_step`); returns the last logged metrics."""
         cfg, info = self.cfg, self.info
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (info.is_main and cfg.log.progress),
-                   desc="grm-train", dynamic_ncols=True)
+        bar = progress(self.total_steps, initial=self.step, enabled=info.is_main and cfg.log.progress, desc="grm-train")
         last: dict[str, Any] = {"step": self.step}
         stop = min(self.total_steps, cfg.stop_at_step or self.total_steps)
         t0 = time.perf_counter()
@@ -527,11 +356,11 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
                         "time_s": round(elapsed, 3)}
-                self.log_metrics(last)
+                self.metrics.write(last)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
             # 4. evaluate
             if self.eval_data is not None and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < stop:
-                self.log_metrics(self.evaluate())
+                self.metrics.write(self.evaluate())
             # 5. checkpoint
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
                 self.save_checkpoint()
@@ -539,16 +368,11 @@ class Trainer:
         # 6. the end (or an early stop): final evaluation and checkpoint
         if self.eval_data is not None and self.step == self.total_steps:
             evaluation = self.evaluate()
-            self.log_metrics(evaluation)
+            self.metrics.write(evaluation)
             last.update({k: v for k, v in evaluation.items() if k.startswith("eval_")})
         if (cfg.checkpoint.final or self.step < self.total_steps) and self.saved_step != self.step:
             self.save_checkpoint()
         return last
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        if self.info.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:

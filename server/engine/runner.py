@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from grmserve.training.core.batching import pad_right, plan_batches
-from grmserve.training.core.devices import fast_dtype
+from grmserve.training.core.devices import DTYPES, fast_dtype
 from grmserve.training.core.model import GRMModel, pool_last
 
 from .base import BatchStats
@@ -30,30 +30,10 @@ from .prefix_cache import PrefixCache, common_length
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 PAST_BUDGET_FACTOR = 2  # a pass may read up to this many × max_tokens of cached prefix KV (rows × longest past)
 # What one more pass costs, in (query, key) pairs of padded attention: on 2 EPYC cores a pass has about 0.1 s of
 # fixed cost (weights read once more, per-layer overhead) and attention takes about 1 µs per pair over all layers.
 PASS_AREA = 1 << 17
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` → cuda when one is visible, else cpu. Asking for cuda without one is an error.
-
-    >>> resolve_device("cpu").type
-    'cpu'
-    """
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--model.device {spec}: no CUDA device is available (this torch is "
-                          f"{torch.__version__}); use --model.device cpu")
-    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

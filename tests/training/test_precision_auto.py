@@ -5,7 +5,7 @@ import torch
 from grmserve.server.engine.runner import resolve_precision
 from grmserve.training.config import PrecisionConfig
 from grmserve.training.core.devices import fast_dtype
-from grmserve.training.trainer import apply_precision
+from grmserve.training.precision import apply_precision
 
 
 def test_auto_precision_follows_the_hardware():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grmserve.training.components import ReferenceModel, compute_loss
 from grmserve.training.config import TrainConfig
 from grmserve.training.data import EncodedPair, collate_pairs
-from grmserve.training.trainer import ReferenceModel, compute_loss
 
 
 def _batch(tokenizer):
@@ -32,8 +32,7 @@ def test_regulariser_alone_reaches_backbone_and_lm_head(regulariser, make_tiny_g
     batch = _batch(tokenizer)
     reference = None
     if regulariser == "dpo":
-        ref = ReferenceModel(make_tiny_grm("mlp", seed=2).lm)  # a different reference: nonzero DPO gradient
-        reference = lambda b: ref(b.input_ids, b.attention_mask, b.response_mask)  # noqa: E731
+        reference = ReferenceModel(make_tiny_grm("mlp", seed=2).lm)  # a different reference: nonzero DPO gradient
     loss, stats = compute_loss(model, batch, cfg, reference)
     loss.backward()
     assert stats["reg_loss"] == pytest.approx(loss.item(), rel=1e-6)
@@ -68,5 +67,5 @@ def test_dpo_with_reference_equal_to_policy_starts_at_log2(make_tiny_grm, tokeni
     ref = ReferenceModel(make_tiny_grm("mlp", seed=1).lm)
     cfg = TrainConfig()
     cfg.loss.regulariser, cfg.loss.alpha = "dpo", 1.0
-    loss, _ = compute_loss(model, _batch(tokenizer), cfg, lambda b: ref(b.input_ids, b.attention_mask, b.response_mask))
+    loss, _ = compute_loss(model, _batch(tokenizer), cfg, ref)
     assert loss.item() == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-5)

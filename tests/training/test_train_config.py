@@ -10,10 +10,12 @@ import torch
 
 from grmserve.training import config as config_module
 from grmserve.training import presets
-from grmserve.training.config import PrecisionConfig, TrainConfig, build_parser, parse_config
+from grmserve.training.components import lr_multiplier
+from grmserve.training.config import PrecisionConfig, TrainConfig
 from grmserve.training.core.configtools import from_dict, to_dict
 from grmserve.training.evaluate import main as eval_main
-from grmserve.training.trainer import apply_precision, lr_multiplier
+from grmserve.training.precision import apply_precision
+from grmserve.training.presets import build_parser, parse_config
 from grmserve.training.trainer import main as train_main
 
 # The public surface of `grm-train`. Changing it breaks users' scripts: update this list on purpose.
@@ -27,7 +29,7 @@ TRAIN_FLAGS = [
     "--model.head.type", "--model.lora.alpha", "--model.lora.dropout", "--model.lora.enabled", "--model.lora.r",
     "--model.lora.target_modules", "--model.name", "--model.tiny_hidden_size", "--model.tiny_layers",
     "--optim.batch_size", "--optim.betas", "--optim.epochs", "--optim.eps", "--optim.grad_accum", "--optim.grad_clip",
-    "--optim.lr", "--optim.max_steps", "--optim.min_lr_ratio", "--optim.warmup_steps", "--optim.weight_decay",
+    "--optim.head_lr", "--optim.lr", "--optim.max_steps", "--optim.min_lr_ratio", "--optim.warmup_steps", "--optim.weight_decay",
     "--precision.mode", "--preset", "--print_config", "--resume", "--run_dir", "--seed", "--stop_at_step",
 ]
 PRESET_NAMES = ["smollm2", "smollm2-baseline", "smollm2-dpo", "smollm2-lora", "tiny", "tiny-dpo", "tiny-lora"]

@@ -1,13 +1,41 @@
-"""Device facts shared by training and serving.
+"""Devices and dtypes: the one place they are resolved, for training and serving alike.
 
-    >>> import torch
+    >>> resolve_device("cpu").type
+    'cpu'
     >>> fast_dtype(torch.device("cuda"))
+    torch.bfloat16
+    >>> DTYPES["bf16"]
     torch.bfloat16
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
+
+DType = Literal["fp32", "bf16"]
+"""How every command spells a dtype."""
+DTYPES: dict[str, torch.dtype] = dict(zip(get_args(DType), (torch.float32, torch.bfloat16)))
+
+
+class DeviceError(ValueError):
+    """The requested device cannot be used (the message says what to pass instead)."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` → cuda when one is visible, else cpu; `cpu`, `cuda`, `cuda:N` as given. Asking for
+    cuda without one is a `DeviceError`."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise DeviceError(f"device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {spec}: no CUDA device is available (this torch is {torch.__version__}); "
+                          "use cpu")
+    return device
 
 
 def fast_dtype(device: torch.device) -> torch.dtype:

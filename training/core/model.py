@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +28,15 @@ from . import env  # noqa: F401  (offline mode before transformers is imported)
 
 FORMAT_VERSION = 1
 """Version of the `grm` block in config.json (checkpoint.py refuses others)."""
-HEAD_TYPES = ("mlp", "linear")
+HeadType = Literal["mlp", "linear"]
+HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
 
 
 @dataclass(kw_only=True)
 class HeadConfig:
     """Shape of the reward head."""
 
-    type: str = "mlp"
+    type: HeadType = "mlp"
     """`mlp`: dropout, Linear(h, hidden), ReLU, Linear(hidden, 1). `linear`: dropout, Linear(h, 1)."""
     hidden: int = 1024
     """Width of the mlp head's hidden layer."""
