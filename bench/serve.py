@@ -72,6 +72,9 @@ class NaiveEngine(Engine):
     async def start(self):
         pass
 
+    async def warmup(self):
+        pass
+
     async def drain(self):
         pass
 

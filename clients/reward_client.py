@@ -19,7 +19,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grmserve.protos import SERVICE_NAME, reward_pb2, reward_pb2_grpc
+from grmserve.protos import DEFAULT_MAX_MESSAGE_MB, SERVICE_NAME, reward_pb2, reward_pb2_grpc
 
 Prompt = str | Sequence[dict]
 
@@ -53,7 +53,8 @@ def _channel_args(token: str | None):
     return [("authorization", f"Bearer {token}")] if token else None
 
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_MB << 20),
+                    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_MB << 20)]
 
 
 def _open_channel(api, target: str, root_certificates: bytes | None):

@@ -20,7 +20,7 @@ from grmserve.training.core.devices import resolve_device
 from grmserve.training.core.prompts import PromptRenderer
 
 from .config import ServeConfig
-from .engine.base import EngineInfo
+from .engine.base import Engine, EngineInfo
 from .engine.batcher import BatchingEngine
 from .engine.prefix_cache import common_head
 from .engine.runner import ModelRunner, prepare_model
@@ -40,6 +40,11 @@ def default_checkpoint() -> Path:
 
 def build_engine(config: ServeConfig) -> BatchingEngine:
     """Load the checkpoint, prepare it for the configured precision and device, wrap it in a batcher."""
+    return BatchingEngine(*load_runner(config), config.batch)
+
+
+def load_runner(config: ServeConfig) -> tuple[ModelRunner, PromptRenderer, EngineInfo]:
+    """The model runner for `config.model` (loaded, converted, on its device), its renderer and info."""
     path = Path(config.model.checkpoint) if config.model.checkpoint else default_checkpoint()
     if config.model.threads > 0:
         torch.set_num_threads(config.model.threads)
@@ -61,7 +66,7 @@ def build_engine(config: ServeConfig) -> BatchingEngine:
     runner = ModelRunner(model, pad_id=loaded.tokenizer.pad_token_id, device=device,
                          cache_bytes=config.batch.prefix_cache_mib << 20)
     runner.set_head(template_head(renderer))
-    return BatchingEngine(runner, renderer, info, config.batch)
+    return runner, renderer, info
 
 
 def template_head(renderer: PromptRenderer) -> list[int]:
@@ -77,7 +82,7 @@ def template_head(renderer: PromptRenderer) -> list[int]:
 class RewardServer:
     """Engine + gRPC server + metrics endpoint + health, with an orderly start and stop."""
 
-    def __init__(self, config: ServeConfig, engine: BatchingEngine | None = None):
+    def __init__(self, config: ServeConfig, engine: Engine | None = None):
         self.config = config
         self.engine = engine
         self.metrics = ServerMetrics()
@@ -101,18 +106,10 @@ class RewardServer:
         await self.server.start()  # health says NOT_SERVING until warm-up is done
         await self.engine.start()
         if self.config.model.warmup:
-            await asyncio.get_running_loop().run_in_executor(None, self._warmup)
+            await self.engine.warmup()
         await set_serving(self.health, True)
         self.metrics.ready.set(1)
         log.info("serving on port %s (metrics on %s)", self.port, self.metrics_port)
-
-    def _warmup(self) -> None:
-        runner = self.engine.runner
-        self.engine.run_sync(runner.score_rows, [[runner.pad_id] * 8, [runner.pad_id] * 4])
-        # Both waves of score_pairs (a fresh prompt, then a response on its state); then forget it.
-        self.engine.run_sync(runner.score_pairs, [((runner.pad_id,) * 8, [runner.pad_id] * 4),
-                                                  ((runner.pad_id,) * 8, [runner.pad_id] * 2)])
-        self.engine.run_sync(runner.cache.clear)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, finish accepted ones (up to `grace` s), then close."""

@@ -62,7 +62,8 @@ class ServerThread:
         return RewardClient(self.target, **kw)
 
     def stop(self) -> None:
-        if self._loop and self._stop:
+        """Drain and stop the server; a second call does nothing."""
+        if self._loop and self._stop and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 

@@ -14,13 +14,11 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from grmserve.training.core.configtools import (
-    add_config_arguments,
-    apply_overrides,
-    iter_leaves,
-)
+from grmserve.protos import DEFAULT_MAX_MESSAGE_MB
+from grmserve.training.core.configtools import add_config_arguments, apply_overrides, check_literals, iter_leaves
+from grmserve.training.core.fp8.convert import RecipeName
 
-PRECISIONS = ("auto", "fp8", "bf16", "fp32")
+Precision = Literal["auto", "fp8", "bf16", "fp32"]
 
 
 @dataclass(kw_only=True)
@@ -29,9 +27,9 @@ class ModelConfig:
 
     checkpoint: str = ""
     """Checkpoint folder (grm, grm-research or sequence-classification format); empty = the default model."""
-    precision: Literal["auto", "fp8", "bf16", "fp32"] = "auto"
+    precision: Precision = "auto"
     """fp8 (float8 e4m3 weights), bf16, fp32, or auto: fp8 on CUDA ≥ sm89, bf16 where it is fast, else fp32."""
-    fp8_recipe: Literal["fp8-block64", "fp8-block128", "fp8-channel", "fp8-tensor", "fp8"] = "fp8-block64"
+    fp8_recipe: RecipeName = "fp8-block64"
     """FP8 recipe for --model.precision fp8: fp8-block64, fp8-block128, fp8-channel (W8A8 on GPU) or fp8-tensor."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available, else cpu)."""
@@ -76,7 +74,7 @@ class LimitsConfig:
     """Most pairs in one Score call."""
     max_candidates: int = 128
     """Most responses in one ScoreCandidates call."""
-    max_message_mb: int = 64
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     """Largest gRPC message, in MiB."""
 
 
@@ -114,12 +112,7 @@ class ServeConfig:
     """Logging level."""
 
     def validate(self) -> None:
-        if self.model.precision not in PRECISIONS:
-            raise ValueError(f"--model.precision must be one of {PRECISIONS}, got {self.model.precision!r}")
-        from grmserve.training.core.fp8 import RECIPES
-
-        if self.model.fp8_recipe not in RECIPES:
-            raise ValueError(f"--model.fp8_recipe must be one of {sorted(RECIPES)}, got {self.model.fp8_recipe!r}")
+        check_literals(self)
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ValueError("--server.tls_cert and --server.tls_key go together")
         if not 0 <= self.batch.max_wait_ms <= self.batch.max_delay_ms:

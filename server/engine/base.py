@@ -1,20 +1,22 @@
 """The scoring engine interface, its domain errors and the plain stats objects it emits.
 
-The RPC layer only converts protos to `ScoreJob`s and awaits `Engine.submit`; the engine never
-sees a proto. Errors raised here are turned into gRPC status codes in exactly one interceptor
-(server/rpc/interceptors.py).
+`Engine` lists everything the app (app.py) and the RPC layer (rpc/) use; tests swap engines through
+it. `Runner` lists what the batcher uses of the model runner. The RPC layer only converts protos
+to `ScoreJob`s and awaits `Engine.submit`; the engine never sees a proto. Errors raised here are
+turned into gRPC status codes in exactly one interceptor (server/rpc/interceptors.py).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from grmserve.training.core.prompts import EncodedGroup, InputError  # noqa: F401  (re-exported)
+from grmserve.training.core.prompts import EncodedGroup, PromptRenderer
 
 if TYPE_CHECKING:
-    from .prefix_cache import PrefixStats
+    from .prefix_cache import PrefixCache, PrefixStats
 
 
 class EngineError(Exception):
@@ -102,14 +104,24 @@ class StatsSinks:
 
 
 class Engine(abc.ABC):
-    """What the RPC layer talks to."""
+    """Everything the app and the RPC layer use of a scoring engine."""
 
     info: EngineInfo
+    """What is served (model, precision, limits), for Info and the model_info metric."""
     sinks: StatsSinks
+    """Where the engine's stats go (the metrics module subscribes)."""
+
+    @abc.abstractmethod
+    def renderer(self) -> PromptRenderer:
+        """The PromptRenderer that turns prompts and responses into token ids for this model."""
 
     @abc.abstractmethod
     async def start(self) -> None:
         """Start background work (the batcher)."""
+
+    @abc.abstractmethod
+    async def warmup(self) -> None:
+        """Run a small batch through the model (first-call costs) and forget it; before SERVING."""
 
     @abc.abstractmethod
     async def submit(self, job: ScoreJob) -> ScoreResult:
@@ -120,5 +132,19 @@ class Engine(abc.ABC):
         """Refuse new jobs and return once every accepted job has finished."""
 
     @abc.abstractmethod
-    def renderer(self):
-        """The PromptRenderer that turns prompts and responses into token ids for this model."""
+    async def close(self) -> None:
+        """Drain, then stop background work and release the model thread."""
+
+
+class Runner(Protocol):
+    """What the batcher uses of the model runner (runner.py's `ModelRunner`); called on one thread."""
+
+    pad_id: int
+    cache: PrefixCache
+
+    def score_pairs(self, pairs: list[tuple[Sequence[int], Sequence[int]]], *, max_tokens: int,
+                    max_rows: int) -> tuple[list[float], list[BatchStats]]:
+        """Scores of (prompt ids, response ids) pairs, in order, and one stats object per pass."""
+
+    def score_rows(self, rows: list[list[int]]) -> tuple[list[float], BatchStats]:
+        """Scores of independent token rows in one right-padded pass (the reference path)."""

@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from grmserve.training.core.prompts import PromptRenderer
+
 from ..config import BatchConfig
 from .base import (
     DeadlineExpiredError,
@@ -34,6 +36,7 @@ from .base import (
     JobStats,
     NotServingError,
     QueueFullError,
+    Runner,
     ScoreJob,
     ScoreResult,
     StatsSinks,
@@ -54,7 +57,8 @@ class _Entry:
 class BatchingEngine(Engine):
     """Engine over a ModelRunner with dynamic batching (see the module docstring)."""
 
-    def __init__(self, runner, renderer, info: EngineInfo, config: BatchConfig, sinks: StatsSinks | None = None):
+    def __init__(self, runner: Runner, renderer: PromptRenderer, info: EngineInfo, config: BatchConfig,
+                 sinks: StatsSinks | None = None):
         self.runner = runner
         self._renderer = renderer
         self.info = info
@@ -71,7 +75,7 @@ class BatchingEngine(Engine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grm-model")
         self._accepting = False
 
-    def renderer(self):
+    def renderer(self) -> PromptRenderer:
         return self._renderer
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -97,9 +101,21 @@ class BatchingEngine(Engine):
                 pass
         self._executor.shutdown(wait=True)
 
+    async def warmup(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warmup)
+
     def run_sync(self, fn, *args):
-        """Run `fn` on the model thread (e.g. warm-up) and wait for it."""
+        """Run `fn` on the model thread and wait for it (benchmarks reset the cache this way)."""
         return self._executor.submit(fn, *args).result()
+
+    def _warmup(self) -> None:
+        """On the model thread: one padded pass, both waves of `score_pairs` (a fresh prompt, then a
+        response on its state); then forget what the cache learnt."""
+        pad = self.runner.pad_id
+        self.runner.score_rows([[pad] * 8, [pad] * 4])
+        self.runner.score_pairs([((pad,) * 8, [pad] * 4), ((pad,) * 8, [pad] * 2)],
+                                max_tokens=self.config.max_batch_tokens, max_rows=self.config.max_batch_rows)
+        self.runner.cache.clear()
 
     # -- submission -----------------------------------------------------------------------------
     async def submit(self, job: ScoreJob) -> ScoreResult:
@@ -139,13 +155,12 @@ class BatchingEngine(Engine):
             if not work:
                 continue
             try:
-                results = await loop.run_in_executor(self._executor, self._compute, work)
+                compute_seconds = await loop.run_in_executor(self._executor, self._compute, work)
             except Exception as exc:  # noqa: BLE001 - a failed pass fails its callers, not the server
                 log.exception("model pass failed")
                 for entry in work:
                     self._finish(entry, error=exc)
                 continue
-            compute_seconds = results
             for entry in work:
                 self._finish(entry, compute_seconds=compute_seconds)
             self._step_end = (time.monotonic(), len(work), self._arrivals)

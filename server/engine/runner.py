@@ -20,20 +20,17 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from grmserve.training.core.batching import pad_right, plan_batches
+from grmserve.training.core.batching import pad_right
 from grmserve.training.core.devices import DTYPES, fast_dtype
 from grmserve.training.core.model import GRMModel, pool_last
 
 from .base import BatchStats
 from .packed import packed_forward, supports_packing, use_packed_attention
-from .prefix_cache import PrefixCache, common_length
+from .planner import Row, plan_wave
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
-PAST_BUDGET_FACTOR = 2  # a pass may read up to this many × max_tokens of cached prefix KV (rows × longest past)
-# What one more pass costs, in (query, key) pairs of padded attention: on 2 EPYC cores a pass has about 0.1 s of
-# fixed cost (weights read once more, per-layer overhead) and attention takes about 1 µs per pair over all layers.
-PASS_AREA = 1 << 17
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -84,39 +81,6 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
         raise ValueError(f"unknown precision {precision!r}")
     model.reward_head.to(device=device, dtype=torch.float32)
     return precision
-
-
-@dataclasses.dataclass
-class _Row:
-    """One sequence of a wave: it continues `past` cached tokens (`parts`), then, when it has a
-    lead, the first `shared` new tokens of that row of the same pass, then runs its own."""
-
-    seq: tuple[int, ...]
-    past: int
-    parts: list[torch.Tensor]
-    lead: int | None = None  # index of the leading row in this wave's rows
-    shared: int = 0
-
-    @property
-    def start(self) -> int:
-        """Where the tokens this row computes begin."""
-        return self.past + self.shared
-
-    @property
-    def new(self) -> int:
-        """How many tokens this row computes."""
-        return len(self.seq) - self.start
-
-
-def _attention_area(rows: list[_Row], *, separate: bool = False) -> int:
-    """(query, key) pairs of a packed pass's padded attention: rows × longest × (past + borrowed +
-    longest). `separate`: the rows as a later wave would run them, their lead's tokens in the past."""
-    if not rows:
-        return 0
-    longest = max(r.new for r in rows)
-    if separate:
-        return len(rows) * longest * (max(r.start for r in rows) + longest)
-    return len(rows) * longest * (max(r.past for r in rows) + max(r.shared for r in rows) + longest)
 
 
 class ModelRunner:
@@ -190,62 +154,49 @@ class ModelRunner:
             where.setdefault(seq, []).append(i)
         scores = [0.0] * len(pairs)
         stats: list[BatchStats] = []
-        head = self.cache.head
-
-        def beyond_head(seq: tuple[int, ...], n: int) -> bool:  # reuses more than the template head
-            return n > 0 and seq[:n] != head[:n]
-
-        def plan(rows: list[_Row]) -> list[list[int]]:
-            return plan_batches([r.new for r in rows], max_tokens, max_rows, past=[r.past for r in rows],
-                                max_past_tokens=PAST_BUDGET_FACTOR * max_tokens)
-
         todo = list(where)
         for wave in range(2):
-            rows: list[_Row] = []
-            later: list[_Row] = []
-            leaders: dict[tuple[int, ...], int] = {}
-            for seq in todo:
-                n, parts = self.cache.match(seq, limit=len(seq) - 1)  # the last token always runs
-                if wave == 0 and seq[:n + 1] in leaders:  # shares its next tokens with a row of this wave
-                    later.append(_Row(seq, n, parts, lead=leaders[seq[:n + 1]]))
-                else:
-                    leaders[seq[:n + 1]] = len(rows)
-                    rows.append(_Row(seq, n, parts))
-            if later and self.packed:
-                for row in later:  # share the lead's first new tokens, keep at least the last token its own
-                    own = row.seq[row.past:]
-                    row.shared = min(common_length(own, rows[row.lead].seq, row.past), len(own) - 1)
-                waves = _attention_area(rows) + _attention_area(later, separate=True) + PASS_AREA
-                if len(plan(rows + later)) == 1 and _attention_area(rows + later) <= waves:
-                    rows, later = rows + later, []
-            for row in rows:
-                self.cache.stats.reused_tokens += row.start
-                if beyond_head(row.seq, row.start):
-                    self.cache.stats.hits += 1
-                else:
-                    self.cache.stats.misses += 1
-            for batch in plan(rows):
-                start = time.perf_counter()
-                chosen = [rows[j] for j in batch]
-                at = {j: k for k, j in enumerate(batch)}
-                borrow = [(at[r.lead], r.shared) if r.lead is not None and r.shared else None for r in chosen]
-                news = [list(r.seq[r.start:]) for r in chosen]
-                out, kvs = self._pass([r.parts for r in chosen], news, lengths=[r.past for r in chosen],
-                                      borrow=borrow if any(borrow) else None)
-                done = sorted(zip(chosen, out, kvs), key=lambda t: t[0].lead is not None)  # leads store first
-                for row, score, kv in done:
-                    for i in where[row.seq]:
-                        scores[i] = score
-                    self.cache.insert(row.seq, row.start, kv)
-                tokens = sum(map(len, news))
-                stats.append(BatchStats(rows=len(batch), tokens=tokens,
-                                        padded_tokens=tokens if self.packed else len(batch) * max(map(len, news)),
-                                        compute_seconds=time.perf_counter() - start,
-                                        kind="cached_prompt" if any(beyond_head(r.seq, r.start) for r in chosen)
-                                        else "pairs"))
-            todo = [row.seq for row in later]
+            matches = [self.cache.match(seq, limit=len(seq) - 1) for seq in todo]  # the last token always runs
+            plan = plan_wave(todo, matches, first_wave=wave == 0, packed=self.packed, max_tokens=max_tokens,
+                             max_rows=max_rows)
+            self._count_lookups(plan.rows)
+            for batch in plan.passes:
+                stats.append(self._run_pass([plan.rows[j] for j in batch], batch, where, scores))
+            todo = plan.later
         self.cache.trim()
         return scores, stats
+
+    def _beyond_head(self, seq: tuple[int, ...], n: int) -> bool:
+        """Whether reusing `n` tokens of `seq` reuses more than the template head."""
+        return n > 0 and seq[:n] != self.cache.head[:n]
+
+    def _count_lookups(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.cache.stats.reused_tokens += row.start
+            if self._beyond_head(row.seq, row.start):
+                self.cache.stats.hits += 1
+            else:
+                self.cache.stats.misses += 1
+
+    def _run_pass(self, chosen: list[Row], batch: list[int], where: dict[tuple[int, ...], list[int]],
+                  scores: list[float]) -> BatchStats:
+        """Run one planned pass, store its rows' new states in the cache, fill their scores."""
+        start = time.perf_counter()
+        at = {j: k for k, j in enumerate(batch)}
+        borrow = [(at[r.lead], r.shared) if r.lead is not None and r.shared else None for r in chosen]
+        news = [list(r.seq[r.start:]) for r in chosen]
+        out, kvs = self._pass([r.parts for r in chosen], news, lengths=[r.past for r in chosen],
+                              borrow=borrow if any(borrow) else None)
+        done = sorted(zip(chosen, out, kvs), key=lambda t: t[0].lead is not None)  # leads store first
+        for row, score, kv in done:
+            for i in where[row.seq]:
+                scores[i] = score
+            self.cache.insert(row.seq, row.start, kv)
+        tokens = sum(map(len, news))
+        return BatchStats(rows=len(batch), tokens=tokens,
+                          padded_tokens=tokens if self.packed else len(batch) * max(map(len, news)),
+                          compute_seconds=time.perf_counter() - start,
+                          kind="cached_prompt" if any(self._beyond_head(r.seq, r.start) for r in chosen) else "pairs")
 
     def _pass(self, pasts: list[list[torch.Tensor]], news: list[list[int]], *, lengths: list[int],
               borrow: list[tuple[int, int] | None] | None = None) -> tuple[list[float], list[torch.Tensor]]:

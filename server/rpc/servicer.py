@@ -4,6 +4,7 @@ errors propagate to the one interceptor that maps them (interceptors.py)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,8 @@ from grmserve.training.core.prompts import InputError
 from ..config import LimitsConfig
 from ..engine.base import Engine, ScoreJob, ScoreResult
 
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = importlib.metadata.version("grm-serve")
+"""The installed package's version (pyproject.toml is its one source)."""
 
 
 def prompt_from_proto(prompt: reward_pb2.Prompt, field: str):

@@ -6,13 +6,15 @@ import time
 
 import pytest
 
-from grmserve.server.app import build_engine
+from grmserve.server.app import load_runner
 from grmserve.server.background import ServerThread  # noqa: F401  (tests import it from here)
 from grmserve.server.config import local
+from grmserve.server.engine.batcher import BatchingEngine
 
 
 class SlowRunner:
-    """Wraps a ModelRunner: sleeps before every call and records the sequences it scored."""
+    """A `Runner` (server/engine/base.py) around a ModelRunner: sleeps before every call and records
+    the sequences it scored."""
 
     def __init__(self, runner, delay: float):
         self._runner = runner
@@ -63,10 +65,10 @@ def make_server(tiny_checkpoint):
 
     def make(slow: float | None = None, **limits):
         cfg = tiny_config(tiny_checkpoint, **limits)
-        engine = build_engine(cfg)
+        runner, renderer, info = load_runner(cfg)
         if slow is not None:
-            engine.runner = SlowRunner(engine.runner, slow)
-        st = ServerThread(cfg, engine).start()
+            runner = SlowRunner(runner, slow)
+        st = ServerThread(cfg, BatchingEngine(runner, renderer, info, cfg.batch)).start()
         started.append(st)
         return st
 

@@ -448,34 +448,6 @@ def test_packed_passes_are_used_for_llama_and_match_padded_ones(tiny_checkpoint)
         assert torch.allclose(torch.cat(a, dim=3), torch.cat(b, dim=3), atol=1e-5)
 
 
-def test_prefix_cache_evicts_least_recent_leaves_and_keeps_the_head():
-    from grmserve.server.engine.prefix_cache import PrefixCache
-
-    def state(n, value=0.0):
-        return torch.full((2, 2, 1, n, 4), value)  # 64 bytes a token
-
-    cache = PrefixCache(max_bytes=64 * 5)
-    cache.pin_head((1, 2), state(2, 7.0))
-    cache.insert((1, 2, 3, 4, 5), 2, state(3, 1.0))
-    cache.insert((1, 2, 3, 9), 2, state(2, 2.0))  # splits (3, 4, 5) after 3: (3,) with (4, 5) and (9,) below
-    assert len(cache) == 3 and cache.nbytes == 64 * 4
-    n, parts = cache.match((1, 2, 3, 4, 5, 6))
-    assert n == 5 and [p[0, 0, 0, :, 0].tolist() for p in parts] == [[7.0, 7.0], [1.0], [1.0, 1.0]]
-    cache.insert((1, 2, 8, 8), 2, state(2, 3.0))  # over budget until trimmed
-    assert cache.nbytes == 64 * 6
-    cache.trim()  # (3, 9) is the least recently used leaf; (3,) still has a child, so it stays
-    assert cache.nbytes == 64 * 5 and cache.stats.evictions == 1
-    assert cache.match((1, 2, 3, 9))[0] == 3 and cache.match((1, 2, 3, 4, 5))[0] == 5
-    cache.max_bytes = 0
-    cache.trim()
-    assert len(cache) == 0 and cache.nbytes == 0 and cache.match((1, 2, 3))[0] == 2  # the head stays
-    cache.insert((1, 2, 3), 2, state(1))
-    cache.clear()
-    assert len(cache) == 0 and cache.match((1, 2, 3))[0] == 2
-    cache.insert((1, 2, 3, 4), 3, state(1))  # continues a prefix that is gone: nothing stored
-    assert len(cache) == 0
-
-
 def test_prefix_cache_stays_within_its_byte_budget(tiny_checkpoint):
     from grmserve.server.engine.runner import ModelRunner
 

@@ -34,7 +34,3 @@ def auth_token() -> str | None:
     """Bearer token for the reward server, from $GRM_SERVE_TOKEN (kept out of argv and `ps`)."""
     return os.environ.get("GRM_SERVE_TOKEN") or None
 
-
-def cuda_visible() -> bool:
-    """False when the user hid every GPU with CUDA_VISIBLE_DEVICES=''."""
-    return os.environ.get("CUDA_VISIBLE_DEVICES", None) != ""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from torch import nn
@@ -84,9 +84,9 @@ def _block128() -> FP8Recipe:
     return FP8Recipe(name="fp8-block128", granularity="block", block_size=128)
 
 
-RECIPES: dict[str, Callable[[], FP8Recipe]] = {
-    "fp8-tensor": _tensor, "fp8-channel": _channel, "fp8-block64": _block64, "fp8-block128": _block128}
-RECIPES["fp8"] = _channel  # the default behind `--precision fp8`
+RecipeName = Literal["fp8-block64", "fp8-block128", "fp8-channel", "fp8-tensor", "fp8"]
+"""Recipes by name; `fp8` (per-channel) is the default behind `--precision fp8` on its own."""
+RECIPES: dict[str, Callable[[], FP8Recipe]] = dict(zip(get_args(RecipeName), (_block64, _block128, _channel, _tensor, _channel)))
 
 
 def get_recipe(recipe: str | FP8Recipe | None = None) -> FP8Recipe:
