@@ -1,7 +1,7 @@
 """bench/fp8_keep_columns: which full-precision part of an FP8 model buys the most accuracy. Prints JSON.
 
 An emulation, for choosing a recipe. It led to the shipped one, residual columns ranked by the
-score gradient (training/fp8/residuals.py, `grm-quantize --keep-columns`; measure that with
+score gradient (training/fp8/residuals.py, `grm-quantize --keep_columns`; measure that with
 `bench/fp8_accuracy.py file:<checkpoint>`); this bench keeps the output-error ranking. Every decoder linear of the fp32
 model is rounded to e4m3 with per-channel scales and dequantised (fake quantisation: the same
 numbers the CPU FP8 path multiplies with), then a part of the weights is put back in bf16 within
@@ -9,7 +9,7 @@ the issue's byte budget (linear weights ≤ 0.55× their bf16 size: 1 byte per w
 what is left for bf16 copies). Variants:
 
 - `none`: nothing kept;
-- `linears`: whole linears kept (default: the 21 that `grm-quantize --keep-sensitive` chose for
+- `linears`: whole linears kept (default: the 21 that `grm-quantize --keep_sensitive` chose for
   the default model, the shipped recipe);
 - `columns`: input columns kept, across all linears, ranked by the rounding error they let
   through, ||ΔW[:, j]||² · E[x_j²] (E over calibration activations), per byte (LLM.int8's outlier

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 from grmserve.training.core.checkpoint import CheckpointError
+from grmserve.training.core.configtools import fail
 from grmserve.training.core.devices import DeviceError
 
 from .app import RewardServer
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(config))
     except (CheckpointError, ConfigError, DeviceError) as exc:
-        print(f"grm-serve: {exc}", file=sys.stderr)
-        return 2
+        return fail("grm-serve", exc)
 
 
 if __name__ == "__main__":

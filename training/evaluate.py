@@ -15,7 +15,6 @@ own `PromptRenderer` settings, as the server would encode them. The JSON result 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 
 from .core.checkpoint import load_grm
+from .core.configtools import fail, parse_command
 from .core.devices import DTYPES, DType, resolve_device
 from .core.prompts import PromptRenderer
 from .data import DataError, EncodedPair, collate_pairs, encode_pairs, read_pairs
@@ -183,18 +183,12 @@ def evaluate_checkpoint(cfg: EvalRunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .core.configtools import add_config_arguments, from_dict
-
-    parser = argparse.ArgumentParser(prog="grm-eval", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, EvalRunConfig)
-    args = vars(parser.parse_args(argv))
-    cfg = from_dict(EvalRunConfig, args)
+    cfg = parse_command(EvalRunConfig, argv, prog="grm-eval", description=__doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         result = evaluate_checkpoint(cfg)
-    except (DataError, ValueError, OSError) as exc:
-        print(f"grm-eval: {exc}", file=sys.stderr)
-        return 1
+    except (DataError, ValueError, OSError) as exc:  # CheckpointError, DeviceError are ValueErrors
+        return fail("grm-eval", exc)
     print(f"{result['report']['source']}: {result['report']['rows']} rows, {result['report']['kept']} kept, "
           f"dropped {result['report']['dropped']}", file=sys.stderr)
     print(format_table(result), file=sys.stderr)

@@ -25,7 +25,6 @@ table. `--export NAME` writes the small artifact (LoRA factors + reward head) th
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -56,6 +55,7 @@ from .components import (
 )
 from .config import LoraConfig, TrainConfig
 from .core.batching import pad_right, plan_batches
+from .core.configtools import fail, parse_command
 from .core.default_model import ARTIFACT_FORMAT
 from .core.model import GRMConfig, GRMModel, HeadConfig, RewardHead
 from .core.prompts import PromptRenderer
@@ -603,12 +603,8 @@ def _global_name(key: str, first: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .core.configtools import add_config_arguments, apply_overrides
-
-    parser = argparse.ArgumentParser(prog="grm-experiment", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, ExperimentConfig)
-    args = vars(parser.parse_args(argv))
-    cfg = apply_overrides(ExperimentConfig(), args)
+    cfg = parse_command(ExperimentConfig, argv, prog="grm-experiment", description=__doc__.split("\n\n")[0],
+                        start=ExperimentConfig())
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if cfg.export:
@@ -617,8 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         results = run(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"grm-experiment: {exc}", file=sys.stderr)
-        return 1
+        return fail("grm-experiment", exc)
     print(results_table(results))
     return 0
 

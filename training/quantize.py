@@ -1,41 +1,43 @@
 """`grm-quantize`: write an FP8 copy of a reward-model checkpoint (any format load_grm reads).
 
-    $ grm-quantize runs/my-grm runs/my-grm-fp8 --recipe fp8-block64
-    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --recipe fp8-channel   # GPTQ + residual columns, <= 0.55x bf16
-    $ grm-quantize runs/my-grm runs/my-grm-fp8 --rounding gptq --recipe fp8-channel  # GPTQ alone: plain FP8 layout
-    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
-    $ grm-quantize runs/my-grm runs/my-grm-fp8 --keep-columns --calibration-data traffic.jsonl  # your own pairs
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --recipe fp8-block64
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_columns --recipe fp8-channel   # GPTQ + residual columns, <= 0.55x bf16
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --rounding gptq --recipe fp8-channel  # GPTQ alone: plain FP8 layout
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_columns --calibration_data traffic.jsonl  # your own pairs
     $ grm-serve --model.checkpoint runs/my-grm-fp8          # served as FP8, no start-up quantisation
 
-`--keep-columns` (the most accurate recipe) runs calibration pairs forward and backward through the
+`--keep_columns` (the most accurate recipe) runs calibration pairs forward and backward through the
 full-precision model, ranks every input column of every FP8 layer by how far its rounding error
 moves the pairs' reward margins, and stores the rounding error of the worst columns as an e4m3
-residual (training/fp8/residuals.py), as many columns as fit in `--max-bytes-ratio`. With it the
-weights are rounded by GPTQ (training/fp8/gptq.py, `--rounding gptq`, the default here): column by
+residual (training/core/fp8/residuals.py), as many columns as fit in `--max_bytes_ratio`. With it the
+weights are rounded by GPTQ (training/core/fp8/gptq.py, `--rounding gptq`, the default here): column by
 column, each column's error pushed onto the columns not yet rounded through the calibration
 inputs' Hessian, the residual columns last, so that they absorb that compensation too. Same grid,
 scales and bytes as rounding to nearest.
 
-`--keep-sensitive` scans every decoder layer, then each linear of the 6 most sensitive layers
-(training/fp8/sensitivity.py), on calibration sequences from the bundled benchmark's train split
+`--keep_sensitive` scans every decoder layer, then each linear of the 6 most sensitive layers
+(training/core/fp8/sensitivity.py), on calibration sequences from the bundled benchmark's train split
 rendered with the checkpoint's own template, and keeps the linears whose quantisation moves the
-rewards most in full precision, as many as fit in `--max-bytes-ratio` of the linear weights' bf16
+rewards most in full precision, as many as fit in `--max_bytes_ratio` of the linear weights' bf16
 size.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from .core.checkpoint import CheckpointError, quantize_checkpoint, save_fp8_grm
-from .core.fp8.convert import RECIPES, convert_to_fp8
+from .core.configtools import fail, parse_command
+from .core.fp8.convert import RecipeName, convert_to_fp8
 from .data import DataError
 
-ROUNDINGS = ("gptq", "nearest")
+Rounding = Literal["gptq", "nearest"]
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
 
 def calibration_sequences(tokenizer, count: int, max_tokens: int, data=None) -> list[list[int]]:
@@ -77,7 +79,7 @@ def quantize_keeping_sensitive(src, out, recipe: str, *, max_bytes_ratio: float,
 def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, rounding: str, max_bytes_ratio: float,
                         calibration: int, damp: float = 0.01, calibration_data=None):
     """FP8 with calibration: residual columns (`residual_columns`), GPTQ rounding (`rounding="gptq"`),
-    or both (the default of `--keep-columns`). Returns (report, columns, residual count)."""
+    or both (the default of `--keep_columns`). Returns (report, columns, residual count)."""
     from .core.checkpoint import load_grm
     from .core.fp8.convert import _linear_bytes, get_recipe
     from .core.fp8.gptq import gptq_requantize, input_hessians
@@ -116,59 +118,75 @@ def quantize_calibrated(src, out, recipe: str, *, residual_columns: bool, roundi
     return report, columns, count
 
 
+@dataclass(kw_only=True)
+class QuantizeConfig:
+    """Everything `grm-quantize` needs."""
+
+    src: str
+    """Checkpoint folder to quantise (any format load_grm reads)."""
+    out: str
+    """Folder to write (replaced atomically if it exists)."""
+    recipe: RecipeName = "fp8-block64"
+    """FP8 recipe (weight scale granularity)."""
+    keep_columns: bool = False
+    """Correct the input columns whose FP8 rounding moves reward margins most with an e4m3 residual
+    (gradients on calibration pairs); the most accurate recipe."""
+    keep_sensitive: bool = False
+    """Keep the decoder linears most sensitive to FP8 in full precision (scanned on calibration pairs)."""
+    rounding: Literal["", "gptq", "nearest"] = ""
+    """gptq: round each layer's columns in turn, pushing each column's error onto the rest through the
+    calibration inputs' Hessian (same grid, scales and bytes); nearest: each weight on its own.
+    Empty: gptq with keep_columns, nearest otherwise."""
+    max_bytes_ratio: float = 0.55
+    """With keep_sensitive/keep_columns: linear-weight bytes at most this times their bf16 size."""
+    calibration: int = 0
+    """Calibration sequences (chosen and rejected responses) for keep_sensitive/keep_columns/gptq
+    (0: 64 for keep_sensitive, else 256)."""
+    calibration_data: str = ""
+    """Preference pairs to calibrate on instead of the bundled train split (any file or folder the
+    trainer reads): pairs like the traffic the model will serve."""
+
+    def validate(self) -> "QuantizeConfig":
+        """Raise ValueError naming the flags that do not go together; resolve the default rounding."""
+        if self.keep_sensitive and self.keep_columns:
+            raise ValueError("--keep_sensitive and --keep_columns are two recipes; pick one")
+        self.rounding = self.rounding or ("gptq" if self.keep_columns else "nearest")
+        if self.calibration_data and not (self.keep_columns or self.keep_sensitive or self.rounding == "gptq"):
+            raise ValueError("--calibration_data needs a calibrated recipe: --keep_columns, --keep_sensitive or "
+                             "--rounding gptq")
+        if self.keep_sensitive and self.rounding == "gptq":
+            raise ValueError("--rounding gptq works alone or with --keep_columns, not with --keep_sensitive")
+        return self
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grm-quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="checkpoint folder to quantise")
-    parser.add_argument("out", help="folder to write (replaced atomically if it exists)")
-    parser.add_argument("--recipe", default="fp8-block64", choices=sorted(RECIPES), help="FP8 recipe")
-    parser.add_argument("--keep-sensitive", action="store_true",
-                        help="keep the decoder layers most sensitive to FP8 in full precision (scanned on calibration pairs)")
-    parser.add_argument("--keep-columns", action="store_true",
-                        help="correct the input columns whose FP8 rounding moves reward margins most with an e4m3 "
-                             "residual (gradients on calibration pairs); the most accurate recipe")
-    parser.add_argument("--rounding", choices=ROUNDINGS, default=None,
-                        help="gptq: round each layer's columns in turn, pushing each column's error onto the rest "
-                             "through the calibration inputs' Hessian (same grid, scales and bytes); nearest: "
-                             "each weight on its own. Default gptq with --keep-columns, nearest otherwise")
-    parser.add_argument("--max-bytes-ratio", type=float, default=0.55,
-                        help="with --keep-sensitive/--keep-columns: linear-weight bytes at most this times their bf16 size")
-    parser.add_argument("--calibration", type=int, default=None,
-                        help="with --keep-sensitive/--keep-columns/--rounding gptq: calibration sequences (chosen and "
-                             "rejected responses) from the bundled benchmark's train split (default 64 / 256)")
-    parser.add_argument("--calibration-data", default=None, metavar="PATH",
-                        help="preference pairs to calibrate on instead of the bundled train split (any file or "
-                             "folder the trainer reads): pairs like the traffic the model will serve")
-    args = parser.parse_args(argv)
-    if args.keep_sensitive and args.keep_columns:
-        parser.error("--keep-sensitive and --keep-columns are two recipes; pick one")
-    rounding = args.rounding or ("gptq" if args.keep_columns else "nearest")
-    if args.calibration_data and not (args.keep_columns or args.keep_sensitive or rounding == "gptq"):
-        parser.error("--calibration-data needs a calibrated recipe: --keep-columns, --keep-sensitive or --rounding gptq")
-    if args.keep_sensitive and rounding == "gptq":
-        parser.error("--rounding gptq works alone or with --keep-columns, not with --keep-sensitive")
+    cfg = parse_command(QuantizeConfig, argv, prog="grm-quantize", description=__doc__.split("\n\n")[0])
     try:
-        if args.keep_columns or rounding == "gptq":
-            report, columns, count = quantize_calibrated(
-                args.src, args.out, args.recipe, residual_columns=args.keep_columns, rounding=rounding,
-                max_bytes_ratio=args.max_bytes_ratio, calibration=args.calibration or 256,
-                calibration_data=args.calibration_data)
-            print(json.dumps({"rounding": rounding, "residual_columns": count, "layers_with_residuals": len(columns)}))
-        elif args.keep_sensitive:
-            report, scan, keep = quantize_keeping_sensitive(args.src, args.out, args.recipe,
-                                                            max_bytes_ratio=args.max_bytes_ratio,
-                                                            calibration=args.calibration or 64,
-                                                            calibration_data=args.calibration_data)
-            worst = sorted(scan, key=lambda s: -s.error)[:8]
-            print(json.dumps({"kept": keep, "most_sensitive": [{"module": s.prefix, "error": round(s.error, 5)}
-                                                               for s in worst]}))
-        else:
-            report = quantize_checkpoint(args.src, args.out, args.recipe)
-    except (CheckpointError, DataError) as exc:
-        print(f"grm-quantize: {exc}", file=sys.stderr)
-        return 2
+        report = quantize(cfg.validate())
+    except (CheckpointError, DataError, ValueError) as exc:
+        return fail("grm-quantize", exc)
     print(report.summary())
-    print(args.out)
+    print(cfg.out)
     return 0
+
+
+def quantize(cfg: QuantizeConfig):
+    """Run the recipe `cfg` names; print what calibration chose; return the conversion report."""
+    data = cfg.calibration_data or None
+    if cfg.keep_columns or cfg.rounding == "gptq":
+        report, columns, count = quantize_calibrated(
+            cfg.src, cfg.out, cfg.recipe, residual_columns=cfg.keep_columns, rounding=cfg.rounding,
+            max_bytes_ratio=cfg.max_bytes_ratio, calibration=cfg.calibration or 256, calibration_data=data)
+        print(json.dumps({"rounding": cfg.rounding, "residual_columns": count, "layers_with_residuals": len(columns)}))
+        return report
+    if cfg.keep_sensitive:
+        report, scan, keep = quantize_keeping_sensitive(cfg.src, cfg.out, cfg.recipe, max_bytes_ratio=cfg.max_bytes_ratio,
+                                                        calibration=cfg.calibration or 64, calibration_data=data)
+        worst = sorted(scan, key=lambda s: -s.error)[:8]
+        print(json.dumps({"kept": keep, "most_sensitive": [{"module": s.prefix, "error": round(s.error, 5)}
+                                                           for s in worst]}))
+        return report
+    return quantize_checkpoint(cfg.src, cfg.out, cfg.recipe)
 
 
 if __name__ == "__main__":

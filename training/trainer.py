@@ -69,7 +69,7 @@ from .core.checkpoint import (
     read_config,
     save_grm,
 )
-from .core.configtools import to_dict
+from .core.configtools import fail, to_dict
 from .core.devices import resolve_device
 from .core.fsutil import replace_dir
 from .core.model import GRMConfig, GRMModel, init_grm
@@ -625,15 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        cfg.validate()
-    except ValueError as exc:
-        print(f"grm-train: {exc}", file=sys.stderr)
-        return 2
-    try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg)  # validates the config first
     except (ValueError, NotImplementedError, assets.AssetError) as exc:  # bad config, data, checkpoint: say what to change
-        print(f"grm-train: {exc}", file=sys.stderr)
-        return 2
+        return fail("grm-train", exc)
     try:
         result = trainer.fit()
         if trainer.info.is_main:

@@ -29,5 +29,5 @@ def test_smollm2_checkpoint_generates_sensible_text():
 
 
 def test_grm_assets_cli_prints_the_folder(capsys):
-    assert assets.main(["--tokenizer-only"]) == 0
+    assert assets.main(["--tokenizer_only"]) == 0
     assert capsys.readouterr().out.strip() == str(assets.tokenizer_dir())

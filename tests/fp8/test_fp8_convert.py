@@ -204,22 +204,22 @@ def test_grm_quantize_cli(tiny_checkpoint, tmp_path):
     from grmserve.training.quantize import main
 
     out = tmp_path / "fp8"
-    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel"]) == 0
+    assert main(["--src", str(tiny_checkpoint), "--out", str(out), "--recipe", "fp8-channel"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["grm"]["quantization"]["granularity"] == "channel"
     assert load_grm(out).model.grm_config.quantization
-    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert main(["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
 
 
 def test_grm_quantize_keep_sensitive_cli(tiny_checkpoint, tmp_path, capsys):
-    """--keep-sensitive: layer scan, then a linear scan of the worst layers on calibration pairs from
+    """--keep_sensitive: layer scan, then a linear scan of the worst layers on calibration pairs from
     the bundled benchmark; the kept linears stay full precision in the checkpoint and it loads."""
     from grmserve.training.core.fp8.linear import FP8InferenceLinear
     from grmserve.training.quantize import main
 
     out = tmp_path / "fp8-keep"
-    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-sensitive",
-                 "--max-bytes-ratio", "0.6", "--calibration", "8"]) == 0
+    assert main(["--src", str(tiny_checkpoint), "--out", str(out), "--recipe", "fp8-channel", "--keep_sensitive",
+                 "--max_bytes_ratio", "0.6", "--calibration", "8"]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[0])
     kept = report["kept"]
     assert kept and report["most_sensitive"][0]["module"] == kept[0]

@@ -148,15 +148,15 @@ def test_grm_quantize_rounding_flag(tiny_checkpoint, tmp_path, capsys):
     from grmserve.training.quantize import main
 
     out = tmp_path / "gptq-only"
-    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--rounding", "gptq",
+    assert main(["--src", str(tiny_checkpoint), "--out", str(out), "--recipe", "fp8-channel", "--rounding", "gptq",
                  "--calibration", "8"]) == 0
     quant = json.loads((out / "config.json").read_text())["grm"]["quantization"]
     assert quant["rounding"]["method"] == "gptq" and "residual_columns" not in quant
     model = load_grm(out).model
     assert all(m.residual_columns == 0 for m in model.modules() if isinstance(m, FP8InferenceLinear))
     assert json.loads(capsys.readouterr().out.splitlines()[0])["rounding"] == "gptq"
-    with pytest.raises(SystemExit):
-        main([str(tiny_checkpoint), str(tmp_path / "x"), "--keep-sensitive", "--rounding", "gptq"])
+    assert main(["--src", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--keep_sensitive", "--rounding",
+                 "gptq"]) == 2
     assert "--rounding gptq" in capsys.readouterr().err
 
 
@@ -168,24 +168,24 @@ def test_grm_quantize_calibrates_on_given_pairs(tiny_checkpoint, tmp_path, capsy
             for i in range(6)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "own-calibration"
-    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--rounding", "gptq",
-                 "--calibration", "8", "--calibration-data", str(data)]) == 0
+    assert main(["--src", str(tiny_checkpoint), "--out", str(out), "--recipe", "fp8-channel", "--rounding", "gptq",
+                 "--calibration", "8", "--calibration_data", str(data)]) == 0
     quant = json.loads((out / "config.json").read_text())["grm"]["quantization"]
     assert quant["calibration"] == {"data": str(data), "sequences": 8}
     default = tmp_path / "bundled-calibration"
-    assert main([str(tiny_checkpoint), str(default), "--recipe", "fp8-channel", "--rounding", "gptq",
+    assert main(["--src", str(tiny_checkpoint), "--out", str(default), "--recipe", "fp8-channel", "--rounding", "gptq",
                  "--calibration", "8"]) == 0
     a, b = load_grm(out).model, load_grm(default).model
     name = "lm.model.layers.0.mlp.down_proj"
     assert not torch.equal(a.get_submodule(name).weight.float(), b.get_submodule(name).weight.float())
     capsys.readouterr()
     # A missing or unusable calibration file is named, and nothing is written.
-    assert main([str(tiny_checkpoint), str(tmp_path / "x"), "--rounding", "gptq",
-                 "--calibration-data", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["--src", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--rounding", "gptq",
+                 "--calibration_data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such data file" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
-    assert main([str(tiny_checkpoint), str(tmp_path / "y"), "--keep-columns",
-                 "--calibration-data", str(empty)]) == 2
+    assert main(["--src", str(tiny_checkpoint), "--out", str(tmp_path / "y"), "--keep_columns",
+                 "--calibration_data", str(empty)]) == 2
     assert "no usable preference pairs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -1,7 +1,7 @@
 """Residual columns: an FP8 layer restores chosen input columns (both backends), the column
 sensitivity is the first-order margin change it claims to be, the picker stays in its byte budget,
 residuals cut the margin error on held-out sequences, and FP8 checkpoints carry them (`grm-quantize
---keep-columns`), with broken residual tensors named."""
+--keep_columns`), with broken residual tensors named."""
 
 from __future__ import annotations
 
@@ -205,8 +205,8 @@ def residual_checkpoint(tiny_checkpoint, tmp_path_factory):
     from grmserve.training.quantize import main
 
     out = tmp_path_factory.mktemp("fp8res") / "tiny-fp8-columns"
-    assert main([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-columns",
-                 "--max-bytes-ratio", "0.58", "--calibration", "8"]) == 0
+    assert main(["--src", str(tiny_checkpoint), "--out", str(out), "--recipe", "fp8-channel", "--keep_columns",
+                 "--max_bytes_ratio", "0.58", "--calibration", "8"]) == 0
     return out
 
 

@@ -268,7 +268,7 @@ def test_fp8_server_tracks_fp32(tiny_checkpoint):
 
 
 def test_server_loads_fp8_checkpoint_with_residual_columns(tiny_checkpoint, tmp_path, monkeypatch):
-    """An FP8 checkpoint from `grm-quantize --keep-columns` is served as written: its scores are the
+    """An FP8 checkpoint from `grm-quantize --keep_columns` is served as written: its scores are the
     training code's on the same checkpoint (residuals included), not those of plain FP8. The server's
     compute dtype is pinned to fp32 (on CPUs with native bf16 it would pick bf16, whose rounding
     is larger than the residuals' effect)."""
@@ -280,8 +280,8 @@ def test_server_loads_fp8_checkpoint_with_residual_columns(tiny_checkpoint, tmp_
     from .conftest import ServerThread, tiny_config
 
     out = tmp_path / "fp8-columns"
-    assert quantize([str(tiny_checkpoint), str(out), "--recipe", "fp8-channel", "--keep-columns",
-                     "--max-bytes-ratio", "0.58", "--calibration", "8"]) == 0
+    assert quantize(["--src", str(tiny_checkpoint), "--out", str(out), "--recipe", "fp8-channel", "--keep_columns",
+                     "--max_bytes_ratio", "0.58", "--calibration", "8"]) == 0
     cfg = tiny_config(out)
     st = ServerThread(cfg, build_engine(cfg)).start()
     pairs = [([{"role": "user", "content": f"Name a colour, {i}."}], "Blue " * (1 + i % 5)) for i in range(12)]

@@ -156,10 +156,10 @@ def test_artifact_for_another_backbone_is_refused(tmp_path):
 
 
 def test_cli_rejects_unknown_method_and_bad_top_layers(tmp_path, capsys):
-    assert main(["--backbone", "tiny", "--out", str(tmp_path / "x"), "--methods", "bt,magic"]) == 1
+    assert main(["--backbone", "tiny", "--out", str(tmp_path / "x"), "--methods", "bt,magic"]) == 2
     assert "unknown methods ['magic']" in capsys.readouterr().err
-    assert main(["--backbone", "tiny", "--tiny_layers", "3", "--out", str(tmp_path / "y"), "--top_layers", "3"]) == 1
+    assert main(["--backbone", "tiny", "--tiny_layers", "3", "--out", str(tmp_path / "y"), "--top_layers", "3"]) == 2
     assert "top_layers must be in [1, 2]" in capsys.readouterr().err
-    assert main(["--backbone", "tiny", "--out", str(tmp_path / "z"), "--export", "bt-noise0.00"]) == 1
+    assert main(["--backbone", "tiny", "--out", str(tmp_path / "z"), "--export", "bt-noise0.00"]) == 2
     assert "no finished configuration 'bt-noise0.00'" in capsys.readouterr().err
 

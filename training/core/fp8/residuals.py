@@ -1,4 +1,4 @@
-"""Which input columns of which FP8 layers to correct with a residual (`grm-quantize --keep-columns`).
+"""Which input columns of which FP8 layers to correct with a residual (`grm-quantize --keep_columns`).
 
 FP8 rounding moves every weight by up to 1/16 of its value; what matters for a reward model is
 how far that moves the *margin* between the two responses of a pair, since preferences are read
@@ -13,7 +13,7 @@ full-precision model (one backward pass per batch, no weight gradients) and sums
 through. `pick_columns` spends the byte budget on the columns with the most of it per byte, and
 `add_residual_columns` stores their rounding error (e4m3, a scale per output row, 1 byte per
 weight) in the FP8 layers (`FP8InferenceLinear.set_residual_columns`). With GPTQ rounding
-(gptq.py, the default of `--keep-columns`) these columns are rounded last and their residual
+(gptq.py, the default of `--keep_columns`) these columns are rounded last and their residual
 restores the compensated weight instead.
 
 Columns, not whole layers, because the error is carried by a few input features (LLM.int8's outlier

@@ -1,0 +1,46 @@
+"""The public command lines of the training-side commands (grm-serve's and grm-train's are frozen in
+tests/server/test_cli.py and tests/training/test_train_config.py). Every command uses the flags
+generated from its config dataclass (`--dotted.name`), spells dtypes fp32/bf16, and exits 2 with a
+one-line reason on a user error. Changing a list here breaks users' scripts: do it on purpose."""
+
+from __future__ import annotations
+
+import pytest
+
+from grmserve.training.core.assets import AssetsConfig
+from grmserve.training.core.configtools import iter_leaves
+from grmserve.training.evaluate import EvalRunConfig
+from grmserve.training.evaluate import main as eval_main
+from grmserve.training.experiment import ExperimentConfig
+from grmserve.training.quantize import QuantizeConfig
+from grmserve.training.quantize import main as quantize_main
+
+FLAGS = {
+    EvalRunConfig: ["--model", "--data", "--split", "--batch_size", "--max_tokens", "--truncate", "--limit",
+                    "--device", "--dtype", "--output"],
+    ExperimentConfig: ["--out", "--backbone", "--tiny_layers", "--data_dir", "--top_layers", "--lora_r", "--lora_alpha",
+                       "--head.type", "--head.hidden", "--head.dropout", "--head.bias", "--train_prompts",
+                       "--test_prompts", "--max_tokens", "--methods", "--noise", "--epochs", "--batch_size", "--lr",
+                       "--head_lr", "--warmup_ratio", "--clip", "--alpha", "--beta", "--seed", "--feature_tokens",
+                       "--export", "--export_to"],
+    QuantizeConfig: ["--src", "--out", "--recipe", "--keep_columns", "--keep_sensitive", "--rounding",
+                     "--max_bytes_ratio", "--calibration", "--calibration_data"],
+    AssetsConfig: ["--tokenizer_only"],
+}
+
+
+@pytest.mark.parametrize("config", list(FLAGS), ids=lambda c: c.__name__)
+def test_flags_are_frozen(config):
+    assert [f"--{dotted}" for dotted, _, _ in iter_leaves(config)] == FLAGS[config]
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, tiny_checkpoint):
+    assert eval_main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("grm-eval: ") and "\n" not in err and "missing" in err
+    with pytest.raises(SystemExit) as exit_:
+        eval_main(["--model", str(tiny_checkpoint), "--data", "x.jsonl", "--dtype", "bfloat16"])  # fp32 or bf16
+    assert exit_.value.code == 2 and "invalid choice: 'bfloat16'" in capsys.readouterr().err
+    assert quantize_main(["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("grm-quantize: ") and "missing" in err
