@@ -1,7 +1,7 @@
 """bench/fp8_keep_columns: which full-precision part of an FP8 model buys the most accuracy. Prints JSON.
 
 An emulation, for choosing a recipe. It led to the shipped one, residual columns ranked by the
-score gradient (training/fp8/residuals.py, `grm-quantize --keep_columns`; measure that with
+score gradient (training/core/fp8/residuals.py, `grm-quantize --keep_columns`; measure that with
 `bench/fp8_accuracy.py file:<checkpoint>`); this bench keeps the output-error ranking. Every decoder linear of the fp32
 model is rounded to e4m3 with per-channel scales and dequantised (fake quantisation: the same
 numbers the CPU FP8 path multiplies with), then a part of the weights is put back in bf16 within

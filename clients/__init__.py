@@ -1,1 +1,1 @@
-"""Clients of the reward server: RewardClient, best-of-n, PPO."""
+"""Clients of the reward server: `RewardClient` and `AsyncRewardClient` (grpc and the protos only)."""

@@ -140,7 +140,7 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class PrecisionConfig:
-    """Numeric precision of training, resolved in one place (`trainer.apply_precision`)."""
+    """Numeric precision of training, resolved in one place (`precision.apply_precision`)."""
 
     mode: PrecisionMode = "fp32"
     """auto (bf16 where bf16 matmuls are fast, else fp32); fp32; bf16 (autocast, fp32 master weights); fp8-o1..o3 (FP8-LM levels; not implemented yet)."""

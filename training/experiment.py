@@ -11,7 +11,7 @@ Every configuration then trains only the top K layers (LoRA adapters by default,
 weights) and the reward head on the cached states; the final norm and the LM head (tied to the
 embeddings in SmolLM2) stay frozen, so the regulariser's gradient reaches the hidden state the
 reward head reads through the top layers, as in full GRM training. The top-K model is an ordinary
-`GRMModel` fed `inputs_embeds`, trained with the trainer's own loss (`trainer.compute_loss`).
+`GRMModel` fed `inputs_embeds`, trained with the trainer's own loss (`components.compute_loss`).
 
     $ grm-experiment --out runs/grm-experiment                # all configurations; resumable
     $ grm-experiment --out runs/grm-experiment --methods bt,grm-sft --noise 0.25
@@ -20,7 +20,7 @@ reward head reads through the top layers, as in full GRM training. The top-K mod
 Each finished configuration writes `results/<name>.json` and its trained parameters; a re-run skips
 what is done, so a killed run loses at most the configuration in progress. `results.md` holds the
 table. `--export NAME` writes the small artifact (LoRA factors + reward head) that
-`training/default_model.py` turns into the default checkpoint.
+`training/core/default_model.py` turns into the default checkpoint.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
     """Cast (or quantise) the model for inference, in place; returns the precision in effect.
 
     The reward head always stays in float32. `fp8`: linear layers of the decoder hold float8 e4m3
-    weights with the recipe's scales (training/fp8); on CUDA ≥ sm89 the per-channel recipe runs
+    weights with the recipe's scales (training/core/fp8); on CUDA ≥ sm89 the per-channel recipe runs
     `torch._scaled_mm`, elsewhere weights are dequantised right before a matmul. A checkpoint that is
     already FP8 is served as FP8 whatever precision was asked for.
     """

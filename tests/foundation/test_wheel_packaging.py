@@ -80,7 +80,7 @@ def test_wheel_squats_no_other_top_level_name(wheel):
 
 def test_every_python_module_in_the_tree_is_in_the_wheel(wheel):
     wheel_files = wheel["names"]
-    """A new subpackage (e.g. training/fp8/..., clients/ppo/) must also be listed in pyproject.toml."""
+    """A new subpackage (e.g. training/core/fp8/..., clients/ppo/) must also be listed in pyproject.toml."""
     missing = []
     for folder, installed in PACKAGE_DIRS.items():
         for py in sorted((REPO / folder).rglob("*.py")):

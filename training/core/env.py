@@ -3,7 +3,7 @@
 Every other module asks this one. Importing it also switches the Hugging Face libraries to offline
 mode (unless the user already chose otherwise): grm-serve never downloads models or data at run time.
 
-    >>> from grmserve.training import env
+    >>> from grmserve.training.core import env
     >>> env.cache_dir().name
     'grm-serve'
 """

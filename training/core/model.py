@@ -65,7 +65,7 @@ class GRMConfig:
     model_name: str = "grm"
     model_version: str = "0"
     quantization: dict[str, Any] | None = None
-    """FP8 export: float8 layers + scales (training/fp8/DESIGN.md); None (and omitted) for full precision."""
+    """FP8 export: float8 layers + scales (training/core/fp8/DESIGN.md); None (and omitted) for full precision."""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,6 +1,6 @@
 """FP8 primitives (formats, scaling, quantise/dequantise, FP8 linear), shared by training and serving.
 
-The one home of FP8 in grm-serve; see training/fp8/DESIGN.md. What the reward server calls:
+The one home of FP8 in grm-serve; see training/core/fp8/DESIGN.md. What the reward server calls:
 
     >>> import torch
     >>> from grmserve.training.core.fp8 import convert_to_fp8, select_backend, set_fp8_backend

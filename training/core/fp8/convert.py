@@ -4,7 +4,7 @@ A recipe names the weight granularity and the module filter. The filter never co
 head (scores are what the server sells), skips the LM head and embeddings by default, skips every
 linear layer whose in/out dimensions are not multiples of 16 (`torch._scaled_mm` needs them), and
 keeps any layer named in `recipe.keep` in its current dtype. The checkpoint layout is described in
-training/fp8/DESIGN.md.
+training/core/fp8/DESIGN.md.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
@@ -176,7 +176,7 @@ def _lm_of(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def quantization_description(recipe: FP8Recipe, modules: list[str]) -> dict[str, Any]:
-    """The `grm.quantization` block of config.json (see training/fp8/DESIGN.md)."""
+    """The `grm.quantization` block of config.json (see training/core/fp8/DESIGN.md)."""
     return {
         "method": "fp8",
         "version": QUANT_FORMAT_VERSION,

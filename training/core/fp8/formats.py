@@ -1,6 +1,6 @@
 """FP8 formats, power-of-two scaling, and quantise/dequantise in three granularities.
 
-Conventions used everywhere in `training/fp8/` (and in FP8 checkpoints):
+Conventions used everywhere in `training/core/fp8/` (and in FP8 checkpoints):
 
 - `compute_scale` returns the *quantisation* multiplier of FP8-LM: ``q = fp8(x * scale)``.
 - Quantise functions return ``(q, scale_inv)``, and every scale stored in a module or a

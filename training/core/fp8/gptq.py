@@ -15,7 +15,7 @@ columns do two jobs, their own rounding error and a share of everyone else's.
 Calibration tokens are used as they come: massive-activation tokens (the first tokens, whose
 hidden states are hundreds of times larger) dominate H, and they should: excluding them doubled
 the margin error on the default model, since every later token attends to them
-(training/fp8/DESIGN.md).
+(training/core/fp8/DESIGN.md).
 
     >>> hessians = input_hessians(model, calibration_ids, names, pad_id=0)           # doctest: +SKIP
     >>> q, target = gptq_round(weight, hessians[name], weight_scale, keep=[3, 17])  # doctest: +SKIP

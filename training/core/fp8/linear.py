@@ -13,7 +13,7 @@ per call):
   `_scaled_mm` layout, so block-quantised layers on this backend dequantise the weight to bf16
   and run a bf16 matmul (the emulated numerics, W8A16); per-channel is the W8A8 recipe.
 
-A layer may also hold **residual columns** (`set_residual_columns`, chosen by training/fp8/residuals.py):
+A layer may also hold **residual columns** (`set_residual_columns`, chosen by training/core/fp8/residuals.py):
 for a few input columns `idx`, the rounding error of those columns, itself in e4m3 with a scale per
 output row. The emulated forward adds it into the dequantised weight (the kept columns come out
 almost exactly, at bf16 precision); `scaled_mm` adds ``x[..., idx] @ residual.T``, one small matmul.

@@ -19,7 +19,7 @@ restores the compensated weight instead.
 Columns, not whole layers, because the error is carried by a few input features (LLM.int8's outlier
 features) spread over every layer; and the score gradient, not the layer's output error, because
 an error matters by where it goes: measured on the default model this halves the margin error of
-whole kept linears at the same bytes (training/fp8/DESIGN.md).
+whole kept linears at the same bytes (training/core/fp8/DESIGN.md).
 
     >>> gains = column_sensitivity(model, calibration_ids, "fp8-channel", pad_id=0)        # doctest: +SKIP
     >>> columns = pick_columns(gains, model, "fp8-channel", max_bytes_ratio=0.55)          # doctest: +SKIP
