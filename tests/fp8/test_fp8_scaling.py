@@ -1,0 +1,126 @@
+"""FP8 training scaling states: delayed scaling after warm-up, counters, amax spikes, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grmserve.training.core.fp8.scaling import (
+    FP8TrainingRecipe,
+    ScalingState,
+    build_role_states,
+    get_training_recipe,
+    min_subnormal,
+)
+from grmserve.training.core.fp8.training_linear import FP8TrainingLinear
+
+
+def _full(value: float) -> torch.Tensor:
+    return torch.full((8, 16), value)
+
+
+def test_warmup_uses_current_amax_then_history():
+    st = ScalingState("e4m3", mode="delayed", history_len=3, warmup_steps=2)
+    _, s1 = st.quantize(_full(4.0))  # warm-up: current amax 4 -> scale 64
+    _, s2 = st.quantize(_full(1.0))  # warm-up: current amax 1 -> scale 256
+    assert (1 / s1.item(), 1 / s2.item()) == (64.0, 256.0)
+    _, s3 = st.quantize(_full(0.25))  # delayed: history (1, 4) -> 64, not the current amax 0.25
+    assert 1 / s3.item() == 64.0
+    _, s4 = st.quantize(_full(0.25))  # history (0.25, 1, 4) -> still 64
+    _, s5 = st.quantize(_full(0.25))  # history (0.25, 0.25, 1): 4 has left the window -> 256
+    _, s6 = st.quantize(_full(0.25))  # history (0.25, 0.25, 0.25) -> 1024
+    assert [1 / s.item() for s in (s4, s5, s6)] == [64.0, 256.0, 1024.0]
+    assert st.stats()["steps"] == 6
+
+
+def test_margin_and_current_mode():
+    st = ScalingState("e5m2", mode="current", margin=2)
+    _, s = st.quantize(_full(1.0))
+    assert 1 / s.item() == 2.0 ** 15 / 4  # 2^floor(log2(57344)) = 2^15, margin 2
+
+
+def test_overflow_and_underflow_counters_are_exact():
+    st = ScalingState("e4m3", mode="delayed", history_len=4, warmup_steps=1)
+    st.quantize(torch.full((10,), 1.0))  # scale 256 from here on (history max 1)
+    x = torch.tensor([1.0, 2.0, 3.0, 1e-6, 2.0 ** -18, -(2.0 ** -19), 0.0, 1.0])
+    q, s_inv = st.quantize(x)
+    stats = st.stats()
+    # 2.0 and 3.0 times 256 exceed 448 and saturate; 1e-6 * 256 and 2^-18 * 256 = 2^-10 (a tie, to even)
+    # round to zero (e4m3's smallest step is 2^-9); -2^-19 * 256 = -2^-11 too; 0.0 does not count.
+    assert stats["overflow"] == 2 and stats["underflow"] == 3, stats
+    assert q.float()[1].item() == 448.0 and q.float()[3:7].abs().sum() == 0
+    assert min_subnormal("e4m3") == 2.0 ** -9 and min_subnormal("e5m2") == 2.0 ** -16
+
+
+def test_nonfinite_amax_keeps_last_good_scale_and_zeroes_backward_roles():
+    st = ScalingState("e5m2", mode="delayed", history_len=4, warmup_steps=1, zero_nonfinite=True)
+    st.quantize(_full(2.0))
+    hist = st.amax_history.clone()
+    spike = _full(1.0)
+    spike[0, 0] = float("inf")
+    spike[1, 1] = float("nan")
+    q, s_inv = st.quantize(spike)
+    assert q.float().abs().sum() == 0, "a non-finite step must not pass anything on"
+    assert torch.equal(st.amax_history, hist), "a non-finite amax must not enter the history"
+    assert st.stats()["nonfinite_steps"] == 1
+    q, s_inv2 = st.quantize(_full(1.0))
+    assert torch.isfinite(q.float()).all() and s_inv2 == s_inv
+
+
+def test_forward_amax_spike_saturates_then_scale_adapts():
+    st = ScalingState("e4m3", mode="delayed", history_len=4, warmup_steps=1)
+    st.quantize(_full(1.0))
+    spike = _full(1.0)
+    spike[0, :4] = 1e4  # a 10^4 spike: this step uses the old scale and saturates
+    q, _ = st.quantize(spike)
+    assert st.stats()["overflow"] == 4 and torch.isfinite(q.float()).all()
+    _, s_inv = st.quantize(_full(1.0))  # the next step's scale covers the spike
+    assert 1e4 / s_inv.item() <= 448.0
+    assert st.stats()["overflow"] == 4
+
+
+def test_grad_output_spike_in_a_layer_leaves_weights_and_grads_finite():
+    torch.manual_seed(0)
+    layer = FP8TrainingLinear(64, 32, recipe="delayed", compute_dtype=torch.float32)
+    x = torch.randn(16, 64, requires_grad=True)
+    layer(x).sum().backward()  # a normal step
+    layer.weight.grad = None
+    x.grad = None
+    y = layer(x)
+    g = torch.ones_like(y)
+    g[3, 5] = float("inf")  # a loss spike flowing back
+    y.backward(g)
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(x.grad).all()
+    assert layer.weight.grad.abs().sum() == 0 and x.grad.abs().sum() == 0, "the overflowed step contributes nothing"
+    stats = layer.scaling_stats()
+    assert stats["grad_output"]["nonfinite_steps"] == 1
+    layer.weight.grad = None
+    layer(x).sum().backward()  # and the next step is normal again
+    assert layer.weight.grad.abs().sum() > 0 and torch.isfinite(layer.weight).all()
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    a = ScalingState("e4m3", mode="delayed", history_len=4, warmup_steps=1)
+    for v in (1.0, 3.0, float("inf"), 0.5):
+        a.quantize(_full(v))
+    b = ScalingState("e4m3", mode="delayed", history_len=4, warmup_steps=1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 16)
+    qa, sa = a.quantize(x)
+    qb, sb = b.quantize(x)
+    assert torch.equal(qa.view(torch.uint8), qb.view(torch.uint8)) and torch.equal(sa, sb)
+    assert a.stats() == b.stats()
+    with pytest.raises(ValueError, match="does not match"):
+        ScalingState("e5m2").load_state_dict(a.state_dict())
+
+
+def test_recipes_by_name_and_roles():
+    assert [get_training_recipe(n).granularity for n in ("delayed", "current", "block")] == ["tensor", "tensor", "block"]
+    states = build_role_states(get_training_recipe("current"))
+    assert [s.fmt.name for s in states] == ["e4m3", "e4m3", "e5m2", "e4m3"]
+    assert all(s.mode == "current" for s in states)
+    assert states.grad_output.zero_nonfinite and not states.input.zero_nonfinite
+    with pytest.raises(ValueError, match="unknown FP8 training recipe"):
+        get_training_recipe("mxfp8")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        FP8TrainingRecipe(name="block", tile=100)

@@ -1,0 +1,239 @@
+"""`FP8AdamW`: AdamW with FP8-LM O2 state (FP8 first moment, FP16 second moment, FP16 master option).
+
+State per parameter (flattened; blocks of `block_size` consecutive elements):
+
+- ``exp_avg`` (m): float8 E4M3, 1 byte, with a float32 power-of-two dequant scale per block
+  (``exp_avg_scale_inv``). Per block, not per tensor: m changes sign and spans many decades within
+  a tensor (rows of rarely-used tokens or channels sit 10^4–10^6 below the busiest ones); with one
+  scale per tensor the small ones fall into e4m3's subnormals or flush to zero. Blocks of 128 cost
+  4/128 = 0.03 bytes per parameter. ``block_size=None`` gives FP8-LM's per-tensor scale.
+- ``exp_avg_sq`` (v): stored as ``sqrt(v)`` in float16, 2 bytes, with a power-of-two scale per
+  block (``exp_avg_sq_scale_inv``) that maps the block's largest sqrt(v) near float16's max. v = g²
+  spans twice the decades of g: stored directly, v of gradients below ~2.4e-4 is below float16's
+  smallest normal (6.1e-5) and below ~2.4e-4·2^-7 it flushes to 0, turning m / (sqrt(v) + eps) into
+  a huge step. sqrt(v) has the range of g, and the block scale moves that range to where float16 has
+  its 11 significant bits; the update needs sqrt(v) anyway.
+- master weights: ``master_weights="fp32"``: the parameter itself (must be float32) is the master.
+  ``"fp16"`` (FP8-LM precision decoupling): the optimizer keeps ``master`` in float16 with a
+  per-tensor power-of-two scale (``master_scale_inv``, chosen from the new weight's amax every
+  step) and copies the dequantised master into the parameter, which then is a working copy in the
+  model's dtype (e.g. bf16; an FP8 training linear only reads it to quantise it to E4M3).
+
+The update is AdamW's (decoupled weight decay, bias corrections), computed in float32 from the
+dequantised state: ``w ← w·(1 − lr·wd) − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps)``.
+A step with a non-finite gradient anywhere is skipped whole (counted in `skipped_steps`).
+`state_dict()` / `load_state_dict()` keep every dtype, so a resumed run is bit-identical.
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.randn(256))
+    >>> opt = FP8AdamW([w], lr=1e-2)
+    >>> w.grad = torch.randn(256); opt.step()
+    >>> opt.state[w]["exp_avg"].dtype, opt.state[w]["exp_avg_sq"].dtype
+    (torch.float8_e4m3fn, torch.float16)
+    >>> opt.state_bytes_per_param()["m"], opt.state_bytes_per_param()["v"]
+    (1.0, 2.0)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .formats import FP8Format, cast_to_fp8, compute_scale, fp8_to_float32, get_format
+
+FP16 = FP8Format("fp16", torch.float16, 65504.0)
+"""float16 described like an FP8 format, so `compute_scale` gives it power-of-two scales."""
+MASTER_WEIGHTS = ("fp32", "fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: blockwise scaled storage
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(n,) → (nb, block), zero-padded."""
+    nb = -(-x.numel() // block)
+    return F.pad(x, (0, nb * block - x.numel())).view(nb, block)
+
+
+def block_quantize(x: torch.Tensor, block: int, fmt: FP8Format, margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) float32 → (n,) in `fmt` and (nb,) float32 dequant scales, one power-of-two scale per block.
+
+        >>> from grmserve.training.core.fp8.formats import E4M3
+        >>> x = torch.tensor([1.0, -2.0, 2.0**-20, 3 * 2.0**-21])   # a tiny second block keeps its precision
+        >>> q, s = block_quantize(x, 2, E4M3)
+        >>> s.tolist(), torch.equal(block_dequantize(q, s, 2), x)
+        ([0.0078125, 3.725290298461914e-09], True)
+    """
+    xb = _blocks(x, block)  # (nb, block)
+    amax = xb.abs().amax(dim=1, keepdim=True)  # (nb, 1)
+    scale = torch.where(amax > 0, compute_scale(torch.where(amax > 0, amax, 1.0), fmt, margin, check_finite=False),
+                        torch.ones_like(amax))  # (nb, 1)
+    q = cast_to_fp8(xb * scale, fmt) if fmt.dtype != torch.float16 else (xb * scale).clamp(-fmt.max, fmt.max).half()
+    return q.reshape(-1)[: x.numel()], (1.0 / scale).reshape(-1)
+
+
+def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of `block_quantize`: (n,) stored values, (nb,) dequant scales → (n,) float32."""
+    vals = fp8_to_float32(q) if q.element_size() == 1 else q.float()
+    return (_blocks(vals, block) * scale_inv.unsqueeze(1)).reshape(-1)[: q.numel()]
+
+
+def adamw_update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v_sqrt: torch.Tensor, *, step: float, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step in float32 on flat tensors; returns (new w, new m, new sqrt(v))."""
+    m = m * beta1 + g * (1 - beta1)
+    v_sqrt = (v_sqrt * v_sqrt * beta2 + g * g * (1 - beta2)).sqrt()
+    denom = v_sqrt / math.sqrt(1 - beta2 ** step) + eps
+    w = w * (1 - lr * weight_decay) - (lr / (1 - beta1 ** step)) * m / denom
+    return w, m, v_sqrt
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+
+
+class FP8AdamW(torch.optim.Optimizer):
+    """Drop-in `torch.optim.AdamW` (param groups, lr, betas, eps, weight_decay, decoupled decay) with
+    FP8-LM O2 state: m in E4M3 with per-block scales, sqrt(v) in FP16 with per-block scales, master
+    weights in the fp32 parameter or in FP16 + a per-tensor scale (see the module docstring).
+
+        >>> import torch
+        >>> model = torch.nn.Linear(64, 64)
+        >>> opt = FP8AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, master_weights="fp16")
+        >>> model(torch.randn(4, 64)).sum().backward(); opt.step(); opt.zero_grad()
+        >>> sorted(opt.state_bytes_per_param())
+        ['m', 'master', 'scales', 'total', 'v']
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, master_weights: str = "fp32",
+                 block_size: int | None = 128, m_format: str = "e4m3"):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        if master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {master_weights!r}")
+        if block_size is not None and block_size <= 0:
+            raise ValueError(f"block_size must be positive or None (per tensor), got {block_size}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.master_weights, self.block_size, self.m_format = master_weights, block_size, get_format(m_format)
+        self.skipped_steps = 0
+        if master_weights == "fp32":
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.dtype != torch.float32:
+                        raise ValueError(f"master_weights='fp32' updates parameters in place, so they must be "
+                                         f"float32; got {p.dtype}. Use master_weights='fp16' to keep a separate "
+                                         "FP16 master with a scale (the parameter is then a working copy)")
+
+    def _block(self, p: torch.Tensor) -> int:
+        return self.block_size or max(p.numel(), 1)
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, block = p.numel(), self._block(p)
+        nb = -(-n // block)
+        state = {"step": torch.zeros((), dtype=torch.float32),
+                 "exp_avg": torch.zeros(n, dtype=self.m_format.dtype, device=p.device),
+                 "exp_avg_scale_inv": torch.ones(nb, dtype=torch.float32, device=p.device),
+                 "exp_avg_sq": torch.zeros(n, dtype=torch.float16, device=p.device),
+                 "exp_avg_sq_scale_inv": torch.ones(nb, dtype=torch.float32, device=p.device)}
+        if self.master_weights == "fp16":
+            state["master"], state["master_scale_inv"] = block_quantize(p.detach().float().reshape(-1), max(n, 1), FP16)
+            p.data.copy_(self._master_value(state).view_as(p))
+        return state
+
+    @staticmethod
+    def _master_value(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return state["master"].float() * state["master_scale_inv"]
+
+    def _nonfinite_grads(self) -> bool:
+        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(flags) and not bool(torch.stack(flags).all())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step; skipped whole (and counted) when any gradient is inf/NaN."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._nonfinite_grads():
+            self.skipped_steps += 1
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("FP8AdamW does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state.update(self._init_state(p))
+        state["step"] += 1
+        block, beta1, beta2 = self._block(p), *group["betas"]
+        w = self._master_value(state) if self.master_weights == "fp16" else p.detach().reshape(-1)
+        m = block_dequantize(state["exp_avg"], state["exp_avg_scale_inv"], block)
+        v_sqrt = block_dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale_inv"], block)
+        w, m, v_sqrt = adamw_update(w.float(), p.grad.detach().reshape(-1).float(), m, v_sqrt,
+                                    step=float(state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
+                                    eps=group["eps"], weight_decay=group["weight_decay"])
+        state["exp_avg"], state["exp_avg_scale_inv"] = block_quantize(m, block, self.m_format)
+        state["exp_avg_sq"], state["exp_avg_sq_scale_inv"] = block_quantize(v_sqrt, block, FP16)
+        if self.master_weights == "fp16":
+            state["master"], state["master_scale_inv"] = block_quantize(w, max(w.numel(), 1), FP16)
+            w = self._master_value(state)
+        p.copy_(w.view_as(p))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["fp8"] = {"skipped_steps": self.skipped_steps, "master_weights": self.master_weights,
+                     "block_size": self.block_size, "m_format": self.m_format.name}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping the stored dtypes (torch's loader would cast FP8 / FP16 state to the param dtype)."""
+        meta = state_dict.get("fp8", {})
+        mine = {"master_weights": self.master_weights, "block_size": self.block_size, "m_format": self.m_format.name}
+        for key, value in mine.items():
+            if key in meta and meta[key] != value:
+                raise ValueError(f"optimizer state was saved with {key}={meta[key]!r}, this FP8AdamW has {value!r}")
+        sd = {k: v for k, v in state_dict.items() if k != "fp8"}
+        super().load_state_dict(sd)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, saved in sd["state"].items():
+            p = params[idx]
+            self.state[p] = {k: v.to(device=p.device if k != "step" else v.device).clone() for k, v in saved.items()}
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+
+    # -- accounting --------------------------------------------------------------------------------
+
+    def state_bytes_per_param(self) -> dict[str, float]:
+        """Optimizer-state bytes per parameter element, counted from the real tensors: ``m``, ``v``,
+        ``master`` (0 for fp32: the parameter is the master), ``scales`` (all scale tensors), ``total``."""
+        counts = {"m": 0, "v": 0, "master": 0, "scales": 0}
+        n = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                n += p.numel()
+                for key, t in state.items():
+                    if key == "step":
+                        continue
+                    kind = "scales" if key.endswith("scale_inv") else \
+                        {"exp_avg": "m", "exp_avg_sq": "v", "master": "master"}[key]
+                    counts[kind] += t.numel() * t.element_size()
+        per = {k: (v / n if n else 0.0) for k, v in counts.items()}
+        per["total"] = sum(per.values())
+        return per

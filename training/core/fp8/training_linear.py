@@ -1,0 +1,554 @@
+"""FP8 training linear (FP8-LM O1): FP8 GEMMs forward and backward, FP8 weight gradients.
+
+`FP8TrainingLinear` keeps a higher-precision master weight (an `nn.Parameter`) and four scaling
+states (scaling.py). One autograd function does the work:
+
+- forward: input → E4M3 and weight → E4M3 (scaled per the recipe), ``y = x @ w.T (+ bias)``;
+  the FP8 input and weight (1 byte per element) are what is saved for backward;
+- backward: grad_output → E5M2; ``dgrad = g @ w`` and ``wgrad = g.T @ x`` from the FP8 operands;
+  the weight gradient is then quantised to E4M3 with its own current per-tensor scale (FP8-LM's FP8
+  weight gradient). Its bytes and scale are kept on the module (`weight_grad_fp8`, for FP8
+  communication) and its dequantised value goes to ``weight.grad`` (what optimizers read).
+
+GEMM backends (pure functions on `FP8Operand`s computing ``a @ b.T``):
+
+- ``emulated``: dequantise both operands to `compute_dtype` and run one matmul. On CPUs without
+  native bf16 (AVX2-only) fp32 is the fast dtype; with AVX512-BF16/AMX, bf16 (`default_compute_dtype`).
+- ``scaled_mm``: `torch._scaled_mm` (CUDA ≥ sm89; on CPU it runs too, slowly, for tests). Per-tensor
+  recipes are one call; the ``block`` recipe runs one row-wise-scaled call per 128-wide slice of the
+  contraction dim and sums the slices in float32 (the exact value of a block-scaled GEMM).
+
+The ``block`` recipe's weight gradient contracts over tokens, so its operands are re-tiled along
+tokens (128×1 tiles): the gradient is quantised again from high precision, the saved FP8 input is
+dequantised and re-quantised — exact except for values that fall into subnormals, because all scales
+are powers of two.
+
+    >>> import torch
+    >>> layer = FP8TrainingLinear(64, 32, recipe="delayed")
+    >>> x = torch.randn(8, 64, requires_grad=True)
+    >>> layer(x).sum().backward()
+    >>> layer.weight.grad.shape, layer.weight_grad_fp8[0].dtype
+    (torch.Size([32, 64]), torch.float8_e4m3fn)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import fp8_to_float32
+from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
+from .scaling import (
+    FP8TrainingRecipe,
+    RoleStates,
+    ScalingState,
+    block_amax,
+    build_role_states,
+    compiled,
+    expand_blocks,
+    expand_tiles,
+    get_training_recipe,
+    quantize_scaled,
+)
+
+NEVER_CONVERTED = "reward_head"
+DIM_MULTIPLE = 16
+SCALED_MM_ALIGN = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 operands and GEMMs (pure)
+
+
+class FP8Operand(NamedTuple):
+    """A 2-D FP8 matrix and its dequantisation scales.
+
+    kind ``"tensor"``: `scale_inv` 0-dim; ``"tile"``: (rows, ceil(cols / size)), one per 1×size tile
+    along the last dim; ``"block"``: (ceil(rows / size), ceil(cols / size)), one per size×size block.
+    """
+
+    q: torch.Tensor
+    scale_inv: torch.Tensor
+    kind: str = "tensor"
+    size: int = 0
+
+
+def _scaled_upcast(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (fp8_to_float32(q) * s).to(dtype)
+
+
+def dequantize_operand(op: FP8Operand, dtype: torch.dtype = torch.float32, fused: bool = False) -> torch.Tensor:
+    """``q * scale_inv`` (per element) as `dtype`, computed in float32 (exact for power-of-two scales);
+    `fused` runs it through `torch.compile` (one kernel)."""
+    rows, cols = op.q.shape
+    if op.kind == "tensor":
+        s = op.scale_inv
+    elif op.kind == "tile":
+        s = expand_tiles(op.scale_inv, op.size, cols)  # (rows, cols)
+    elif op.kind == "block":
+        s = expand_blocks(op.scale_inv, op.size, rows, cols)  # (rows, cols)
+    else:
+        raise ValueError(f"unknown operand kind {op.kind!r}")
+    if fused:  # contiguous inputs: one compiled variant per dtype and scale kind, not per stride
+        return compiled(_scaled_upcast)(op.q.contiguous(), s.contiguous(), dtype)
+    return _scaled_upcast(op.q, s, dtype)
+
+
+def transpose_operand(op: FP8Operand) -> FP8Operand:
+    """The transposed operand (exact for per-tensor and square-block scales; tiles cannot transpose)."""
+    if op.kind == "tile":
+        raise ValueError("1×N tiles do not transpose to 1×N tiles; re-quantise along the other dim")
+    s = op.scale_inv.t() if op.kind == "block" else op.scale_inv
+    return FP8Operand(op.q.t(), s, op.kind, op.size)
+
+
+def gemm_emulated(a: FP8Operand, b: FP8Operand, compute_dtype: torch.dtype = torch.float32,
+                  fused: bool = False) -> torch.Tensor:
+    """``a @ b.T`` with both operands dequantised to `compute_dtype` (a: (M, K), b: (N, K) → (M, N))."""
+    return F.linear(dequantize_operand(a, compute_dtype, fused), dequantize_operand(b, compute_dtype, fused))
+
+
+def _pad_bytes(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pad an FP8 matrix to (rows, cols) through its bytes (0x00 is +0.0 in e4m3 and e5m2)."""
+    r, c = q.shape
+    if (r, c) == (rows, cols):
+        return q.contiguous()
+    return F.pad(q.contiguous().view(torch.uint8), (0, cols - c, 0, rows - r)).view(q.dtype)
+
+
+def _round_up(n: int, m: int = SCALED_MM_ALIGN) -> int:
+    return -(-n // m) * m
+
+
+def _row_scales(op: FP8Operand, chunk: int, size: int, rows: int) -> torch.Tensor:
+    """The (rows, 1) dequant scales of K-slice `chunk` (width `size`) of a tile / block operand."""
+    if op.kind == "tile":
+        s = op.scale_inv[:, chunk]  # (rows,)
+    elif op.kind == "block":
+        s = op.scale_inv[:, (chunk * size) // op.size].repeat_interleave(op.size)[:op.q.shape[0]]  # (rows,)
+    else:
+        s = op.scale_inv.expand(op.q.shape[0])
+    return F.pad(s.float(), (0, rows - s.numel()), value=1.0).reshape(rows, 1)
+
+
+def gemm_scaled_mm(a: FP8Operand, b: FP8Operand) -> torch.Tensor:
+    """``a @ b.T`` in float32 through `torch._scaled_mm` (a: (M, K), b: (N, K) → (M, N)).
+
+    Per-tensor operands: one call with 0-dim scales. Tile / block operands: one call per slice of
+    `a.size` along K with row-wise scales (M, 1) × (1, N), slices summed in float32. Dims are padded
+    to multiples of 16 with zero bytes (a requirement of the CUDA kernels).
+    """
+    (m, k), n = a.q.shape, b.q.shape[0]
+    mp, np_ = _round_up(m), _round_up(n)
+    cuda = a.q.is_cuda
+    if a.kind == "tensor" and b.kind == "tensor":
+        kp = _round_up(k)
+        out = torch._scaled_mm(_pad_bytes(a.q, mp, kp), _pad_bytes(b.q, np_, kp).t(), scale_a=a.scale_inv.float(),
+                               scale_b=b.scale_inv.float(), out_dtype=torch.float32)  # (mp, np)
+        return out[:m, :n]
+    size = a.size
+    if a.kind != "tile" or (b.kind == "block" and b.size % size) or (b.kind == "tile" and b.size != size):
+        raise ValueError(f"scaled_mm: unsupported operand kinds {a.kind}/{a.size} × {b.kind}/{b.size}")
+    out = torch.zeros(mp, np_, dtype=torch.float32, device=a.q.device)
+    for j in range(-(-k // size)):
+        lo, hi = j * size, min(k, (j + 1) * size)
+        kp = _round_up(hi - lo)
+        aj = _pad_bytes(a.q[:, lo:hi], mp, kp)  # (mp, kp)
+        bj = _pad_bytes(b.q[:, lo:hi], np_, kp)  # (np, kp)
+        # Row-wise scaling on CUDA outputs bf16; on CPU float32 keeps the slices exact.
+        part = torch._scaled_mm(aj, bj.t(), scale_a=_row_scales(a, j, size, mp),
+                                scale_b=_row_scales(b, j, size, np_).t().contiguous(),
+                                out_dtype=torch.bfloat16 if cuda else torch.float32)
+        out += part.float()
+    return out[:m, :n]
+
+
+def fp8_gemm(a: FP8Operand, b: FP8Operand, backend: str, compute_dtype: torch.dtype,
+             fused: bool = False) -> torch.Tensor:
+    """``a @ b.T`` on `backend` (``emulated`` returns `compute_dtype`, ``scaled_mm`` float32)."""
+    if backend == "emulated":
+        return gemm_emulated(a, b, compute_dtype, fused)
+    if backend == "scaled_mm":
+        return gemm_scaled_mm(a, b)
+    raise ValueError(f"unknown FP8 backend {backend!r}; expected one of {BACKENDS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantising the operands of each GEMM by recipe
+
+
+def quantize_input(states: RoleStates, recipe: FP8TrainingRecipe, x2d: torch.Tensor) -> FP8Operand:
+    """(M, K) activations → E4M3 operand quantised along K (per tensor, or 1×tile tiles)."""
+    if recipe.granularity == "block":
+        return FP8Operand(*states.input.quantize_tiles(x2d, recipe.tile), "tile", recipe.tile)
+    return FP8Operand(*states.input.quantize(x2d), "tensor")
+
+
+def quantize_weight_operand(state: ScalingState, recipe: FP8TrainingRecipe, w: torch.Tensor) -> FP8Operand:
+    """(N, K) master weight → E4M3 operand (per tensor, or block×block blocks). Records the step."""
+    if recipe.granularity == "block":
+        return FP8Operand(*state.quantize_blocks(w, recipe.weight_block), "block", recipe.weight_block)
+    return FP8Operand(*state.quantize(w), "tensor")
+
+
+def quantize_grad_output(states: RoleStates, recipe: FP8TrainingRecipe, g2d: torch.Tensor
+                         ) -> tuple[FP8Operand, FP8Operand]:
+    """(M, N) output gradient → E5M2 operands for dgrad (along N) and wgrad (transposed, along M)."""
+    if recipe.granularity == "block":
+        g_rows = FP8Operand(*states.grad_output.quantize_tiles(g2d, recipe.tile), "tile", recipe.tile)
+        g_cols = FP8Operand(*states.grad_output.quantize_tiles(g2d.t(), recipe.tile), "tile", recipe.tile)  # (N, M)
+        return g_rows, g_cols
+    g = FP8Operand(*states.grad_output.quantize(g2d), "tensor")
+    return g, transpose_operand(g)
+
+
+def retile_input_for_wgrad(states: RoleStates, recipe: FP8TrainingRecipe, xq: FP8Operand,
+                           fused: bool = False) -> FP8Operand:
+    """The saved (M, K) FP8 input as the (K, M) operand of wgrad (contraction over tokens M)."""
+    if recipe.granularity == "block":
+        xt = dequantize_operand(xq, fused=fused).t()  # (K, M), exact
+        return FP8Operand(*states.input.quantize_tiles(xt, recipe.tile), "tile", recipe.tile)
+    return transpose_operand(xq)
+
+
+def weight_for_dgrad(wq: FP8Operand) -> FP8Operand:
+    """The (N, K) FP8 weight as the (K, N) operand of dgrad (``g @ w = g @ (w.T).T``)."""
+    return transpose_operand(wq)
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd function
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """``y = x @ w.T + b`` with FP8 operands both ways; `layer` holds the recipe and scaling states."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: "FP8TrainingLinear"):
+        recipe, states = layer.recipe, layer.states
+        backend, cdt = layer.resolved_backend(x.device), layer.resolved_compute_dtype(x.device)
+        x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+        xq = quantize_input(states, recipe, x2d)
+        wq = quantize_weight_operand(states.weight, recipe, weight)
+        y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.layer, ctx.backend, ctx.cdt = layer, backend, cdt
+        ctx.meta = (xq.kind, xq.size, wq.kind, wq.size, x.dtype, x.shape, bias is not None)
+        ctx.save_for_backward(xq.q, xq.scale_inv, wq.q, wq.scale_inv)
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer, backend, cdt = ctx.layer, ctx.backend, ctx.cdt
+        recipe, states = layer.recipe, layer.states
+        xkind, xsize, wkind, wsize, xdtype, xshape, has_bias = ctx.meta
+        xq_q, xq_s, wq_q, wq_s = ctx.saved_tensors
+        xq, wq = FP8Operand(xq_q, xq_s, xkind, xsize), FP8Operand(wq_q, wq_s, wkind, wsize)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+        g_rows, g_cols = quantize_grad_output(states, recipe, g2d)
+        dgrad = wgrad = None
+        if ctx.needs_input_grad[0]:
+            dgrad = fp8_gemm(g_rows, weight_for_dgrad(wq), backend, cdt, layer.fuse)  # (M, K)
+            dgrad = dgrad.to(xdtype).reshape(xshape)
+        if ctx.needs_input_grad[1]:
+            xt = retile_input_for_wgrad(states, recipe, xq, layer.fuse)  # (K, M)
+            wgrad = layer.finish_weight_grad(fp8_gemm(g_cols, xt, backend, cdt, layer.fuse))  # (N, K)
+        dbias = g2d.float().sum(0).to(grad_out.dtype) if has_bias and ctx.needs_input_grad[2] else None
+        return dgrad, wgrad, dbias, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU (Linux /proc/cpuinfo); without them bf16 matmuls are slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def default_compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """The emulated backend's matmul dtype: bf16 on CUDA and on CPUs with native bf16, else float32.
+
+        >>> default_compute_dtype("cpu") in (torch.float32, torch.bfloat16)
+        True
+    """
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+class FP8TrainingLinear(nn.Module):
+    """`nn.Linear` trained with FP8 GEMMs (FP8-LM O1): master weight in `weight.dtype`, FP8 compute.
+
+    `recipe`: ``"delayed"`` / ``"current"`` / ``"block"`` or an `FP8TrainingRecipe`. `backend`:
+    ``"auto"`` (``scaled_mm`` on CUDA ≥ sm89, else ``emulated``), ``"emulated"`` or ``"scaled_mm"``
+    (an error naming the fix where it cannot run; ``allow_cpu_scaled_mm=True`` runs it on CPU for
+    numerics tests). `compute_dtype`: the emulated matmul dtype (None → `default_compute_dtype`).
+    `fp8_weight_grad`: quantise the weight gradient to FP8 (O1), else keep it in high precision.
+    `fuse`: run the quantise / dequantise passes through `torch.compile` (one kernel each; the first
+    call per shape compiles, ~20 s on 2 cores; it pays in long runs on CPU, see DESIGN.md).
+    Scaling states travel in ``state_dict()`` (as extra state), so a resumed run is bit-identical.
+
+        >>> import torch
+        >>> layer = FP8TrainingLinear.from_linear(torch.nn.Linear(64, 32), recipe="block")
+        >>> layer(torch.randn(4, 64)).shape
+        torch.Size([4, 32])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 recipe: str | FP8TrainingRecipe = "delayed", backend: str = "auto",
+                 compute_dtype: torch.dtype | None = None, fp8_weight_grad: bool = True, fuse: bool = False,
+                 allow_cpu_scaled_mm: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, group: Any = None):
+        super().__init__()
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"unknown FP8 backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.recipe = get_training_recipe(recipe)
+        self.backend, self.compute_dtype = backend, compute_dtype
+        self.fp8_weight_grad, self.allow_cpu_scaled_mm, self.fuse = fp8_weight_grad, allow_cpu_scaled_mm, fuse
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        nn.Linear.reset_parameters(self)  # the same init as nn.Linear
+        self.states = build_role_states(self.recipe, device=self.weight.device, group=group, fused=fuse)
+        self.weight_grad_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(E4M3 bytes (out, in), 0-dim dequant scale) of the last backward's weight gradient."""
+        if backend != "auto" and self.weight.device.type != "meta":
+            self.resolved_backend(self.weight.device)  # fail early, with the fix in the message
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "FP8TrainingLinear":
+        """Wrap an `nn.Linear`'s parameters (the same tensors, not copies) in an FP8 training linear."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
+        m.weight = linear.weight
+        m.bias = linear.bias
+        m.states = build_role_states(m.recipe, device=linear.weight.device, group=m.states.input.group, fused=m.fuse)
+        if m.backend != "auto":
+            m.resolved_backend(m.weight.device)
+        return m
+
+    # -- backend and dtype -----------------------------------------------------------------------
+
+    def resolved_backend(self, device: torch.device) -> str:
+        """The concrete backend on `device` (raises `FP8BackendError` when a forced one cannot run)."""
+        return select_backend(device, self.backend, allow_cpu_scaled_mm=self.allow_cpu_scaled_mm)
+
+    def resolved_compute_dtype(self, device: torch.device) -> torch.dtype:
+        return self.compute_dtype or default_compute_dtype(device)
+
+    # -- forward / backward ----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FP8LinearFunction.apply(x, self.weight, self.bias, self)
+
+    def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor:
+        """(out, in) float32 weight gradient → FP8 E4M3 (kept in `weight_grad_fp8`) → dequantised in
+        the weight's dtype for ``.grad``. Without `fp8_weight_grad`, just cast."""
+        if not self.fp8_weight_grad:
+            return wgrad.to(self.weight.dtype)
+        q, s_inv = self.states.weight_grad.quantize(wgrad)
+        self.weight_grad_fp8 = (q, s_inv)
+        return dequantize_operand(FP8Operand(q, s_inv), self.weight.dtype, self.fuse)
+
+    # -- checkpoints and reporting ---------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.name, **{role: getattr(self.states, role).state_dict()
+                                               for role in self.states._fields}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state["recipe"] != self.recipe.name:
+            raise ValueError(f"checkpoint holds FP8 scaling state of recipe {state['recipe']!r}, this layer uses "
+                             f"{self.recipe.name!r}; convert the model with the checkpoint's recipe")
+        for role in self.states._fields:
+            getattr(self.states, role).load_state_dict(state[role])
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight.device.type != "meta":
+            for st in self.states:
+                st.to(self.weight.device)
+        return self
+
+    def scaling_stats(self) -> dict[str, dict[str, int]]:
+        """Counters per role (see `ScalingState.stats`)."""
+        return {role: getattr(self.states, role).stats() for role in self.states._fields}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"recipe={self.recipe.name}, backend={self.backend}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter and export
+
+
+@dataclass
+class TrainingConversionReport:
+    """What `convert_to_fp8_training` did."""
+
+    recipe: str
+    backend: str
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Linear layers left in high precision, with the reason."""
+    converted_params: int = 0
+
+    def summary(self) -> str:
+        return (f"FP8 training ({self.recipe}, {self.backend}): {len(self.converted)} linears converted "
+                f"({self.converted_params:,} weights), {len(self.skipped)} kept in high precision")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Exact dotted name, a suffix, one name component, or an fnmatch glob (as in convert.py)."""
+    return name == pattern or name.endswith("." + pattern) or pattern in name.split(".") or \
+        fnmatch.fnmatchcase(name, pattern)
+
+
+def training_skip_reason(name: str, module: nn.Module, skip: tuple[str, ...]) -> str | None:
+    """Why `module` is not converted for FP8 training, or None when it is."""
+    if not isinstance(module, nn.Linear):
+        return "not an nn.Linear"
+    if NEVER_CONVERTED in name.split("."):
+        return "reward head (never converted)"
+    for pattern in skip:
+        if _matches(name, pattern):
+            return f"skip pattern {pattern!r}"
+    if module.in_features % DIM_MULTIPLE or module.out_features % DIM_MULTIPLE:
+        return f"dims ({module.out_features}, {module.in_features}) not multiples of {DIM_MULTIPLE}"
+    return None
+
+
+def convert_to_fp8_training(model: nn.Module, recipe: str | FP8TrainingRecipe = "delayed", backend: str = "auto", *,
+                            skip: tuple[str, ...] = ("lm_head", "embed_tokens"),
+                            compute_dtype: torch.dtype | None = None, fp8_weight_grad: bool = True,
+                            fuse: bool = False, allow_cpu_scaled_mm: bool = False,
+                            group: Any = None) -> TrainingConversionReport:
+    """Replace, in place, every `nn.Linear` passing the filter by an `FP8TrainingLinear` sharing its
+    parameters. Never the reward head; not `skip` patterns (LM head, embeddings); not layers whose
+    dims are not multiples of 16.
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10))
+        >>> r = convert_to_fp8_training(net, "delayed")
+        >>> r.converted, r.skipped
+        (['0'], {'1': 'dims (10, 64) not multiples of 16'})
+    """
+    recipe = get_training_recipe(recipe)
+    report = TrainingConversionReport(recipe=recipe.name, backend=backend)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        reason = training_skip_reason(name, module, tuple(skip))
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        new = FP8TrainingLinear.from_linear(module, recipe=recipe, backend=backend, compute_dtype=compute_dtype,
+                                            fp8_weight_grad=fp8_weight_grad, fuse=fuse,
+                                            allow_cpu_scaled_mm=allow_cpu_scaled_mm, group=group)
+        _set_submodule(model, name, new)
+        report.converted.append(name)
+        report.converted_params += module.weight.numel()
+    return report
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@dataclass
+class FP8WeightExport:
+    """A trained layer's E4M3 weight in the layout `FP8InferenceLinear.from_quantized` loads."""
+
+    weight: torch.Tensor
+    """float8_e4m3fn (out, in): the bytes the next training forward computes with."""
+    weight_scale: torch.Tensor
+    """float32 dequant scales: (1, 1) for per-tensor recipes; (out, ceil(in / 128)) for `block`
+    (each 128×128 block's scale repeated on its 128 rows = FP8InferenceLinear's "block" granularity)."""
+    bias: torch.Tensor | None
+    granularity: str
+    block_size: int | None
+
+    def to_inference_linear(self, backend: str = "emulated",
+                            compute_dtype: torch.dtype = torch.bfloat16) -> FP8InferenceLinear:
+        return FP8InferenceLinear.from_quantized(self.weight, self.weight_scale, self.bias,
+                                                 granularity=self.granularity, block_size=self.block_size,
+                                                 backend=backend, compute_dtype=compute_dtype)
+
+
+@torch.no_grad()
+def export_fp8_weights(module: FP8TrainingLinear) -> FP8WeightExport:
+    """The E4M3 weight bytes and dequant scales the layer's next forward would use (the weight state's
+    scale, not updated), in `FP8InferenceLinear`'s layout: per-tensor → granularity ``"tensor"``
+    (1, 1); 128×128 blocks → granularity ``"block"`` with `block_size` 128 and the block scales
+    expanded to rows (out, ceil(in / 128)), which dequantises to exactly the same values.
+
+        >>> import torch
+        >>> layer = FP8TrainingLinear(64, 32, recipe="block")
+        >>> e = export_fp8_weights(layer)
+        >>> e.granularity, tuple(e.weight_scale.shape)
+        ('block', (32, 1))
+        >>> torch.equal(e.to_inference_linear().dequantized_weight(), layer_weight_dequantized(layer))
+        True
+    """
+    w, st, recipe = module.weight.detach(), module.states.weight, module.recipe
+    bias = module.bias.detach().clone() if module.bias is not None else None
+    if recipe.granularity == "block":
+        bsz = recipe.weight_block
+        scale = st.local_scales(block_amax(w, bsz))  # (nr, nc)
+        q = quantize_scaled(w, expand_blocks(scale, bsz, *w.shape), st.fmt)
+        rows = (1.0 / scale).repeat_interleave(bsz, dim=0)[: w.shape[0]]  # (out, nc)
+        return FP8WeightExport(q, rows.contiguous(), bias, "block", bsz)
+    scale = st.next_scale(st.amax(w))
+    q = quantize_scaled(w, scale, st.fmt)
+    return FP8WeightExport(q, (1.0 / scale).reshape(1, 1), bias, "tensor", None)
+
+
+def layer_weight_dequantized(module: FP8TrainingLinear) -> torch.Tensor:
+    """The float32 (out, in) weight the layer's next forward computes with (quantised, dequantised)."""
+    e = export_fp8_weights(module)
+    bs = e.block_size
+    s = e.weight_scale if bs is None else e.weight_scale.repeat_interleave(bs, dim=1)[:, : e.weight.shape[1]]
+    return fp8_to_float32(e.weight) * s
+
+
+def to_fp8_inference(model: nn.Module, backend: str = "emulated", compute_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace every `FP8TrainingLinear` in `model` by the `FP8InferenceLinear` holding its exported
+    E4M3 bytes (no re-quantisation); returns how many.
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(FP8TrainingLinear(32, 16))
+        >>> to_fp8_inference(net), type(net[0]).__name__
+        (1, 'FP8InferenceLinear')
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)]
+    for name in names:
+        _set_submodule(model, name, export_fp8_weights(model.get_submodule(name)).to_inference_linear(backend,
+                                                                                                     compute_dtype))
+    return len(names)
+
+
+def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
+    """`FP8TrainingLinear.scaling_stats` of every FP8 training linear in `model`, by module name."""
+    return {n: m.scaling_stats() for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
+
+
+__all__ = ["FP8Operand", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
+           "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
+           "fp8_gemm", "fp8_scaling_stats", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
+           "to_fp8_inference", "training_skip_reason"]
