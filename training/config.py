@@ -19,6 +19,8 @@ from typing import Literal
 from .core.configtools import (
     check_literals,
 )
+from .core.fp8.optim import MasterWeights
+from .core.fp8.scaling import TrainingRecipeName
 from .core.model import HeadConfig
 from .losses import DEFAULT_ALPHA, DEFAULT_BETA, Regulariser, RewardLoss
 
@@ -143,7 +145,17 @@ class PrecisionConfig:
     """Numeric precision of training, resolved in one place (`precision.apply_precision`)."""
 
     mode: PrecisionMode = "fp32"
-    """auto (bf16 where bf16 matmuls are fast, else fp32); fp32; bf16 (autocast, fp32 master weights); fp8-o1..o3 (FP8-LM levels; not implemented yet)."""
+    """auto (bf16 where bf16 matmuls are fast, else fp32); fp32; bf16 (autocast, fp32 master weights);
+    fp8-o1 (FP8 GEMMs and weight gradients in the decoder's linear layers), fp8-o2 (plus FP8 AdamW
+    state), fp8-o3 (plus FSDP2; not implemented yet)."""
+    fp8_recipe: TrainingRecipeName = "delayed"
+    """FP8 scaling: delayed (FP8-LM: amax history after a current-scaling warm-up), current (per-tensor
+    amax of each step), block (1x128 activation and gradient tiles, 128x128 weight blocks)."""
+    fp8_backend: Literal["auto", "emulated", "scaled_mm"] = "auto"
+    """FP8 GEMMs: scaled_mm (torch._scaled_mm, CUDA sm89+), emulated (FP8 rounding, matmul in the
+    machine's fast dtype), or auto (scaled_mm where it runs)."""
+    fp8_master: MasterWeights = "fp32"
+    """fp8-o2/o3 master weights: fp32, or fp16 with a per-tensor scale (FP8-LM's precision decoupling)."""
 
 
 @dataclass(kw_only=True)
@@ -224,4 +236,8 @@ class TrainConfig:
             raise ValueError(f"loss.alpha must be in [0, 1], got {self.loss.alpha}")
         if not 0.0 <= self.data.flip_fraction <= 1.0:
             raise ValueError(f"data.flip_fraction must be in [0, 1], got {self.data.flip_fraction}")
+        if self.precision.mode.startswith("fp8") and self.model.lora.enabled:
+            raise ValueError(f"precision.mode={self.precision.mode} trains the linear layers' own weights in FP8; "
+                             "LoRA adapters are not supported with it: use --model.lora.enabled false or "
+                             "--precision.mode bf16")
         return self

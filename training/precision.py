@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
 
 from .config import PrecisionConfig
 from .core.devices import fast_dtype
+
+log = logging.getLogger(__name__)
 
 FP8_ISSUE = "issue \"FP8 mixed-precision training (FP8-LM O1-O3)\", to be implemented in grmserve.training.core.fp8"
 
@@ -38,6 +41,8 @@ class PrecisionPlan:
     optimizer: torch.optim.Optimizer
     autocast: Callable[[], ContextManager]
     mode: str
+    fp8: Any = None
+    """For fp8 modes: the conversion report (which linear layers train in FP8, which stay high precision)."""
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -59,7 +64,7 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     - auto: bf16 where bf16 matmuls are fast, else fp32 (`resolve_mode`).
     - fp32: everything in float32.
     - bf16: float32 master weights and optimizer state; forward and backward under bf16 autocast.
-    - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels (`_apply_fp8`).
+    - fp8-o1 / fp8-o2: FP8-LM levels (`_apply_fp8`); fp8-o3 is not built yet.
     """
     cfg = dataclasses.replace(cfg, mode=resolve_mode(cfg.mode, device))
     if cfg.mode.startswith("fp8"):
@@ -75,10 +80,30 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
 
 
 def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard) -> PrecisionPlan:
-    """Hook for FP8-LM O1 (FP8 linear weights/gradients), O2 (+ FP8 Adam states) and O3 (+ FP8
-    sharded all-gathers): convert the model's linear layers, shard with FP8 communication, and
-    build the FP8 optimizer, returning a `PrecisionPlan` like the other modes."""
-    raise NotImplementedError(
-        f"precision.mode={cfg.mode}: FP8 training is not implemented yet; it is the {FP8_ISSUE}. "
-        "Use --precision.mode bf16 or fp32 until then."
-    )
+    """FP8-LM O1: the decoder's linear layers become `FP8TrainingLinear` (E4M3 inputs and weights,
+    E5M2 output gradients, FP8 weight gradients; the reward head, LM head, embeddings and norms stay in
+    float32), with the trainer's AdamW. O2: plus `FP8AdamW` (E4M3 first moment, FP16 second moment,
+    FP32 or FP16 + scale master weights). O3 (FSDP2 with FP8 all-gathers) is not built yet."""
+    from .core.fp8.training_linear import convert_to_fp8_training
+
+    if cfg.mode == "fp8-o3":
+        raise NotImplementedError(f"precision.mode=fp8-o3 (FSDP2 with FP8 all-gathers) is not implemented yet; it "
+                                  f"is part of the {FP8_ISSUE}. Use --precision.mode fp8-o2")
+    model = model.to(device=device, dtype=torch.float32)
+    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend)
+    log.info("%s", report.summary())
+    model = shard(model)
+    optimizer = optimizer_factory(model)
+    if cfg.mode == "fp8-o2":
+        optimizer = fp8_adamw_like(optimizer, cfg.fp8_master)
+    return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode, fp8=report)
+
+
+def fp8_adamw_like(optimizer: torch.optim.Optimizer, master_weights: str) -> torch.optim.Optimizer:
+    """`FP8AdamW` over the same parameter groups, learning rates, betas, eps and weight decay."""
+    from .core.fp8.optim import FP8AdamW
+
+    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    d = optimizer.defaults
+    return FP8AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                    master_weights=master_weights)

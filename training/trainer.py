@@ -67,10 +67,12 @@ from .core.checkpoint import (
     detect_format,
     load_grm,
     read_config,
+    save_fp8_grm,
     save_grm,
 )
 from .core.configtools import fail, to_dict
 from .core.devices import resolve_device
+from .core.fp8.training_linear import convert_to_fp8_training, export_trained_fp8
 from .core.fsutil import replace_dir
 from .core.model import GRMConfig, GRMModel, init_grm
 from .core.prompts import PromptRenderer
@@ -252,7 +254,8 @@ class Trainer:
         self.hf_config, self.grm_config = model.hf_config, copy.deepcopy(model.grm_config)
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg)
-        if resume_from is not None:
+        fp8 = cfg.precision.mode.startswith("fp8")
+        if resume_from is not None and not fp8:  # fp8: the trainer state holds the weights, loaded after conversion
             load_weights(model, resume_from)
 
         # Precision, sharding, optimizer, schedule.
@@ -278,7 +281,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout; restored exactly on resume
         random.seed(cfg.seed + self.info.rank)
         if resume_from is not None:
-            self.step = self.saved_step = load_trainer_state(self, resume_from)
+            self.step = self.saved_step = load_trainer_state(self, resume_from, weights=fp8)
             if self.info.is_main:
                 log.info("resumed from %s at step %d", resume_from, self.step)
         if self.info.is_main:
@@ -423,7 +426,7 @@ class Trainer:
                 lora = is_lora(self.model)  # FSDP2 keeps the module, its class hierarchy and its names
                 export = export_model(self.hf_config, self.grm_config, model_sd, lora, self.cfg)
                 with quiet_hf_progress():
-                    save_grm(export, self.tokenizer, tmp / "model")
+                    (save_fp8_grm if export.grm_config.quantization else save_grm)(export, self.tokenizer, tmp / "model")
                 if lora:
                     from safetensors.torch import save_file
                     names = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -432,6 +435,8 @@ class Trainer:
                          "epoch": self.step // self.steps_per_epoch, "batch_in_epoch": self.step % self.steps_per_epoch,
                          "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": all_rng,
                          "world_size": self.info.world_size, "config": to_dict(self.cfg)}
+                if self.cfg.precision.mode.startswith("fp8"):  # master weights + FP8 scaling state (model/ is FP8)
+                    state["model"] = model_sd
                 torch.save(state, tmp / STATE_FILE)
                 replace_dir(tmp, final)
             except BaseException:
@@ -500,6 +505,9 @@ def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.T
         skeleton = init_grm(copy.deepcopy(hf_config), grm=copy.deepcopy(grm_config))
         if lora:
             skeleton = apply_lora(skeleton, cfg)
+        fp8 = cfg.precision.mode.startswith("fp8")
+        if fp8:  # the same FP8 layers (and their scaling state) as the training model
+            convert_to_fp8_training(skeleton, cfg.precision.fp8_recipe, "emulated")
     skeleton = skeleton.to_empty(device="cpu")
     missing, unexpected = skeleton.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
@@ -508,6 +516,8 @@ def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.T
     (skeleton.lm.get_base_model() if lora else skeleton.lm).tie_weights()
     if lora:
         skeleton.lm = skeleton.lm.merge_and_unload()
+    if fp8:  # the E4M3 bytes the next training step would compute with, served as they are
+        export_trained_fp8(skeleton)
     return skeleton.eval()
 
 
@@ -527,16 +537,22 @@ def load_weights(model: GRMModel, ckpt: Path) -> None:
     model.load_state_dict(loaded.state_dict())
 
 
-def load_trainer_state(trainer: Trainer, ckpt: Path) -> int:
-    """Restore optimizer, scheduler and RNG from `ckpt`; returns the step to continue from."""
+def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -> int:
+    """Restore optimizer, scheduler and RNG from `ckpt` (with `weights`, the model's full training
+    state first: FP8 runs keep master weights and scaling state there); returns the step to continue from."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
+        set_model_state_dict,
         set_optimizer_state_dict,
     )
 
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{ckpt / STATE_FILE}: trainer-state version {state.get('version')!r}, expected {STATE_VERSION}")
+    if weights:
+        if "model" not in state:
+            raise CheckpointError(f"{ckpt / STATE_FILE}: no model state; it was not written by an fp8 run")
+        set_model_state_dict(trainer.model, state["model"], options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
     trainer.scheduler.load_state_dict(state["scheduler"])

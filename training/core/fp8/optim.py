@@ -37,7 +37,7 @@ A step with a non-finite gradient anywhere is skipped whole (counted in `skipped
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,8 @@ from .formats import FP8Format, cast_to_fp8, compute_scale, fp8_to_float32, get_
 
 FP16 = FP8Format("fp16", torch.float16, 65504.0)
 """float16 described like an FP8 format, so `compute_scale` gives it power-of-two scales."""
-MASTER_WEIGHTS = ("fp32", "fp16")
+MasterWeights = Literal["fp32", "fp16"]
+MASTER_WEIGHTS: tuple[str, ...] = get_args(MasterWeights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import torch
 import torch.distributed as dist
 
 from .formats import E4M3, FP8Format, cast_to_fp8, compute_scale, get_format, num_blocks
 
-RECIPE_NAMES = ("delayed", "current", "block")
+TrainingRecipeName = Literal["delayed", "current", "block"]
+RECIPE_NAMES: tuple[str, ...] = get_args(TrainingRecipeName)
 ROLES = ("input", "weight", "grad_output", "weight_grad")
 MODES = ("delayed", "current")
 
@@ -347,10 +348,13 @@ class ScalingState:
         self._counters = state["counters"].to(device=device, dtype=torch.int64).clone()
 
     def to(self, device: torch.device | str) -> "ScalingState":
-        """Move the state's tensors to `device` (in place; returns self)."""
-        self.amax_history = self.amax_history.to(device)
-        self.last_scale = self.last_scale.to(device)
-        self._counters = self._counters.to(device)
+        """Move the state's tensors to `device` (in place; returns self). State on the meta device (a
+        skeleton built without memory) comes out zeroed: load a state dict into it."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(t, device=device) if t.is_meta else t.to(device)
+
+        self.amax_history, self.last_scale, self._counters = map(move, (self.amax_history, self.last_scale,
+                                                                        self._counters))
         return self
 
     def __repr__(self) -> str:

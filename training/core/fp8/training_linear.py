@@ -33,8 +33,6 @@ are powers of two.
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -42,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import fast_dtype
+from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
 from .scaling import (
@@ -57,9 +57,7 @@ from .scaling import (
     quantize_scaled,
 )
 
-NEVER_CONVERTED = "reward_head"
-DIM_MULTIPLE = 16
-SCALED_MM_ALIGN = 16
+SCALED_MM_ALIGN = 16  # torch._scaled_mm needs operand dims that are multiples of 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,27 +266,13 @@ class _FP8LinearFunction(torch.autograd.Function):
 # The module
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX on this CPU (Linux /proc/cpuinfo); without them bf16 matmuls are slow."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def default_compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
     """The emulated backend's matmul dtype: bf16 on CUDA and on CPUs with native bf16, else float32.
 
         >>> default_compute_dtype("cpu") in (torch.float32, torch.bfloat16)
         True
     """
-    device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16()):
-        return torch.bfloat16
-    return torch.float32
+    return fast_dtype(torch.device(device if device is not None else "cpu"))
 
 
 class FP8TrainingLinear(nn.Module):
@@ -413,24 +397,10 @@ class TrainingConversionReport:
                 f"({self.converted_params:,} weights), {len(self.skipped)} kept in high precision")
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """Exact dotted name, a suffix, one name component, or an fnmatch glob (as in convert.py)."""
-    return name == pattern or name.endswith("." + pattern) or pattern in name.split(".") or \
-        fnmatch.fnmatchcase(name, pattern)
-
-
 def training_skip_reason(name: str, module: nn.Module, skip: tuple[str, ...]) -> str | None:
-    """Why `module` is not converted for FP8 training, or None when it is."""
-    if not isinstance(module, nn.Linear):
-        return "not an nn.Linear"
-    if NEVER_CONVERTED in name.split("."):
-        return "reward head (never converted)"
-    for pattern in skip:
-        if _matches(name, pattern):
-            return f"skip pattern {pattern!r}"
-    if module.in_features % DIM_MULTIPLE or module.out_features % DIM_MULTIPLE:
-        return f"dims ({module.out_features}, {module.in_features}) not multiples of {DIM_MULTIPLE}"
-    return None
+    """Why `module` is not converted for FP8 training, or None when it is: the inference converter's
+    filter (convert.py: never the reward head, `skip` patterns, dims not multiples of 16)."""
+    return skip_reason(name, module, FP8Recipe(name="training", skip=tuple(skip)))
 
 
 def convert_to_fp8_training(model: nn.Module, recipe: str | FP8TrainingRecipe = "delayed", backend: str = "auto", *,
@@ -552,3 +522,35 @@ __all__ = ["FP8Operand", "FP8TrainingLinear", "FP8WeightExport", "TrainingConver
            "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
            "fp8_gemm", "fp8_scaling_stats", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
            "to_fp8_inference", "training_skip_reason"]
+
+
+def export_trained_fp8(model: nn.Module) -> list[str]:
+    """Turn a trained `GRMModel`'s FP8 training linears into the `FP8InferenceLinear`s holding their
+    E4M3 bytes and scales (no re-quantisation) and record the `grm.quantization` block, so that
+    `save_fp8_grm` writes a checkpoint grm-serve serves as trained. Returns the converted names.
+
+        >>> from grmserve.training.core.assets import tiny_llama_config
+        >>> from grmserve.training.core.model import init_grm
+        >>> model = init_grm(tiny_llama_config(), seed=0)
+        >>> _ = convert_to_fp8_training(model, "delayed")
+        >>> names = export_trained_fp8(model)
+        >>> model.grm_config.quantization["granularity"], len(names) == len(model.grm_config.quantization["modules"])
+        ('tensor', True)
+    """
+    trained = {n: m for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
+    if not trained:
+        raise ValueError("the model has no FP8 training linears to export")
+    exports = {n: export_fp8_weights(m) for n, m in trained.items()}
+    first = next(iter(exports.values()))
+    if any((e.granularity, e.block_size) != (first.granularity, first.block_size) for e in exports.values()):
+        raise ValueError("FP8 training linears of one model must share a recipe to be exported together")
+    recipe = next(iter(trained.values())).recipe.name
+    for name, export in exports.items():
+        _set_submodule(model, name, export.to_inference_linear())
+    prefix = "lm."
+    names = [n[len(prefix):] if n.startswith(prefix) else n for n in trained]
+    description = FP8Recipe(name=f"fp8-trained-{recipe}", granularity=first.granularity,
+                            block_size=first.block_size or 64)
+    model.grm_config.quantization = quantization_description(description, names)
+    model.grm_config.quantization["trained"] = {"recipe": recipe}
+    return names
