@@ -53,10 +53,13 @@ from .components import (
     compute_loss,
     progress,
 )
-from .config import LoraConfig, TrainConfig
+from .config import LoraConfig, PrecisionMode, TrainConfig
 from .core.batching import pad_right, plan_batches
 from .core.configtools import fail, parse_command
 from .core.default_model import ARTIFACT_FORMAT
+from .core.fp8.convert import install_fp8_weights
+from .core.fp8.scaling import TrainingRecipeName, get_training_recipe
+from .core.fp8.training_linear import FP8TrainingLinear, export_fp8_weights
 from .core.model import GRMConfig, GRMModel, HeadConfig, RewardHead
 from .core.prompts import PromptRenderer
 from .data import EncodedPair, PairBatch, collate_pairs, encode_pairs, read_pairs
@@ -119,6 +122,11 @@ class ExperimentConfig:
     """Temperature of the regularisers."""
     seed: int = 0
     """Seed of the prompt sample, label flips, head init and batch order."""
+    precision: PrecisionMode = "fp32"
+    """Training precision of the top layers (the precision plan of grm-train): fp32, bf16, fp8-o1, fp8-o2.
+    FP8 trains the top layers' own weights: use it with --lora_r 0."""
+    fp8_recipe: TrainingRecipeName = "delayed"
+    """FP8 scaling recipe for the fp8 precisions: delayed, current or block."""
     feature_tokens: int = 4096
     """Token budget of one frozen-layer pass while caching features."""
     export: str = ""
@@ -353,10 +361,13 @@ def accuracy_report(scores: torch.Tensor, index: PairIndex) -> dict[str, Any]:
 # One configuration
 
 
-def config_name(method: str, noise: float, alpha: float = DEFAULT_ALPHA) -> str:
-    """`grm-sft-noise0.25`; a non-default regulariser weight is part of the name (`...-alpha0.1`)."""
+def config_name(method: str, noise: float, alpha: float = DEFAULT_ALPHA, precision: str = "fp32") -> str:
+    """`grm-sft-noise0.25`; a non-default regulariser weight (`...-alpha0.1`) and a precision other
+    than fp32 (`...-fp8-o2`) are part of the name."""
     name = f"{method}-noise{noise:.2f}"
-    return name if alpha == DEFAULT_ALPHA or method == "bt" else f"{name}-alpha{alpha:g}"
+    if alpha != DEFAULT_ALPHA and method != "bt":
+        name += f"-alpha{alpha:g}"
+    return name if precision == "fp32" else f"{name}-{precision}"
 
 
 def build_top_model(upper: nn.Module, cfg: ExperimentConfig, seed: int) -> GRMModel:
@@ -375,7 +386,7 @@ def build_top_model(upper: nn.Module, cfg: ExperimentConfig, seed: int) -> GRMMo
 
 def train_settings(cfg: ExperimentConfig, method: str, total_steps: int) -> TrainConfig:
     """The `TrainConfig` one configuration trains with: the GRM loss of `method`, AdamW at `lr` (top
-    layers) and `head_lr` (reward head), warm-up then cosine to 10 %, clipping, fp32."""
+    layers) and `head_lr` (reward head), warm-up then cosine to 10 %, clipping, `cfg.precision`."""
     tcfg = TrainConfig()
     tcfg.loss.regulariser = METHODS[method]
     tcfg.loss.alpha, tcfg.loss.beta = cfg.alpha, cfg.beta
@@ -383,7 +394,7 @@ def train_settings(cfg: ExperimentConfig, method: str, total_steps: int) -> Trai
     o.lr, o.head_lr, o.weight_decay, o.grad_clip = cfg.lr, cfg.head_lr, 0.0, cfg.clip
     o.warmup_steps, o.min_lr_ratio, o.max_steps = max(1, round(cfg.warmup_ratio * total_steps)), 0.1, total_steps
     o.batch_size = cfg.batch_size
-    tcfg.precision.mode = "fp32"
+    tcfg.precision.mode, tcfg.precision.fp8_recipe = cfg.precision, cfg.fp8_recipe
     return tcfg
 
 
@@ -404,7 +415,7 @@ def train_config(upper: nn.Module, train: PairIndex, tests: dict[str, PairIndex]
     metrics = MetricsLog(log_path, fresh=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, step = time.perf_counter(), 0
-    with progress(total, desc=config_name(method, noise, cfg.alpha)) as bar:
+    with progress(total, desc=config_name(method, noise, cfg.alpha, cfg.precision)) as bar:
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for s in range(0, n, cfg.batch_size):
@@ -415,16 +426,32 @@ def train_config(upper: nn.Module, train: PairIndex, tests: dict[str, PairIndex]
                 bar.update(1)
     train_seconds = time.perf_counter() - start
     model.eval()
-    result: dict[str, Any] = {"name": config_name(method, noise, cfg.alpha), "method": method,
+    result: dict[str, Any] = {"name": config_name(method, noise, cfg.alpha, cfg.precision), "method": method,
                               "regulariser": METHODS[method], "alpha": cfg.alpha if method != "bt" else 0.0,
                               "noise": noise, "train_pairs": n, "steps": total, "train_seconds": round(train_seconds, 1)}
     start = time.perf_counter()
     for split, index in tests.items():
         result[split] = accuracy_report(score_responses(model, index.feats, pad_id=pad_id), index)
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
-    params = {f"lm.{k}": v.detach().clone() for k, v in model.lm.named_parameters() if v.requires_grad}
-    params.update({f"reward_head.{k}": v.detach().clone() for k, v in model.reward_head.state_dict().items()})
-    return result, params
+    return result, trained_tensors(model)
+
+
+def trained_tensors(model: GRMModel) -> dict[str, torch.Tensor]:
+    """What training changed, by name: the trainable LM parameters (LoRA factors or weights) and the
+    reward head. FP8 training linears give their E4M3 weight bytes and scales (`weight`, `weight_scale`),
+    exactly what the next training step would compute with."""
+    fp8 = {n: export_fp8_weights(m) for n, m in model.lm.named_modules() if isinstance(m, FP8TrainingLinear)}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.lm.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if not value.requires_grad:
+            continue
+        if module in fp8 and leaf == "weight":
+            out[f"lm.{name}"], out[f"lm.{module}.weight_scale"] = fp8[module].weight, fp8[module].weight_scale
+        else:
+            out[f"lm.{name}"] = value.detach().clone()
+    out.update({f"reward_head.{k}": v.detach().clone() for k, v in model.reward_head.state_dict().items()})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +512,7 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     results = []
     for noise in cfg.noise:
         for method in cfg.methods:
-            name = config_name(method, noise, cfg.alpha)
+            name = config_name(method, noise, cfg.alpha, cfg.precision)
             res_path = out / "results" / f"{name}.json"
             if res_path.is_file():
                 results.append(json.loads(res_path.read_text()))
@@ -558,6 +585,7 @@ def export_artifact(cfg: ExperimentConfig, name: str, dest: Path) -> Path:
         tensors[_global_name(key, first)] = value
     meta = {"format": ARTIFACT_FORMAT, "backbone": cfg.backbone, "layers": n, "top_layers": cfg.top_layers,
             "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "head": dataclasses.asdict(cfg.head),
+            "fp8": fp8_layout(cfg),
             "max_tokens": cfg.max_tokens, "result": json.loads(res_file.read_text()),
             "check": _reference_scores(cfg, lm, tok, load_file(str(params_file)))}
     dest.mkdir(parents=True, exist_ok=True)
@@ -567,11 +595,22 @@ def export_artifact(cfg: ExperimentConfig, name: str, dest: Path) -> Path:
     return dest
 
 
+def fp8_layout(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """How an FP8-trained configuration's weights are laid out for serving (None unless cfg is fp8)."""
+    if not cfg.precision.startswith("fp8"):
+        return None
+    recipe = get_training_recipe(cfg.fp8_recipe)
+    block = recipe.granularity == "block"
+    return {"recipe": recipe.name, "precision": cfg.precision, "granularity": "block" if block else "tensor",
+            "block_size": recipe.weight_block if block else None}
+
+
 def _reference_scores(cfg: ExperimentConfig, lm: nn.Module, tok, params: dict[str, torch.Tensor],
                       count: int = 8) -> dict[str, Any]:
     """Scores of a few test sequences computed the way the experiment computed them (frozen lower
-    layers, then the trained top model): whoever rebuilds the full model from the artifact can
-    check that it gives the same numbers (tests/training/test_default_model.py does)."""
+    layers, then the trained top model; FP8-trained layers as grm-serve runs them): whoever rebuilds
+    the full model from the artifact can check that it gives the same numbers
+    (tests/training/test_default_model.py does)."""
     from .benchmark import load_split
 
     pairs, report = read_pairs(load_split("test_id", data_dir=cfg.data_dir or None), limit=count // 2)
@@ -580,8 +619,12 @@ def _reference_scores(cfg: ExperimentConfig, lm: nn.Module, tok, params: dict[st
     lower, upper = split_lm(lm, cfg.top_layers)
     compute_features(lower, feats, pad_id=tok.pad_token_id, batch_tokens=cfg.feature_tokens, desc="reference scores")
     top = build_top_model(upper, cfg, cfg.seed).eval()
-    missing, unexpected = top.lm.load_state_dict({k[3:]: v for k, v in params.items() if k.startswith("lm.")},
-                                                 strict=False)
+    lm_params = {k[3:]: v for k, v in params.items() if k.startswith("lm.")}
+    layout = fp8_layout(cfg)
+    if layout:  # FP8-trained: scored as grm-serve serves them, the trained bytes in FP8InferenceLinear layers
+        install_fp8_weights(top.lm, lm_params, granularity=layout["granularity"], block_size=layout["block_size"])
+        lm_params = {k: v for k, v in lm_params.items() if not k.endswith(".weight_scale") and v.dtype != torch.float8_e4m3fn}
+    missing, unexpected = top.lm.load_state_dict(lm_params, strict=False)
     if unexpected:
         raise ValueError(f"saved parameters do not fit the top model: {unexpected[:3]}")
     top.reward_head.load_state_dict({k[len("reward_head."):]: v for k, v in params.items() if k.startswith("reward_head.")})

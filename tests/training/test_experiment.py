@@ -163,3 +163,34 @@ def test_cli_rejects_unknown_method_and_bad_top_layers(tmp_path, capsys):
     assert main(["--backbone", "tiny", "--out", str(tmp_path / "z"), "--export", "bt-noise0.00"]) == 2
     assert "no finished configuration 'bt-noise0.00'" in capsys.readouterr().err
 
+
+
+def test_fp8_trained_top_layers_ship_their_e4m3_bytes_and_rebuild_exactly(tmp_path):
+    """--precision fp8-o2 with full weights: the artifact holds the trained E4M3 bytes and scales, the
+    rebuilt full model serves them in FP8InferenceLinear layers, and it reproduces the artifact's
+    reference scores (computed on the cached lower layers + top model with the same FP8 layers)."""
+    from grmserve.training.core.fp8 import FP8InferenceLinear
+
+    cfg = _cfg(tmp_path, methods=["bt"], lora_r=0, lr=1e-3, precision="fp8-o2")
+    [result] = run(cfg)
+    assert result["name"] == "bt-noise0.00-fp8-o2" and result["steps"] > 0
+    dest = export_artifact(cfg, "bt-noise0.00-fp8-o2", tmp_path / "artifact")
+    meta = json.loads((dest / "top-layers.json").read_text())
+    tensors = load_file(str(dest / "top-layers.safetensors"))
+    fp8 = [k for k, v in tensors.items() if v.dtype == torch.float8_e4m3fn]
+    assert meta["fp8"]["granularity"] == "tensor" and len(fp8) == 7  # q, k, v, o, gate, up, down of layer 2
+    assert all(k.startswith("layers.2.") and f"{k}_scale" in tensors for k in fp8)
+    lm, _ = load_backbone(cfg)
+    head = apply_artifact(lm, tensors, meta)
+    layer = lm.get_decoder().layers[2]
+    assert isinstance(layer.mlp.up_proj, FP8InferenceLinear)
+    assert torch.equal(layer.mlp.up_proj.weight.view(torch.uint8), tensors["layers.2.mlp.up_proj.weight"].view(torch.uint8))
+    full = GRMModel(lm, head, GRMConfig(head=cfg.head)).eval()
+    for m in full.modules():
+        if isinstance(m, FP8InferenceLinear):
+            m.compute_dtype = torch.float32
+    check = meta["check"]
+    with torch.no_grad():
+        got = [float(full.score(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0])
+               for ids in check["token_ids"]]
+    assert got == pytest.approx(check["scores"], abs=2e-4)

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from . import assets
-from .checkpoint import save_grm
+from .checkpoint import save_fp8_grm, save_grm
+from .fp8.convert import FP8Recipe, install_fp8_weights, quantization_description
+from .fp8.linear import FP8InferenceLinear
 from .model import GRMConfig, GRMModel, HeadConfig, RewardHead
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,16 @@ def build_default_model(out: Path) -> dict:
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     head = apply_artifact(lm, load_file(str(ARTIFACT_DIR / "top-layers.safetensors")), meta)
     grm = GRMConfig(head=HeadConfig(**meta["head"]), model_name=NAME, model_version=version(), max_tokens=MAX_TOKENS)
-    save_grm(GRMModel(lm, head, grm), tok, out)
+    model = GRMModel(lm, head, grm)
+    fp8 = meta.get("fp8")
+    if fp8:  # served as trained: the top layers' FP8 bytes, the rest in full precision
+        modules = [n for n, m in lm.named_modules() if isinstance(m, FP8InferenceLinear)]
+        recipe = FP8Recipe(name=f"fp8-trained-{fp8['recipe']}", granularity=fp8["granularity"],
+                           block_size=fp8["block_size"] or 64)
+        grm.quantization = quantization_description(recipe, modules)
+        save_fp8_grm(model, tok, out)
+    else:
+        save_grm(model, tok, out)
     res = meta["result"]
     stats = {"name": NAME, "version": grm.model_version, "method": res["method"], "label_noise": res["noise"],
              "train_pairs": res["train_pairs"], "top_layers": meta["top_layers"], "lora_r": meta["lora_r"],
@@ -78,15 +89,21 @@ def build_default_model(out: Path) -> dict:
 
 @torch.no_grad()
 def apply_artifact(lm: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RewardHead:
-    """Merge an artifact's top layers into a full causal LM (in place) and return its reward head."""
+    """Merge an artifact's top layers into a full causal LM (in place) and return its reward head.
+    Tensor names are relative to the decoder (`layers.28.self_attn.q_proj.lora_A`); an FP8-trained
+    artifact (`meta["fp8"]`) holds float8 `weight`s with their `weight_scale`s."""
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"not a {ARTIFACT_FORMAT} artifact (format {meta.get('format')!r})")
     layers = lm.get_decoder().layers
     if len(layers) != meta["layers"]:
         raise ValueError(f"artifact is for a {meta['layers']}-layer backbone, this one has {len(layers)}")
     scale = meta["lora_alpha"] / meta["lora_r"] if meta["lora_r"] else 0.0
+    fp8 = meta.get("fp8")
+    if fp8:  # FP8-trained layers: the trained E4M3 bytes and scales become FP8InferenceLinear layers
+        install_fp8_weights(lm.get_decoder(), tensors, granularity=fp8["granularity"], block_size=fp8["block_size"])
     for key, value in tensors.items():
-        if key.startswith("reward_head.") or key.endswith(".lora_B"):
+        if (key.startswith("reward_head.") or key.endswith((".lora_B", ".weight_scale"))
+                or value.dtype == torch.float8_e4m3fn):
             continue
         parts = key.split(".")
         module = layers[int(parts[1])]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..model import GRMModel
+from .formats import E4M3
 from .linear import GRANULARITIES, FP8InferenceLinear
 
 QUANT_FORMAT_VERSION = 1
@@ -219,3 +220,29 @@ def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe | None = None, *, b
         names = [n[len(prefix):] for n in report.converted]
         model.grm_config.quantization = quantization_description(recipe, names)
     return report
+
+
+def install_fp8_weights(root: nn.Module, tensors: dict[str, torch.Tensor], *, granularity: str,
+                        block_size: int | None, compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every `nn.Linear` of `root` whose `<name>.weight` in `tensors` is float8 by an
+    `FP8InferenceLinear` holding those bytes and `<name>.weight_scale` (its bias kept): trained FP8
+    weights served as they are. Returns the names replaced.
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(32, 16))
+        >>> w = torch.zeros(16, 32).to(torch.float8_e4m3fn)
+        >>> install_fp8_weights(net, {"0.weight": w, "0.weight_scale": torch.ones(1, 1)}, granularity="tensor",
+        ...                     block_size=None)
+        ['0']
+    """
+    names = sorted(k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dtype == E4M3.dtype)
+    for name in names:
+        old = root.get_submodule(name)
+        scale = tensors.get(f"{name}.weight_scale")
+        if not isinstance(old, nn.Linear) or scale is None:
+            raise ValueError(f"`{name}`: an FP8 weight needs an nn.Linear to replace and a `{name}.weight_scale`")
+        bias = None if old.bias is None else old.bias.detach()
+        root.set_submodule(name, FP8InferenceLinear.from_quantized(
+            tensors[f"{name}.weight"], scale, bias, granularity=granularity, block_size=block_size,
+            compute_dtype=compute_dtype))
+    return names
