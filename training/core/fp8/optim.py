@@ -210,9 +210,11 @@ class FP8AdamW(torch.optim.Optimizer):
                 raise ValueError(f"optimizer state was saved with {key}={meta[key]!r}, this FP8AdamW has {value!r}")
         sd = {k: v for k, v in state_dict.items() if k != "fp8"}
         super().load_state_dict(sd)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, saved in sd["state"].items():
-            p = params[idx]
+        # State keys are what the saved groups list: parameter indices, or names (torch.distributed.checkpoint).
+        saved_ids = {key: p for saved, group in zip(sd["param_groups"], self.param_groups)
+                     for key, p in zip(saved["params"], group["params"])}
+        for key, saved in sd["state"].items():
+            p = saved_ids[key]
             self.state[p] = {k: v.to(device=p.device if k != "step" else v.device).clone() for k, v in saved.items()}
         self.skipped_steps = int(meta.get("skipped_steps", 0))
 

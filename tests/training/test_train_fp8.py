@@ -1,0 +1,167 @@
+"""FP8 training through grm-train (FP8-LM O1/O2 on the precision plan): it learns, a stopped or
+SIGKILLed run resumes bit for bit (master weights, FP8 scaling state, FP8 optimizer state), and the
+checkpoint grm-serve loads holds exactly the E4M3 bytes training computed with."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grmserve.training import presets
+from grmserve.training.core.checkpoint import load_grm
+from grmserve.training.core.fp8 import FP8InferenceLinear
+from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, export_fp8_weights
+from grmserve.training.trainer import Trainer, build_model, latest_checkpoint
+
+STEPS = 5
+
+
+def _cfg(run_dir: Path, mode: str = "fp8-o2", recipe: str = "delayed"):
+    cfg = presets.tiny()
+    cfg.run_dir = str(run_dir)
+    cfg.data.synthetic = 16
+    cfg.optim.batch_size = 4
+    cfg.optim.grad_accum = 2
+    cfg.optim.max_steps = STEPS
+    cfg.optim.warmup_steps = 1
+    cfg.eval.every = 0
+    cfg.log.progress = False
+    cfg.precision.mode, cfg.precision.fp8_recipe = mode, recipe
+    return cfg
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def _assert_same_state(a: Path, b: Path) -> None:
+    sa = torch.load(a / "trainer_state.pt", weights_only=True)
+    sb = torch.load(b / "trainer_state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == STEPS
+    for key, value in sa["model"].items():
+        other = sb["model"][key]
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, other), key
+        else:
+            assert repr(value) == repr(other), key  # FP8 scaling state (amax history, scales, counters)
+    for key, state in sa["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(_bytes(tensor), _bytes(sb["optimizer"]["state"][key][name])), (key, name)
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(_bytes(wa[k]), _bytes(wb[k])) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fp8-straight") / "run"
+    result = Trainer(_cfg(run)).fit()
+    return run, result
+
+
+def test_fp8_o2_trains_with_fp8_state_and_exports_the_trained_bytes(straight):
+    run, result = straight
+    state = torch.load(latest_checkpoint(run / "checkpoints") / "trainer_state.pt", weights_only=True)
+    opt = next(iter(state["optimizer"]["state"].values()))
+    assert opt["exp_avg"].dtype == torch.float8_e4m3fn and opt["exp_avg_sq"].dtype == torch.float16  # O2 state
+    # Rebuild the training model from the trainer state: its FP8 layers' next-step bytes are the served bytes.
+    model, _ = build_model(_cfg(run))
+    from grmserve.training.core.fp8.training_linear import convert_to_fp8_training
+
+    convert_to_fp8_training(model, "delayed", "emulated")
+    model.load_state_dict(state["model"])
+    served = load_file(str(latest_checkpoint(run / "checkpoints") / "model" / "model.safetensors"))
+    trained = {n: m for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
+    assert len(trained) == 14  # 7 linears x 2 layers; the reward head, LM head and embeddings stay fp32
+    for name, module in trained.items():
+        key = name.removeprefix("lm.")
+        assert served[f"{key}.weight"].dtype == torch.float8_e4m3fn
+        assert torch.equal(served[f"{key}.weight"].view(torch.uint8), export_fp8_weights(module).weight.view(torch.uint8))
+    loaded = load_grm(latest_checkpoint(run / "checkpoints") / "model").model
+    assert sum(isinstance(m, FP8InferenceLinear) for m in loaded.modules()) == 14
+    assert loaded.grm_config.quantization["trained"] == {"recipe": "delayed"}
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "block"])
+def test_fp8_stop_and_resume_matches_uninterrupted(recipe, straight, tmp_path):
+    reference = straight[0] if recipe == "delayed" else tmp_path / "straight"
+    if recipe != "delayed":
+        Trainer(_cfg(reference, recipe=recipe)).fit()
+    run = tmp_path / "stopped"
+    first = _cfg(run, recipe=recipe)
+    first.stop_at_step = 2
+    assert Trainer(first).fit()["step"] == 2
+    second = _cfg(run, recipe=recipe)
+    second.resume = True
+    trainer = Trainer(second)
+    assert trainer.step == 2
+    trainer.fit()
+    _assert_same_state(latest_checkpoint(reference / "checkpoints"), latest_checkpoint(run / "checkpoints"))
+
+
+def test_fp8_sigkilled_run_resumes_exactly(straight, tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(run),
+           "--data.synthetic", "16", "--optim.batch_size", "4", "--optim.grad_accum", "2",
+           "--optim.max_steps", str(STEPS), "--optim.warmup_steps", "1", "--eval.every", "0",
+           "--checkpoint.every", "1", "--checkpoint.keep", "0", "--log.progress", "false",
+           "--precision.mode", "fp8-o2"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while latest_checkpoint(run / "checkpoints") is None:
+            if proc.poll() is not None:
+                pytest.fail(f"grm-train exited ({proc.returncode}) before its first checkpoint: {proc.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    if latest_checkpoint(run / "checkpoints").name == f"step-{STEPS:07d}":
+        pytest.skip("the run finished before it could be killed")
+    cfg = _cfg(run)
+    cfg.resume = True
+    trainer = Trainer(cfg)
+    assert 0 < trainer.step < STEPS
+    trainer.fit()
+    _assert_same_state(latest_checkpoint(straight[0] / "checkpoints"), latest_checkpoint(run / "checkpoints"))
+
+
+def test_fp8_checkpoint_is_served_as_trained(straight, monkeypatch):
+    """grm-serve serves the FP8 checkpoint as FP8 and scores like the training code's FP8 layers read
+    back from the same file (compute pinned to fp32 so the comparison is tight on any CPU)."""
+    from grmserve.server.app import build_engine
+    from grmserve.server.background import ServerThread
+    from grmserve.server.config import local
+
+    monkeypatch.setattr("grmserve.server.engine.runner.fast_dtype", lambda device: torch.float32)
+    folder = latest_checkpoint(straight[0] / "checkpoints") / "model"
+    cfg = local()
+    cfg.model.checkpoint = str(folder)
+    pairs = [([{"role": "user", "content": f"Is {i} even?"}], "yes" if i % 2 else "no") for i in range(6)]
+    with ServerThread(cfg, build_engine(cfg)) as st, st.client() as c:
+        assert c.info().precision == "fp8"
+        got = torch.tensor(c.score(pairs))
+    loaded = load_grm(folder)
+    for m in loaded.model.modules():
+        if isinstance(m, FP8InferenceLinear):
+            m.compute_dtype = torch.float32
+    from grmserve.training.core.prompts import PromptRenderer
+
+    renderer = PromptRenderer(loaded.tokenizer)
+    want = []
+    for prompt, response in pairs:
+        g = renderer.encode(prompt, [response], max_tokens=256)
+        ids = torch.tensor([g.prompt_ids + g.response_ids[0]])
+        with torch.no_grad():
+            want.append(float(loaded.model.score(ids, torch.ones_like(ids))[0]))
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-4, atol=1e-4)
