@@ -25,9 +25,12 @@ def require_binary(name: str) -> str:
     """The binary's path, or skip the test saying how to install it."""
     path = shutil.which(name)
     if path is None:
-        hint = {"prometheus": "apt-get install prometheus (Debian 12: Prometheus 2.42 with promtool)",
-                "promtool": "apt-get install prometheus", "kubectl": "install kubectl (it builds kustomizations offline)"}
-        pytest.skip(f"`{name}` is not on PATH; {hint.get(name, 'install it')} (.ci/run does this as root)")
+        hint = {"prometheus": "apt-get install prometheus (Debian 12: Prometheus 2.42 with promtool; .ci/run does "
+                              "this as root)",
+                "promtool": "apt-get install prometheus (.ci/run does this as root)",
+                "kubectl": "install kubectl >= 1.27 (`kubectl kustomize` builds offline; Debian 12's kubernetes-client "
+                           "1.20 is too old for these kustomizations)"}
+        pytest.skip(f"`{name}` is not on PATH; {hint.get(name, 'install it')}")
     return path
 
 

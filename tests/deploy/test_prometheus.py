@@ -114,9 +114,14 @@ def write_test_config(tmp_path, metrics_port: int) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    return require_binary("prometheus")
+
+
 @pytest.fixture()
-def prometheus(tmp_path, servers):
-    binary = require_binary("prometheus")
+def prometheus(prometheus_binary, tmp_path, servers):
+    binary = prometheus_binary
     port = free_port()
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen([binary, f"--config.file={write_test_config(tmp_path, servers[0].metrics_port)}",
@@ -176,7 +181,8 @@ def project_series(server) -> list[str]:
                    if s.name.startswith("grm_serve_") and not s.name.endswith("_created")})
 
 
-def test_prometheus_scrapes_grm_serve_and_every_rule_panel_and_adapter_query_has_data(servers, prometheus):
+def test_prometheus_scrapes_grm_serve_and_every_rule_panel_and_adapter_query_has_data(prometheus_binary, servers,
+                                                                                      prometheus):
     client = RewardClient(servers[0].target, timeout=30)
     traffic_round(client)  # every labelled series exists from here on
     stop = threading.Event()
