@@ -78,6 +78,10 @@ def test_build_steps_copy_existing_files_and_run_existing_modules(dockerfile):
     for module in re.findall(r"python -m ([\w.]+)", runs):
         if module != "venv":
             assert importlib.util.find_spec(module), f"{dockerfile.name} runs python -m {module}, which does not exist"
+    imports = re.findall(r"from ([\w.]+) import (\w+)", runs)
+    assert imports, "the default model's build step"
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{dockerfile.name} imports {name} from {module}: missing"
 
 
 def test_compose_wires_server_prometheus_and_grafana_together():

@@ -9,7 +9,9 @@ the Service with the metrics port, its endpoint names that port)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -129,15 +131,15 @@ def test_hpa_metrics_are_the_ones_prometheus_adapter_serves():
 def test_training_job_runs_torchrun_with_arguments_the_trainer_accepts():
     from torch.distributed.run import get_args_parser
 
-    from grmserve.training.config import parse_args
-
     job = one(build("training"), "Job")
     (c,) = job["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["torchrun"]
     launch = get_args_parser().parse_args(c["args"])
     assert launch.module and launch.training_script == "grmserve.training.trainer" and launch.standalone
-    cfg, _ = parse_args(launch.training_script_args)
-    cfg.validate()
-    assert cfg.resume and cfg.run_dir.startswith("/runs/")
+    res = subprocess.run([sys.executable, "-m", launch.training_script, *launch.training_script_args, "--print_config"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"grm-train rejects the Job's arguments:\n{res.stderr}"
+    cfg = json.loads(res.stdout)
+    assert cfg["resume"] and cfg["run_dir"].startswith("/runs/") and cfg["data"]["train"].startswith("/data/")
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/data", "/runs", "/dev/shm", "/tmp"} <= mounts
