@@ -79,7 +79,7 @@ def test_build_steps_copy_existing_files_and_run_existing_modules(dockerfile):
         if module != "venv":
             assert importlib.util.find_spec(module), f"{dockerfile.name} runs python -m {module}, which does not exist"
     imports = re.findall(r"from ([\w.]+) import (\w+)", runs)
-    assert imports, "the default model's build step"
+    assert imports, "no build step builds the default model"
     for module, name in imports:
         assert hasattr(importlib.import_module(module), name), f"{dockerfile.name} imports {name} from {module}: missing"
 
