@@ -104,6 +104,7 @@ def test_calls_ride_through_replicas_going_away(servers):
     with RewardClient([s.target for s in servers], timeout=60) as client:
         client.wait_ready()
         expected = client.score(PAIRS)
+        until_every_replica_served(lambda: client.score(PAIRS), servers)  # all three in the rotation
         stop, answered, failed = threading.Event(), [], []
         callers = [threading.Thread(target=call_until, args=(client, stop, answered, failed)) for _ in range(4)]
         for t in callers:
