@@ -9,10 +9,22 @@ A prompt is a string (sent verbatim, already rendered) or a list of chat message
     [1.73]
     >>> client.score_candidates([{"role": "user", "content": "2+2?"}], ["4", "5"])  # doctest: +SKIP
     [1.73, -0.41]
+
+Several replicas: give a list of addresses, or a `dns:///` name that resolves to every replica (a
+Kubernetes headless Service). Calls are spread round-robin over the replicas that report SERVING,
+and a call that meets UNAVAILABLE (a replica going away) is retried on another one:
+
+    >>> RewardClient(["10.0.0.5:50051", "10.0.0.6:50051"])                       # doctest: +SKIP
+    >>> RewardClient("dns:///grm-serve-headless.rlhf.svc.cluster.local:50051")   # doctest: +SKIP
+    >>> channel_target(["127.0.0.1:1", "127.0.0.1:2"])
+    'ipv4:127.0.0.1:1,127.0.0.1:2'
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 import time
 from typing import Sequence
 
@@ -53,8 +65,72 @@ def _channel_args(token: str | None):
     return [("authorization", f"Bearer {token}")] if token else None
 
 
+Target = str | Sequence[str]
+"""One address (`host:port`), a gRPC target (`dns:///name:port`, `ipv4:a:p,b:p`), or several `host:port`
+addresses (a list, or one comma-separated string)."""
+
+SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+MAX_ATTEMPTS = 5
+"""Tries per call when a replica hands it back (gRPC caps retries at 5 attempts)."""
+
+
+def service_config() -> str:
+    """Round-robin over the replicas that report SERVING on grpc.health.v1 (client-side health
+    checking: a draining replica gets no new calls), and retries on another replica of calls a
+    replica hands back: UNAVAILABLE (connection lost, replica stopping) and CANCELLED (a call that
+    reached a replica just as it began to stop; a call the caller cancels itself is never retried).
+    Score and ScoreCandidates are pure functions of the request, so repeating one is safe."""
+    retry = {"maxAttempts": MAX_ATTEMPTS, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+             "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                       "healthCheckConfig": {"serviceName": SERVICE_NAME},
+                       "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": retry}]})
+
+
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_MB << 20),
-                    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_MB << 20)]
+                    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_MB << 20),
+                    ("grpc.service_config", service_config()), ("grpc.enable_retries", 1),
+                    # a request is kept for retries only up to this size (default 256 KiB): as large as a message
+                    ("grpc.per_rpc_retry_buffer_size", DEFAULT_MAX_MESSAGE_MB << 20),
+                    # re-resolve a dns:/// name soon after a replica disappears (default 30 s)
+                    ("grpc.dns_min_time_between_resolutions_ms", 5000)]
+
+
+def _resolve(address: str) -> tuple[int, str]:
+    """`host:port` → (address family, literal `ip:port`, brackets around IPv6); host names resolved once."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"reward server address {address!r} must be host:port")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"cannot resolve reward server host {host!r} ({exc}); for a name that resolves to "
+                             f"many replicas pass one target, dns:///{host}:{port}") from exc
+        ip = ipaddress.ip_address(min(info, key=lambda i: i[0] != socket.AF_INET)[4][0])  # IPv4 first
+    return ip.version, (f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+
+
+def channel_target(target: Target) -> str:
+    """The gRPC target for one address, a target with a scheme, or several `host:port` addresses
+    (→ an `ipv4:`/`ipv6:` list; host names are resolved once, here)."""
+    if isinstance(target, str):
+        if target.startswith(SCHEMES) or "," not in target:
+            return target
+        target = target.split(",")
+    addresses = [a.strip() for a in target if a.strip()]
+    if not addresses:
+        raise ValueError("no reward server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = [_resolve(a) for a in addresses]
+    families = {version for version, _ in resolved}
+    if len(families) > 1:
+        raise ValueError(f"cannot mix IPv4 and IPv6 reward server addresses in one client: {addresses}")
+    return f"ipv{families.pop()}:" + ",".join(literal for _, literal in resolved)
 
 
 def _open_channel(api, target: str, root_certificates: bytes | None):
@@ -70,14 +146,15 @@ def _not_reachable(target: str, timeout: float) -> TimeoutError:
 
 
 class RewardClient:
-    """Blocking client. `timeout` is the per-call deadline in seconds."""
+    """Blocking client. `target`: one address, several (a list), or a `dns:///` name of many replicas
+    (see the module docstring); `timeout` is the per-call deadline in seconds, retries included."""
 
-    def __init__(self, target: str = "localhost:50051", *, token: str | None = None, root_certificates: bytes | None = None,
+    def __init__(self, target: Target = "localhost:50051", *, token: str | None = None, root_certificates: bytes | None = None,
                  timeout: float = 60.0):
-        self.target = target
+        self.target = channel_target(target)
         self.timeout = timeout
         self._metadata = _channel_args(token)
-        self.channel = _open_channel(grpc, target, root_certificates)
+        self.channel = _open_channel(grpc, self.target, root_certificates)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -88,7 +165,7 @@ class RewardClient:
             raise RewardServerError(exc.code(), exc.details()) from exc
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the server's health check reports SERVING."""
+        """Block until the server (with several replicas: one of them) reports SERVING."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
@@ -126,14 +203,14 @@ class RewardClient:
 
 
 class AsyncRewardClient:
-    """asyncio client with the same methods as `RewardClient` (awaitable)."""
+    """asyncio client with the same methods and targets as `RewardClient` (awaitable)."""
 
-    def __init__(self, target: str = "localhost:50051", *, token: str | None = None, root_certificates: bytes | None = None,
+    def __init__(self, target: Target = "localhost:50051", *, token: str | None = None, root_certificates: bytes | None = None,
                  timeout: float = 60.0):
-        self.target = target
+        self.target = channel_target(target)
         self.timeout = timeout
         self._metadata = _channel_args(token)
-        self.channel = _open_channel(grpc.aio, target, root_certificates)
+        self.channel = _open_channel(grpc.aio, self.target, root_certificates)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
