@@ -112,11 +112,18 @@ class RewardServer:
         log.info("serving on port %s (metrics on %s)", self.port, self.metrics_port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, finish accepted ones (up to `grace` s), then close."""
+        """Report NOT_SERVING, refuse new calls, hand queued work that has not started back at once
+        (UNAVAILABLE: the client retries on another replica), finish the step in progress (up to
+        `grace` s), then close."""
         grace = self.config.server.grace_seconds if grace is None else grace
         self.metrics.ready.set(0)
         if self.health is not None:
             await set_serving(self.health, False)
+        if self.engine is not None:
+            try:
+                await asyncio.wait_for(self.engine.drain(), timeout=grace)
+            except asyncio.TimeoutError:
+                log.warning("drain: the step in progress did not finish within %.1f s; cancelling it", grace)
         if self.server is not None:
             await self.server.stop(grace)
         if self.engine is not None:

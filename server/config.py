@@ -60,6 +60,12 @@ class BatchConfig:
     model is free."""
     max_queue_pairs: int = 4096
     """Pairs waiting in the queue before new requests get RESOURCE_EXHAUSTED."""
+    max_queue_seconds: float = 20.0
+    """Also refuse new requests (RESOURCE_EXHAUSTED) when the queue holds more than this many seconds
+    of work at the measured throughput, so that accepted work can finish within a drain; 0: no limit."""
+    max_step_seconds: float = 5.0
+    """Take at most this many seconds of queued work (at the measured throughput) into one step, so a
+    step, and what a drain waits for, stays short on slow devices; 0: token budgets only."""
     prefix_cache_mib: int = 1024
     """KV states of token prefixes (prompts, and responses that open alike) kept across requests,
     least recently used out, in MiB; 0 keeps none (a prefix shared inside one batch still runs

@@ -79,7 +79,17 @@ class JobStats:
     tokens: int
     queue_seconds: float
     compute_seconds: float
-    outcome: str  # "ok", "expired", "cancelled", "error"
+    outcome: str  # "ok", "expired", "cancelled", "error", "handed_back"
+
+
+@dataclass
+class DrainReport:
+    """What a drain did with the accepted work."""
+
+    answered: int
+    """Jobs answered with their scores after the drain began (the step in progress)."""
+    handed_back: int
+    """Queued jobs that had not started, answered at once with NotServingError (UNAVAILABLE: retry elsewhere)."""
 
 
 @dataclass
@@ -128,8 +138,9 @@ class Engine(abc.ABC):
         """Queue `job`, wait for its scores. Raises QueueFullError, DeadlineExpiredError, NotServingError."""
 
     @abc.abstractmethod
-    async def drain(self) -> None:
-        """Refuse new jobs and return once every accepted job has finished."""
+    async def drain(self) -> DrainReport:
+        """Refuse new jobs, hand queued jobs that have not started back at once (NotServingError),
+        and return once the step in progress has finished."""
 
     @abc.abstractmethod
     async def close(self) -> None:

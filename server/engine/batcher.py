@@ -31,6 +31,7 @@ from grmserve.training.core.prompts import PromptRenderer
 from ..config import BatchConfig
 from .base import (
     DeadlineExpiredError,
+    DrainReport,
     Engine,
     EngineInfo,
     JobStats,
@@ -74,6 +75,9 @@ class BatchingEngine(Engine):
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grm-model")
         self._accepting = False
+        self._queued_tokens = 0
+        self._throughput: float | None = None  # tokens per second of recent steps (EMA), once measured
+        self._answered = 0  # jobs answered with scores, ever
 
     def renderer(self) -> PromptRenderer:
         return self._renderer
@@ -86,13 +90,27 @@ class BatchingEngine(Engine):
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="grm-batcher")
 
-    async def drain(self) -> None:
+    async def drain(self) -> DrainReport:
         self._accepting = False
+        answered_before, handed_back = self._answered, 0
+        while self._queue:  # not started: hand back at once, so the caller retries elsewhere now
+            entry = self._queue.popleft()
+            self._dequeued(entry)
+            if not entry.future.done():
+                entry.future.set_exception(NotServingError(
+                    "the reward server is draining; this call was handed back before compute: retry on another replica"))
+                handed_back += 1
+            self._record(entry, "handed_back", 0.0)
+        self._emit_depth()
         if self._idle is not None:
-            await self._idle.wait()
+            await self._idle.wait()  # the step in progress (bounded by max_step_seconds)
+        report = DrainReport(answered=self._answered - answered_before, handed_back=handed_back)
+        log.info("drain: %d calls answered, %d handed back", report.answered, report.handed_back)
+        return report
 
     async def close(self) -> None:
-        await self.drain()
+        if self._accepting or self._queue:
+            await self.drain()
         if self._task:
             self._task.cancel()
             try:
@@ -127,11 +145,17 @@ class BatchingEngine(Engine):
                                  "retry with backoff")
         tokens = sum(sum(g.sequence_lengths()) if not job.shared_prompt else
                      len(g.prompt_ids) + sum(len(r) for r in g.response_ids) for g in job.groups)
+        queued = queue_seconds(self._queued_tokens + tokens, self._throughput)
+        if self._queued_tokens and queued > self.config.max_queue_seconds > 0:
+            raise QueueFullError(f"the queue holds about {queued:.1f} s of work at the measured "
+                                 f"{self._throughput:.0f} tokens/s (limit --batch.max_queue_seconds "
+                                 f"{self.config.max_queue_seconds:g}); retry with backoff or on another replica")
         entry = _Entry(job=job, future=asyncio.get_running_loop().create_future(), enqueued=time.monotonic(), tokens=tokens)
         self._queue.append(entry)
         self._last_arrival = entry.enqueued
         self._arrivals += 1
         self._pending_pairs += pairs
+        self._queued_tokens += tokens
         self._idle.clear()
         self._emit_depth()
         self._wake.set()
@@ -161,6 +185,7 @@ class BatchingEngine(Engine):
                 for entry in work:
                     self._finish(entry, error=exc)
                 continue
+            self._measure(work, compute_seconds)
             for entry in work:
                 self._finish(entry, compute_seconds=compute_seconds)
             self._step_end = (time.monotonic(), len(work), self._arrivals)
@@ -204,11 +229,11 @@ class BatchingEngine(Engine):
         """Pop the queued jobs for one step (up to ~2 budgets of tokens), dropping dead ones."""
         now = time.monotonic()
         taken: list[_Entry] = []
-        budget = 2 * self.config.max_batch_tokens
+        budget = step_token_budget(self.config.max_batch_tokens, self._throughput, self.config.max_step_seconds)
         tokens = 0
         while self._queue and (not taken or tokens + self._queue[0].tokens <= budget):
             entry = self._queue.popleft()
-            self._pending_pairs -= entry.job.num_pairs
+            self._dequeued(entry)
             if entry.future.done():  # the caller cancelled (went away)
                 self._record(entry, "cancelled", 0.0)
                 continue
@@ -221,6 +246,17 @@ class BatchingEngine(Engine):
             tokens += entry.tokens
         self._emit_depth()
         return taken
+
+    def _dequeued(self, entry: _Entry) -> None:
+        self._pending_pairs -= entry.job.num_pairs
+        self._queued_tokens -= entry.tokens
+
+    def _measure(self, work: list[_Entry], compute_seconds: float) -> None:
+        """Update the throughput estimate (queued tokens per second of compute) from one step."""
+        tokens = sum(e.tokens for e in work)
+        if compute_seconds > 0 and tokens:
+            rate = tokens / compute_seconds
+            self._throughput = rate if self._throughput is None else 0.7 * self._throughput + 0.3 * rate
 
     def _compute(self, work: list[_Entry]) -> float:
         """On the model thread: score every pair of this step in one call (the runner plans the
@@ -266,6 +302,7 @@ class BatchingEngine(Engine):
         lengths = [n for g in job.groups for n in g.sequence_lengths()]
         truncated = [t for g in job.groups for t in g.truncated]
         queue_seconds = max(0.0, time.monotonic() - entry.enqueued - compute_seconds)
+        self._answered += 1
         entry.future.set_result(ScoreResult(scores=entry.scores, sequence_tokens=lengths, truncated=truncated,
                                             computed_tokens=entry.tokens, queue_seconds=queue_seconds,
                                             compute_seconds=compute_seconds))
@@ -277,3 +314,25 @@ class BatchingEngine(Engine):
                          compute_seconds=compute_seconds, outcome=outcome)
         for sink in self.sinks.on_job:
             sink(stats)
+
+
+def step_token_budget(max_batch_tokens: int, throughput: float | None, max_step_seconds: float) -> int:
+    """Queued tokens one step may take: two passes' token budget, and no more than the measured
+    throughput computes in `max_step_seconds` (a step always takes at least one job).
+
+    >>> step_token_budget(16384, None, 5.0), step_token_budget(16384, 1000.0, 5.0), step_token_budget(16384, 1e6, 5.0)
+    (32768, 5000, 32768)
+    """
+    budget = 2 * max_batch_tokens
+    if throughput and max_step_seconds > 0:
+        budget = min(budget, max(1, int(throughput * max_step_seconds)))
+    return budget
+
+
+def queue_seconds(tokens: int, throughput: float | None) -> float:
+    """Seconds of compute `tokens` queued tokens take at `throughput` tokens/s (0 until measured).
+
+    >>> queue_seconds(5000, 1000.0), queue_seconds(5000, None)
+    (5.0, 0.0)
+    """
+    return tokens / throughput if throughput else 0.0

@@ -9,6 +9,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from grmserve.training.core.prompts import InputError
 
@@ -53,8 +54,9 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         method = details.method[len(REWARD_SERVICE_PREFIX):]
         inner = handler.unary_unary
         metrics = self.metrics
+        deserialize = handler.request_deserializer
 
-        async def wrapped(request, context):
+        async def wrapped(raw: bytes, context):
             start = time.perf_counter()
 
             def record(code: grpc.StatusCode) -> None:
@@ -63,6 +65,7 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                     metrics.observe_rpc(method, code.name, time.perf_counter() - start)
 
             try:
+                request = parse_request(deserialize, raw, method)
                 response = await inner(request, context)
             except asyncio.CancelledError:
                 record(grpc.StatusCode.CANCELLED)
@@ -82,8 +85,21 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             record(grpc.StatusCode.OK)
             return response
 
-        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
+        # The request is parsed inside `wrapped`, so that a message grpc cannot decode (invalid UTF-8 in
+        # a string field, truncated bytes) is answered INVALID_ARGUMENT and counted, not UNKNOWN.
+        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=None,
                                                    response_serializer=handler.response_serializer)
+
+
+def parse_request(deserialize, raw: bytes, method: str):
+    """The request message from its bytes; undecodable bytes are the caller's error (InputError)."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except DecodeError as exc:
+        raise InputError("request", f"is not a valid {method} message ({exc}); string fields must be valid "
+                                    "UTF-8") from None
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -21,7 +21,7 @@ FROZEN_FLAGS = [
     "--model.checkpoint", "--model.precision", "--model.fp8_recipe", "--model.device", "--model.threads", "--model.compile",
     "--model.max_tokens", "--model.warmup",
     "--batch.max_batch_tokens", "--batch.max_batch_rows", "--batch.max_wait_ms", "--batch.max_delay_ms",
-    "--batch.max_queue_pairs",
+    "--batch.max_queue_pairs", "--batch.max_queue_seconds", "--batch.max_step_seconds",
     "--batch.prefix_cache_mib",
     "--limits.max_pairs_per_request", "--limits.max_candidates", "--limits.max_message_mb",
     "--server.host", "--server.port", "--server.metrics_port", "--server.metrics_host", "--server.tls_cert",

@@ -12,6 +12,7 @@ from grmserve.server.background import ServerThread
 from grmserve.server.config import local
 from grmserve.server.engine.base import (
     DeadlineExpiredError,
+    DrainReport,
     Engine,
     EngineInfo,
     NotServingError,
@@ -53,8 +54,9 @@ class ScriptedEngine(Engine):
                            truncated=[False] * len(lengths), computed_tokens=sum(lengths), queue_seconds=0.0,
                            compute_seconds=0.0)
 
-    async def drain(self) -> None:
+    async def drain(self) -> DrainReport:
         self.calls.append("drain")
+        return DrainReport(answered=0, handed_back=0)
 
     async def close(self) -> None:
         self.calls.append("close")
