@@ -83,15 +83,20 @@ def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int) -> to
     return (_blocks(vals, block) * scale_inv.unsqueeze(1)).reshape(-1)[: q.numel()]
 
 
-def adamw_update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v_sqrt: torch.Tensor, *, step: float, lr: float,
-                 beta1: float, beta2: float, eps: float, weight_decay: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One AdamW step in float32 on flat tensors; returns (new w, new m, new sqrt(v))."""
-    m = m * beta1 + g * (1 - beta1)
-    v_sqrt = (v_sqrt * v_sqrt * beta2 + g * g * (1 - beta2)).sqrt()
-    denom = v_sqrt / math.sqrt(1 - beta2 ** step) + eps
-    w = w * (1 - lr * weight_decay) - (lr / (1 - beta1 ** step)) * m / denom
-    return w, m, v_sqrt
+def adamw_update_(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v_sqrt: torch.Tensor, *, step: float, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step in float32 on flat tensors, in place on `w`, `m` and `v_sqrt` (sqrt of the second
+    moment): a handful of fused in-place passes, no temporaries the size of the parameter but one.
+
+        >>> w, g, m, v = torch.ones(3), torch.full((3,), 0.5), torch.zeros(3), torch.zeros(3)
+        >>> adamw_update_(w, g, m, v, step=1.0, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        >>> [round(x, 4) for x in w.tolist()]
+        [0.9, 0.9, 0.9]
+    """
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v_sqrt.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2).sqrt_()
+    denom = (v_sqrt / math.sqrt(1 - beta2 ** step)).add_(eps)
+    w.mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,12 +185,11 @@ class FP8AdamW(torch.optim.Optimizer):
             state.update(self._init_state(p))
         state["step"] += 1
         block, beta1, beta2 = self._block(p), *group["betas"]
-        w = self._master_value(state) if self.master_weights == "fp16" else p.detach().reshape(-1)
+        w = self._master_value(state) if self.master_weights == "fp16" else p.detach().reshape(-1).clone()
         m = block_dequantize(state["exp_avg"], state["exp_avg_scale_inv"], block)
         v_sqrt = block_dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale_inv"], block)
-        w, m, v_sqrt = adamw_update(w.float(), p.grad.detach().reshape(-1).float(), m, v_sqrt,
-                                    step=float(state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
-                                    eps=group["eps"], weight_decay=group["weight_decay"])
+        adamw_update_(w, p.grad.detach().reshape(-1).float(), m, v_sqrt, step=float(state["step"]), lr=group["lr"],
+                      beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         state["exp_avg"], state["exp_avg_scale_inv"] = block_quantize(m, block, self.m_format)
         state["exp_avg_sq"], state["exp_avg_sq_scale_inv"] = block_quantize(v_sqrt, block, FP16)
         if self.master_weights == "fp16":
