@@ -19,9 +19,11 @@ answers 200 `{"status": "SERVING"}` or 503 `{"status": "NOT_SERVING"}` and needs
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
+import os
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -170,9 +172,20 @@ class HttpDoor:
     async def classify(self, request: web.Request) -> web.Response:
         limits, info = self.config.limits, self.engine.info
         batch, activation, model = parse_classify(await read_json(request, limits.max_message_mb),
-                                                  limits.max_pairs_per_request, info.max_tokens)
+                                                  limits.max_pairs_per_request, info.max_tokens, *self._bos_head)
         result = await self._score(batch)
         return web.json_response(classify_response(result, activation, model or info.model_name))
+
+    @functools.cached_property
+    def _bos_head(self) -> tuple[str | None, str]:
+        """The tokenizer's BOS text, and the text every chat render starts with (with and without a
+        system message; "" without a template)."""
+        renderer = self.engine.renderer()
+        if not renderer.use_chat_template:
+            return None, ""
+        plain = renderer.render_prompt([{"role": "user", "content": "x"}])
+        system = renderer.render_prompt([{"role": "system", "content": "y"}, {"role": "user", "content": "x"}])
+        return getattr(renderer.tokenizer, "bos_token", None), os.path.commonprefix([plain, system])
 
     async def health(self, request: web.Request) -> web.Response:
         status = "SERVING" if self.serving else "NOT_SERVING"

@@ -25,8 +25,10 @@ Honoured: `input` (a string or a list of strings, each a whole verbatim text), o
 Score renders chat prompts); `use_activation` (and its older names `activation`, `softmax`):
 false gives the raw reward, true or absent gives sigmoid(reward), as vLLM does for one class;
 `truncate_prompt_tokens` (-1: the model's limit, k: keep the last k tokens); `model` (echoed; any
-name is accepted); `request_id`. Ignored: `add_special_tokens` (nothing is ever added), `user`,
-`priority`. Token-id input is refused (400).
+name is accepted); `request_id`; `add_special_tokens` (default true, as in vLLM): a chat-rendered
+text whose leading BOS token was stripped gets it back (verl strips the BOS, expecting vLLM to add
+it; SmolLM2's BOS is `<|im_start|>`, the template's first token), and nothing else is ever added.
+Ignored: `user`, `priority`. Token-id input is refused (400).
 
 Whole texts drop trailing whitespace, so that the reward is read at the last real token, where
 training reads it (a chat rendered as `…<|im_end|>\\n` scores like the same chat sent as messages).
@@ -160,15 +162,35 @@ def _truncation(body: dict, max_tokens: int) -> tuple[bool, int | None]:
     return True, max_tokens if k == -1 else min(k, max_tokens)
 
 
-def parse_classify(body: Any, max_items: int, max_tokens: int) -> tuple[ScoreBatch, bool, str | None]:
-    """(what to score, whether to apply the sigmoid, the model name asked for)."""
+def restore_bos(text: str, bos: str | None, chat_head: str) -> str:
+    """`text` with the BOS token put back when it is a chat render that lost it (the text plus BOS
+    starts like every render of the chat template); otherwise `text` as it is.
+
+    >>> restore_bos("system\nBe brief.<|im_end|>", "<|im_start|>", "<|im_start|>system\nBe brief.")
+    '<|im_start|>system\nBe brief.<|im_end|>'
+    >>> restore_bos("Q: 2+2? A: 4", "<|im_start|>", "<|im_start|>system\nBe brief.")
+    'Q: 2+2? A: 4'
+    """
+    if (bos and len(chat_head) > len(bos) and chat_head.startswith(bos) and not text.startswith(bos)
+            and (bos + text).startswith(chat_head)):
+        return bos + text
+    return text
+
+
+def parse_classify(body: Any, max_items: int, max_tokens: int, bos: str | None = None,
+                   chat_head: str = "") -> tuple[ScoreBatch, bool, str | None]:
+    """(what to score, whether to apply the sigmoid, the model name asked for). `bos` and
+    `chat_head` (the text every chat render starts with) serve `add_special_tokens`."""
     body = _object(body)
     if ("input" in body) == ("messages" in body):
         raise InputError("input", "send either input (text or a list of texts) or messages")
     if "messages" in body:
         samples = [_chat(body)]
     else:
-        samples = [Sample(field=f"input[{i}]", text=t.rstrip()) for i, t in enumerate(_texts(body, "input", max_items))]
+        texts = _texts(body, "input", max_items)
+        if body.get("add_special_tokens", True) is not False:
+            texts = [restore_bos(t, bos, chat_head) for t in texts]
+        samples = [Sample(field=f"input[{i}]", text=t.rstrip()) for i, t in enumerate(texts)]
     truncate, limit = _truncation(body, max_tokens)
     request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else ""
     model = body.get("model") if isinstance(body.get("model"), str) else None
