@@ -129,9 +129,11 @@ def test_concurrent_callers_get_their_own_scores(server, tiny_checkpoint):
 
 
 def test_full_queue_answers_resource_exhausted(make_server):
+    """The server's answer, seen by a client without retries (the default client retries it:
+    tests/clients/test_reward_client.py)."""
     server = make_server(slow=0.3, max_queue_pairs=4)
     codes = []
-    with server.client() as c, cf.ThreadPoolExecutor(8) as pool:
+    with server.client(retry=None) as c, cf.ThreadPoolExecutor(8) as pool:
         def call(i):
             try:
                 c.score([(f"prompt {i}", " r")] * 2)
