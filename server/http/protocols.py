@@ -163,7 +163,7 @@ def _truncation(body: dict, max_tokens: int) -> tuple[bool, int | None]:
 
 
 def restore_bos(text: str, bos: str | None, chat_head: str) -> str:
-    """`text` with the BOS token put back when it is a chat render that lost it (the text plus BOS
+    r"""`text` with the BOS token put back when it is a chat render that lost it (the text plus BOS
     starts like every render of the chat template); otherwise `text` as it is.
 
     >>> restore_bos("system\nBe brief.<|im_end|>", "<|im_start|>", "<|im_start|>system\nBe brief.")
