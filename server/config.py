@@ -91,7 +91,7 @@ class NetConfig:
     metrics_host: str = "0.0.0.0"
     """Address the metrics endpoint binds."""
     http_port: int = -1
-    """HTTP/JSON port for OpenRLHF's /get_reward and vLLM's /classify (same queue as gRPC); 0 picks a free one, -1 (default) is off."""
+    """HTTP port for OpenRLHF's /get_reward and vLLM's /classify (same queue as gRPC); 0 picks one, -1 is off."""
     http_host: str = "0.0.0.0"
     """Address the HTTP door binds."""
     tls_cert: str = ""

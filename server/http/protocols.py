@@ -136,7 +136,7 @@ def _chat(body: dict) -> Sample:
         raise InputError("messages", "must be a non-empty list of {role, content} messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InputError(f"messages[{i}]", f"must be {{role, content}} with role one of {list(ROLES)} and text content")
+            raise InputError(f"messages[{i}]", f"must be {{role, content}}, role one of {list(ROLES)}, content text")
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise InputError("messages", "must end with the assistant's message (the response to score)")
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]

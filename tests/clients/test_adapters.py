@@ -22,7 +22,8 @@ def test_trl_sample_formats_become_pairs():
     assert trl_pairs(["Q: 2+2? A:"], [" 4"]) == [("Q: 2+2? A:", " 4")]
     assert trl_pairs([USER], [[{"role": "assistant", "content": "Blue."}]]) == [(USER, "Blue.")]
     tool_turns = [{"role": "assistant", "content": "", "tool_calls": [{"name": "palette"}]},
-                  {"role": "tool", "content": "blue"}, {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]
+                  {"role": "tool", "content": "blue"},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]
     assert trl_pairs([USER], [tool_turns]) == [(USER + [{"role": "assistant", "content": ""},
                                                         {"role": "tool", "content": "blue"}], "Blue.")]
     with pytest.raises(ValueError, match=r"completions\[0\]"):

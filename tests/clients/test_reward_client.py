@@ -75,7 +75,8 @@ def test_channel_options_carry_the_retry_policy():
     (method,) = json.loads(options["grpc.service_config"])["methodConfig"]
     assert method["name"] == [{"service": "grmserve.reward.v1.RewardService"}]
     assert method["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.5s", "maxBackoff": "4s",
-                                     "backoffMultiplier": 2.0, "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+                                     "backoffMultiplier": 2.0,
+                                     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
     off = dict(channel_options(retry=None))
     assert off["grpc.enable_retries"] == 0 and "retryPolicy" not in off["grpc.service_config"]
 
