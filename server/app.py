@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from grmserve.training.core import env
 from grmserve.training.core.checkpoint import load_grm
 from grmserve.training.core.devices import resolve_device
 from grmserve.training.core.prompts import PromptRenderer
@@ -24,6 +25,7 @@ from .engine.base import Engine, EngineInfo
 from .engine.batcher import BatchingEngine
 from .engine.prefix_cache import common_head
 from .engine.runner import ModelRunner, prepare_model
+from .http.door import HttpDoor
 from .metrics import ServerMetrics
 from .rpc.server import ConfigError, create_server, set_serving
 from .rpc.servicer import SERVER_VERSION
@@ -80,7 +82,8 @@ def template_head(renderer: PromptRenderer) -> list[int]:
 
 
 class RewardServer:
-    """Engine + gRPC server + metrics endpoint + health, with an orderly start and stop."""
+    """Engine + gRPC server + HTTP door (with --server.http_port) + metrics endpoint + health, with an
+    orderly start and stop."""
 
     def __init__(self, config: ServeConfig, engine: Engine | None = None):
         self.config = config
@@ -88,8 +91,10 @@ class RewardServer:
         self.metrics = ServerMetrics()
         self.server = None
         self.health = None
+        self.http: HttpDoor | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
 
     async def start(self) -> None:
         if self.engine is None:
@@ -105,11 +110,25 @@ class RewardServer:
                                   f"{self.config.server.metrics_port} ({exc}); pick another with --server.metrics_port") from exc
         await self.server.start()  # health says NOT_SERVING until warm-up is done
         await self.engine.start()
+        await self._start_http()  # answers 503 until warm-up is done
         if self.config.model.warmup:
             await self.engine.warmup()
         await set_serving(self.health, True)
+        if self.http is not None:
+            self.http.serving = True
         self.metrics.ready.set(1)
-        log.info("serving on port %s (metrics on %s)", self.port, self.metrics_port)
+        log.info("serving on port %s (metrics on %s, HTTP on %s)", self.port, self.metrics_port, self.http_port)
+
+    async def _start_http(self) -> None:
+        net = self.config.server
+        if net.http_port < 0:
+            return
+        self.http = HttpDoor(self.config, self.engine, self.metrics, env.auth_token() if net.require_token else None)
+        try:
+            self.http_port = await self.http.start()
+        except OSError as exc:
+            raise ConfigError(f"could not bind the HTTP port {net.http_host}:{net.http_port} ({exc}); pick another "
+                              "with --server.http_port") from exc
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, hand queued work that has not started back at once
@@ -119,13 +138,15 @@ class RewardServer:
         self.metrics.ready.set(0)
         if self.health is not None:
             await set_serving(self.health, False)
+        if self.http is not None:
+            self.http.serving = False  # the HTTP door answers 503 from now on
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.drain(), timeout=grace)
             except asyncio.TimeoutError:
                 log.warning("drain: the step in progress did not finish within %.1f s; cancelling it", grace)
-        if self.server is not None:
-            await self.server.stop(grace)
+        stopping = [door.stop(grace) for door in (self.server, self.http) if door is not None]
+        await asyncio.gather(*stopping)  # both doors close once their accepted calls are answered
         if self.engine is not None:
             await self.engine.close()
         self.metrics.close()

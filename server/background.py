@@ -58,6 +58,11 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.app.port}"
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP door (with `--server.http_port`)."""
+        return f"http://127.0.0.1:{self.app.http_port}"
+
     def client(self, **kw) -> RewardClient:
         return RewardClient(self.target, **kw)
 

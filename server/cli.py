@@ -3,6 +3,7 @@
     $ grm-serve                                              # the default model, port 50051, precision auto
     $ grm-serve --model.checkpoint runs/my-grm --model.precision fp8 --server.port 8001
     $ GRM_SERVE_TOKEN=s3cret grm-serve --server.require_token true
+    $ grm-serve --server.http_port 8000                      # plus OpenRLHF's /get_reward and vLLM's /classify
 
 SIGTERM or Ctrl-C: stop accepting calls, finish the accepted ones, exit 0.
 """
@@ -29,8 +30,9 @@ async def serve(config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    http = f"; HTTP (/get_reward, /classify) on :{app.http_port}" if app.http_port is not None else ""
     print(f"grm-serve: serving {app.engine.info.model_name} ({app.engine.info.precision}) on "
-          f"{config.server.host}:{app.port}; metrics on :{app.metrics_port}", flush=True)
+          f"{config.server.host}:{app.port}; metrics on :{app.metrics_port}{http}", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down: draining in-flight requests")
     await app.stop()

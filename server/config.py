@@ -96,6 +96,10 @@ class NetConfig:
     """Prometheus /metrics HTTP port; 0 picks a free one, -1 disables."""
     metrics_host: str = "0.0.0.0"
     """Address the metrics endpoint binds."""
+    http_port: int = -1
+    """HTTP port for OpenRLHF's /get_reward and vLLM's /classify (same queue as gRPC); 0 picks one, -1 is off."""
+    http_host: str = "0.0.0.0"
+    """Address the HTTP door binds."""
     tls_cert: str = ""
     """PEM certificate chain; with tls_key, serve TLS."""
     tls_key: str = ""
@@ -149,6 +153,7 @@ def local() -> ServeConfig:
     cfg = ServeConfig()
     cfg.server.host = "127.0.0.1"
     cfg.server.metrics_host = "127.0.0.1"
+    cfg.server.http_host = "127.0.0.1"
     cfg.server.port = 0
     cfg.server.metrics_port = 0
     return cfg

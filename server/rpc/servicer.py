@@ -95,4 +95,4 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             model_name=i.model_name, model_version=i.model_version, precision=i.precision, max_tokens=self.max_tokens,
             max_pairs_per_request=self.limits.max_pairs_per_request, max_candidates=self.limits.max_candidates,
             head_type=i.head_type, checkpoint_format=i.checkpoint_format, chat_template=i.chat_template,
-            server_version=SERVER_VERSION, device=i.device)
+            server_version=SERVER_VERSION, device=i.device, max_message_bytes=self.limits.max_message_mb << 20)

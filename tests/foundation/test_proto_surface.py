@@ -64,6 +64,7 @@ FROZEN_MESSAGES = {
         "chat_template": (9, "bool", False, None),
         "server_version": (10, "string", False, None),
         "device": (11, "string", False, None),
+        "max_message_bytes": (12, "uint64", False, None),
     },
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -13,14 +14,18 @@ from grmserve.server.engine.batcher import BatchingEngine
 
 
 class SlowRunner:
-    """A `Runner` (server/engine/base.py) around a ModelRunner: sleeps before every call and records
-    the sequences it scored."""
+    """A `Runner` (server/engine/base.py) around a ModelRunner: sleeps before every call, records the
+    sequences it scored (`seen`, and per score_pairs call `batches`), and holds score_pairs while
+    `gate` is clear (tests clear it to keep the model busy until they have queued their calls)."""
 
     def __init__(self, runner, delay: float):
         self._runner = runner
         self.delay = delay
         self.seen: list[list[int]] = []
+        self.batches: list[list[list[int]]] = []
         self.calls: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
         self.pad_id = runner.pad_id
 
     @property
@@ -35,8 +40,10 @@ class SlowRunner:
 
     def score_pairs(self, pairs, **limits):
         self.calls.append("pairs")
+        self.gate.wait(60)
         time.sleep(self.delay)
         self.seen.extend(list(p) + r for p, r in pairs)
+        self.batches.append([list(p) + r for p, r in pairs])
         return self._runner.score_pairs(pairs, **limits)
 
 
@@ -48,6 +55,7 @@ def tiny_config(checkpoint, **limits):
     cfg.limits.max_pairs_per_request = limits.pop("max_pairs", 16)
     cfg.limits.max_candidates = limits.pop("max_candidates", 16)
     cfg.batch.max_queue_pairs = limits.pop("max_queue_pairs", 4096)
+    cfg.server.http_port = limits.pop("http_port", -1)
     assert not limits, limits
     return cfg
 

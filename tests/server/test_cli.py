@@ -24,7 +24,8 @@ FROZEN_FLAGS = [
     "--batch.max_queue_pairs", "--batch.max_queue_seconds", "--batch.max_step_seconds",
     "--batch.prefix_cache_mib",
     "--limits.max_pairs_per_request", "--limits.max_candidates", "--limits.max_message_mb",
-    "--server.host", "--server.port", "--server.metrics_port", "--server.metrics_host", "--server.tls_cert",
+    "--server.host", "--server.port", "--server.metrics_port", "--server.metrics_host", "--server.http_port",
+    "--server.http_host", "--server.tls_cert",
     "--server.tls_key", "--server.require_token", "--server.grace_seconds",
     "--log_level",
 ]

@@ -129,9 +129,11 @@ def test_concurrent_callers_get_their_own_scores(server, tiny_checkpoint):
 
 
 def test_full_queue_answers_resource_exhausted(make_server):
+    """The server's answer, seen by a client without retries (the default client retries it:
+    tests/clients/test_reward_client.py)."""
     server = make_server(slow=0.3, max_queue_pairs=4)
     codes = []
-    with server.client() as c, cf.ThreadPoolExecutor(8) as pool:
+    with server.client(retry=None) as c, cf.ThreadPoolExecutor(8) as pool:
         def call(i):
             try:
                 c.score([(f"prompt {i}", " r")] * 2)
@@ -328,14 +330,22 @@ def test_tls(tiny_checkpoint, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
-    cfg = tiny_config(tiny_checkpoint)
+    cfg = tiny_config(tiny_checkpoint, http_port=0)
     cfg.server.tls_cert, cfg.server.tls_key = str(cert), str(key)
     st = ServerThread(cfg, build_engine(cfg)).start()
     try:
+        import ssl
+        import urllib.request
+
         from grmserve.clients.reward_client import RewardClient
 
         with RewardClient(f"localhost:{st.app.port}", root_certificates=cert.read_bytes()) as c:
             assert len(c.score([("a", " b")])) == 1
+        with RewardClient(f"localhost:{st.app.port}", root_certificates=str(cert)) as c:  # a PEM path works too
+            assert len(c.score([("a", " b")])) == 1
+        https = ssl.create_default_context(cafile=str(cert))  # the HTTP door serves the same certificate
+        with urllib.request.urlopen(f"https://localhost:{st.app.http_port}/health", context=https, timeout=10) as r:
+            assert r.status == 200
         with RewardClient(f"localhost:{st.app.port}", timeout=5) as plain:  # plaintext to a TLS port fails
             with pytest.raises(RewardServerError) as err:
                 plain.score([("a", " b")])

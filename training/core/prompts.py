@@ -156,3 +156,19 @@ class PromptRenderer:
                     response_ids[i] = r[len(r) - (max_tokens - len(prompt_ids)):]
                     truncated[i] = True
         return EncodedGroup(prompt_ids=prompt_ids, response_ids=response_ids, truncated=truncated)
+
+    def encode_text(self, text: str, *, max_tokens: int, truncate: bool = False, field: str = "text") -> EncodedGroup:
+        """One whole, already-rendered text (prompt and response together, as vLLM's /classify and
+        OpenRLHF's /get_reward receive them) as a single sequence: tokenized verbatim in one piece,
+        no template, no special tokens added; its last token stands as the "response", so that the
+        prefix cache can reuse the rest. Too long: InputError, or with `truncate` its last tokens."""
+        if not text:
+            raise InputError(field, "is empty")
+        ids = self.tokenize([text])[0]
+        if not ids:
+            raise InputError(field, "has no tokens")
+        truncated = len(ids) > max_tokens
+        if truncated and not truncate:
+            raise InputError(field, f"is {len(ids)} tokens, over the limit of {max_tokens}; shorten it or truncate")
+        ids = ids[len(ids) - max_tokens:] if truncated else ids
+        return EncodedGroup(prompt_ids=ids[:-1], response_ids=[ids[-1:]], truncated=[truncated])

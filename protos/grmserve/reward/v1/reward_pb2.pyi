@@ -97,7 +97,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "precision", "max_tokens", "max_pairs_per_request", "max_candidates", "head_type", "checkpoint_format", "chat_template", "server_version", "device")
+    __slots__ = ("model_name", "model_version", "precision", "max_tokens", "max_pairs_per_request", "max_candidates", "head_type", "checkpoint_format", "chat_template", "server_version", "device", "max_message_bytes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class InfoResponse(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     precision: str
@@ -120,4 +121,5 @@ class InfoResponse(_message.Message):
     chat_template: bool
     server_version: str
     device: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., precision: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_pairs_per_request: _Optional[int] = ..., max_candidates: _Optional[int] = ..., head_type: _Optional[str] = ..., checkpoint_format: _Optional[str] = ..., chat_template: _Optional[bool] = ..., server_version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., precision: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_pairs_per_request: _Optional[int] = ..., max_candidates: _Optional[int] = ..., head_type: _Optional[str] = ..., checkpoint_format: _Optional[str] = ..., chat_template: _Optional[bool] = ..., server_version: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
