@@ -72,7 +72,9 @@ from .core.checkpoint import (
 )
 from .core.configtools import fail, to_dict
 from .core.devices import resolve_device
-from .core.fp8.training_linear import convert_to_fp8_training, export_trained_fp8
+from .core.fp8.comm import fp8_all_reduce_
+from .core.fp8.scaling import get_training_recipe
+from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, export_trained_fp8
 from .core.fsutil import replace_dir
 from .core.model import GRMConfig, GRMModel, init_grm
 from .core.prompts import PromptRenderer
@@ -462,9 +464,15 @@ def set_grad_sync(model: nn.Module, sync: bool) -> None:
 
 
 def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
-    """Average gradients over processes (multi-process runs without FSDP)."""
+    """Average gradients over processes (multi-process runs without FSDP). The weight gradients of
+    FP8 training linears travel as FP8 (FP8-LM: one shared, world-size pre-divided scale per tensor,
+    so the sum cannot overflow; training/core/fp8/comm.py); every other gradient in its own dtype."""
+    fp8 = {id(m.weight) for m in model.modules() if isinstance(m, FP8TrainingLinear)}
+    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) in fp8]
+    if grads:
+        fp8_all_reduce_(grads, op="avg")
     for p in model.parameters():
-        if p.grad is not None:
+        if p.grad is not None and id(p) not in fp8:
             dist.all_reduce(p.grad)
             p.grad.div_(info.world_size)
 
@@ -507,7 +515,8 @@ def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.T
             skeleton = apply_lora(skeleton, cfg)
         fp8 = cfg.precision.mode.startswith("fp8")
         if fp8:  # the same FP8 layers (and their scaling state) as the training model
-            convert_to_fp8_training(skeleton, cfg.precision.fp8_recipe, "emulated")
+            # rank 0 exports alone: no amax reduction across processes here
+            convert_to_fp8_training(skeleton, get_training_recipe(cfg.precision.fp8_recipe, reduce_amax=False), "emulated")
     skeleton = skeleton.to_empty(device="cpu")
     missing, unexpected = skeleton.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
