@@ -36,16 +36,18 @@ def test_invalid_utf8_is_invalid_argument_counted_and_the_server_keeps_serving(s
 
 
 def test_drain_hands_queued_work_back_and_the_other_replica_answers_it(tiny_checkpoint, make_server):
-    """Replica A computes slowly (1.5 s a step). While a step runs, more calls queue on A; then A is
-    stopped with a 5 s grace. The step in progress is answered, the queued calls are handed back at
-    once (UNAVAILABLE), and the round-robin client retries them on replica B: every call gets its
-    scores, and none is cancelled at the end of the grace period."""
+    """Replica A computes slowly (1.5 s a step) and takes one call per step (a step is bounded to
+    0.1 s of work at its measured throughput). While a step runs, more calls queue on A: more work
+    than A's 3 s grace can compute. A is stopped: the step in progress is answered, the queued calls
+    are handed back at once (UNAVAILABLE), and the round-robin client retries them on replica B.
+    Every call gets its scores, and none is cancelled at the end of the grace period."""
     slow = make_server(slow=1.5)
     fast = ServerThread(tiny_config(tiny_checkpoint)).start()
     try:
         with fast.client() as c:
             expected = c.score(PAIRS)
         engine = slow.app.engine
+        engine.config.max_step_seconds = 0.1
         results, errors = [], []
 
         def call(client):
@@ -61,11 +63,12 @@ def test_drain_hands_queued_work_back_and_the_other_replica_answers_it(tiny_chec
                 t.start()
                 time.sleep(0.05)
             deadline = time.monotonic() + 30
-            while not (engine._queue and engine.runner.calls.count("pairs") >= 2):  # a step runs, more wait
+            while not (len(engine._queue) >= 3 and engine.runner.calls.count("pairs") >= 2):  # a step runs, more wait
                 assert time.monotonic() < deadline, "replica A never had queued work behind a running step"
                 time.sleep(0.01)
             queued = len(engine._queue)
-            slow.grace = 5.0
+            assert queued * 1.5 > 3.0, "the queued work must exceed the grace period"
+            slow.grace = 3.0
             slow.stop()
             for t in threads:
                 t.join(60)
