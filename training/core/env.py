@@ -4,8 +4,8 @@ Every other module asks this one. Importing it also switches the Hugging Face li
 mode (unless the user already chose otherwise): grm-serve never downloads models or data at run time.
 
     >>> from grmserve.training.core import env
-    >>> env.cache_dir().name
-    'grm-serve'
+    >>> isinstance(env.cache_dir(), Path)     # $GRM_SERVE_CACHE, or ~/.cache/grm-serve
+    True
 """
 
 from __future__ import annotations
