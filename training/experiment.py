@@ -431,7 +431,9 @@ def train_config(upper: nn.Module, train: PairIndex, tests: dict[str, PairIndex]
                               "noise": noise, "train_pairs": n, "steps": total, "train_seconds": round(train_seconds, 1)}
     start = time.perf_counter()
     for split, index in tests.items():
-        result[split] = accuracy_report(score_responses(model, index.feats, pad_id=pad_id), index)
+        scores = score_responses(model, index.feats, pad_id=pad_id)
+        result[split] = accuracy_report(scores, index)
+        result[f"{split}_pair_scores"] = [[float(scores[c]), float(scores[r])] for c, r, _ in index.pairs]
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
     return result, trained_tensors(model)
 
@@ -586,7 +588,8 @@ def export_artifact(cfg: ExperimentConfig, name: str, dest: Path) -> Path:
     meta = {"format": ARTIFACT_FORMAT, "backbone": cfg.backbone, "layers": n, "top_layers": cfg.top_layers,
             "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "head": dataclasses.asdict(cfg.head),
             "fp8": fp8_layout(cfg),
-            "max_tokens": cfg.max_tokens, "result": json.loads(res_file.read_text()),
+            "max_tokens": cfg.max_tokens,
+            "result": {k: v for k, v in json.loads(res_file.read_text()).items() if not k.endswith("_pair_scores")},
             "check": _reference_scores(cfg, lm, tok, load_file(str(params_file)))}
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "top-layers.safetensors"),
