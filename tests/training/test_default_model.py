@@ -44,6 +44,17 @@ def test_default_model_reproduces_the_experiments_scores(default_path):
     assert got == pytest.approx(want, abs=2e-4, rel=2e-4)
     # And the scores separate responses (a broken merge would give near-constant rewards).
     assert max(want) - min(want) > 0.1
+    if meta.get("fp8"):  # FP8-trained: its trained layers load as the FP8 bytes training produced
+        from safetensors.torch import load_file
+
+        from grmserve.training.core.fp8 import FP8InferenceLinear
+
+        layers = {n: m for n, m in model.lm.named_modules() if isinstance(m, FP8InferenceLinear)}
+        assert len(layers) == 7 * meta["top_layers"]
+        shipped = load_file(str(default_model.ARTIFACT_DIR / "top-layers.safetensors"))
+        for name, module in layers.items():
+            key = name.removeprefix("model.") + ".weight"
+            assert torch.equal(module.weight.view(torch.uint8), shipped[key].view(torch.uint8)), key
 
 
 def test_grm_serve_serves_the_default_model(default_path):
@@ -55,6 +66,8 @@ def test_grm_serve_serves_the_default_model(default_path):
     with ServerThread(cfg) as server, server.client() as rm:
         info = rm.info()
         assert info.model_name == default_model.NAME and info.model_version == default_model.version()
+        if default_model.artifact_meta().get("fp8"):
+            assert info.precision == "fp8"  # served as trained, with no flags
         chat = [{"role": "user", "content": "Describe the moon in exactly one sentence. Answer in all capital letters."}]
         scores = rm.score([(chat, "THE MOON IS EARTH'S ONLY NATURAL SATELLITE."), (chat, "the moon is a rock.")])
         assert len(scores) == 2 and all(map(lambda s: s == s, scores))

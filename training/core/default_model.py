@@ -72,7 +72,7 @@ def build_default_model(out: Path) -> dict:
     if fp8:  # served as trained: the top layers' FP8 bytes, the rest in full precision
         modules = [n for n, m in lm.named_modules() if isinstance(m, FP8InferenceLinear)]
         recipe = FP8Recipe(name=f"fp8-trained-{fp8['recipe']}", granularity=fp8["granularity"],
-                           block_size=fp8["block_size"] or 64)
+                           block_size=fp8["block_size"] or 64, compute_dtype="float32")  # served in the fast dtype
         grm.quantization = quantization_description(recipe, modules)
         save_fp8_grm(model, tok, out)
     else:
