@@ -4,11 +4,6 @@ checkpoint grm-serve loads holds exactly the E4M3 bytes training computed with."
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -106,28 +101,12 @@ def test_fp8_stop_and_resume_matches_uninterrupted(recipe, straight, tmp_path):
     _assert_same_state(latest_checkpoint(reference / "checkpoints"), latest_checkpoint(run / "checkpoints"))
 
 
-def test_fp8_sigkilled_run_resumes_exactly(straight, tmp_path):
+def test_fp8_sigkilled_run_resumes_exactly(straight, tmp_path, sigkill_after_first_checkpoint):
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(run),
-           "--data.synthetic", "16", "--optim.batch_size", "4", "--optim.grad_accum", "2",
-           "--optim.max_steps", str(STEPS), "--optim.warmup_steps", "1", "--eval.every", "0",
-           "--checkpoint.every", "1", "--checkpoint.keep", "0", "--log.progress", "false",
-           "--precision.mode", "fp8-o2"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while latest_checkpoint(run / "checkpoints") is None:
-            if proc.poll() is not None:
-                pytest.fail(f"grm-train exited ({proc.returncode}) before its first checkpoint: {proc.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    if latest_checkpoint(run / "checkpoints").name == f"step-{STEPS:07d}":
-        pytest.skip("the run finished before it could be killed")
+    sigkill_after_first_checkpoint(run, ["--preset", "tiny", "--data.synthetic", "16", "--optim.batch_size", "4",
+                                         "--optim.grad_accum", "2", "--optim.max_steps", str(STEPS),
+                                         "--optim.warmup_steps", "1", "--eval.every", "0", "--precision.mode", "fp8-o2", "--checkpoint.every", "1",
+                                         "--checkpoint.keep", "0", "--log.progress", "false"], STEPS)
     cfg = _cfg(run)
     cfg.resume = True
     trainer = Trainer(cfg)

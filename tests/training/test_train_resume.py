@@ -7,11 +7,6 @@ so the data position, optimizer, scheduler and RNG states must all be restored.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,29 +88,12 @@ def test_stop_and_resume_matches_uninterrupted(name, straight, tmp_path):
     assert _train_losses(run) == _train_losses(reference)  # metrics of the resumed run continue seamlessly
 
 
-def test_sigkilled_process_resumes_exactly(straight, tmp_path):
+def test_sigkilled_process_resumes_exactly(straight, tmp_path, sigkill_after_first_checkpoint):
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(run),
-           "--data.synthetic", "16", "--optim.batch_size", "4", "--optim.grad_accum", "2",
-           "--optim.max_steps", str(STEPS), "--optim.warmup_steps", "1", "--eval.every", "2",
-           "--checkpoint.every", "1", "--checkpoint.keep", "0", "--log.progress", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while latest_checkpoint(run / "checkpoints") is None:
-            if proc.poll() is not None:
-                pytest.fail(f"grm-train exited ({proc.returncode}) before its first checkpoint: {proc.stderr.read()[-2000:]}")
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    killed_at = latest_checkpoint(run / "checkpoints")
-    if killed_at.name == f"step-{STEPS:07d}":
-        pytest.skip("the run finished before it could be killed")
-
+    sigkill_after_first_checkpoint(run, ["--preset", "tiny", "--data.synthetic", "16", "--optim.batch_size", "4",
+                                         "--optim.grad_accum", "2", "--optim.max_steps", str(STEPS),
+                                         "--optim.warmup_steps", "1", "--eval.every", "2", "--checkpoint.every", "1",
+                                         "--checkpoint.keep", "0", "--log.progress", "false"], STEPS)
     cfg = _cfg(run)
     cfg.resume = True
     trainer = Trainer(cfg)
