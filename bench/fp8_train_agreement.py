@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default="", help="served checkpoint (default: the embedded default model)")
     p.add_argument("--pairs", type=int, default=500)
     p.add_argument("--max-tokens", type=int, default=256, help="the experiment's --max_tokens")
+    p.add_argument("--compute", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the server's compute dtype around the FP8 weights (auto: the device's fast dtype)")
     args = p.parse_args()
 
     from grmserve.server.background import ServerThread
@@ -48,6 +50,7 @@ def main() -> None:
     chosen = [i for i, e in enumerate(enc) if not e.truncated][: args.pairs]
     cfg = local()
     cfg.model.checkpoint = str(checkpoint)
+    cfg.model.precision = args.compute
     with ServerThread(cfg) as server, server.client(timeout=600) as client:
         info = client.info()
         served = []
@@ -61,7 +64,7 @@ def main() -> None:
     agree = ((mt > 0) == (ms > 0)).float()
     print(json.dumps({
         "cpu": platform.processor() or platform.machine(), "checkpoint": str(checkpoint), "config": args.config,
-        "served_precision": info.precision, "pairs": len(chosen),
+        "served_precision": info.precision, "compute": args.compute, "pairs": len(chosen),
         "agreement": round(float(agree.mean()), 4), "flips": int((1 - agree).sum()),
         "margin_pearson": round(float(torch.corrcoef(torch.stack([mt, ms]))[0, 1]), 5),
         "margin_abs_error_mean": round(float((mt - ms).abs().mean()), 5),

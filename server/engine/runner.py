@@ -48,11 +48,14 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
     The reward head always stays in float32. `fp8`: linear layers of the decoder hold float8 e4m3
     weights with the recipe's scales (training/core/fp8); on CUDA ≥ sm89 the per-channel recipe runs
     `torch._scaled_mm`, elsewhere weights are dequantised right before a matmul. A checkpoint that is
-    already FP8 is served as FP8 whatever precision was asked for.
+    already FP8 is served as FP8 whatever precision was asked for; an explicit `fp32` or `bf16` then
+    sets the dtype the rest of the model and the dequantised matmuls compute in (default: the
+    device's fast dtype).
     """
     model.eval()
-    precision = resolve_precision(precision, device)
     already_fp8 = bool(model.grm_config.quantization)
+    compute = DTYPES[precision] if already_fp8 and precision in DTYPES and device.type == "cpu" else fast_dtype(device)
+    precision = resolve_precision(precision, device)
     if precision == "fp8" or already_fp8:
         from grmserve.training.core.fp8 import (
             FP8InferenceLinear,
@@ -63,7 +66,6 @@ def prepare_model(model: GRMModel, precision: str, device: torch.device, fp8_rec
         )
 
         backend = select_backend(device)
-        compute = fast_dtype(device)
         model.lm.to(dtype=compute)
         if not already_fp8:
             recipe = dataclasses.replace(get_recipe(fp8_recipe), compute_dtype=str(compute).removeprefix("torch."))

@@ -21,7 +21,7 @@ def default_path():
 def test_artifact_is_small_and_describes_its_experiment():
     meta = default_model.artifact_meta()
     size = (default_model.ARTIFACT_DIR / "top-layers.safetensors").stat().st_size
-    assert size < 8 * 2**20, size
+    assert size < 16 * 2**20, size  # FP8-trained top layers: 3 x 7 linears in e4m3 (10.6 MB) + head
     res = meta["result"]
     assert res["method"].startswith("grm-") and res["noise"] == 0.0
     assert res["test_id"]["pairs"] >= 1000 and res["test_ood"]["pairs"] >= 1000

@@ -144,3 +144,20 @@ def test_fp8_checkpoint_is_served_as_trained(straight, monkeypatch):
         with torch.no_grad():
             want.append(float(loaded.model.score(ids, torch.ones_like(ids))[0]))
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-4, atol=1e-4)
+
+
+def test_an_fp8_checkpoint_computes_in_the_dtype_asked_for(straight):
+    """An FP8 checkpoint is always served as FP8; `--model.precision fp32|bf16` picks the dtype its
+    dequantised matmuls and other layers compute in (auto: the device's fast dtype)."""
+    from grmserve.server.app import load_runner
+    from grmserve.server.config import local
+
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = local()
+        cfg.model.checkpoint = str(latest_checkpoint(straight[0] / "checkpoints") / "model")
+        cfg.model.precision, cfg.model.warmup = precision, False
+        runner, _, info = load_runner(cfg)
+        assert info.precision == "fp8"
+        layers = [m for m in runner.model.modules() if isinstance(m, FP8InferenceLinear)]
+        assert layers and all(m.compute_dtype == dtype for m in layers)
+        assert runner.model.lm.get_input_embeddings().weight.dtype == dtype
