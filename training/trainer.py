@@ -261,6 +261,9 @@ class Trainer:
             load_weights(model, resume_from)
 
         # Precision, sharding, optimizer, schedule.
+        if fp8 and self.info.distributed and cfg.dist.fsdp:
+            raise ValueError(f"precision.mode={cfg.precision.mode} with FSDP2 sharding would be FP8-LM O3, which is not "
+                             "built yet; pass --dist.fsdp false (data parallelism with FP8 gradient reduction)")
         shard = build_sharder(self.info, cfg)
         plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=self.info.device, shard=shard)
         self.model, self.optimizer, self.autocast = plan.model, plan.optimizer, plan.autocast
