@@ -67,7 +67,6 @@ from .core.checkpoint import (
     detect_format,
     load_grm,
     read_config,
-    save_fp8_grm,
     save_grm,
 )
 from .core.configtools import fail, to_dict
@@ -256,7 +255,7 @@ class Trainer:
         self.hf_config, self.grm_config = model.hf_config, copy.deepcopy(model.grm_config)
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg)
-        fp8 = cfg.precision.mode.startswith("fp8")
+        fp8 = cfg.precision.fp8
         if resume_from is not None and not fp8:  # fp8: the trainer state holds the weights, loaded after conversion
             load_weights(model, resume_from)
 
@@ -431,7 +430,7 @@ class Trainer:
                 lora = is_lora(self.model)  # FSDP2 keeps the module, its class hierarchy and its names
                 export = export_model(self.hf_config, self.grm_config, model_sd, lora, self.cfg)
                 with quiet_hf_progress():
-                    (save_fp8_grm if export.grm_config.quantization else save_grm)(export, self.tokenizer, tmp / "model")
+                    save_grm(export, self.tokenizer, tmp / "model")
                 if lora:
                     from safetensors.torch import save_file
                     names = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -440,7 +439,7 @@ class Trainer:
                          "epoch": self.step // self.steps_per_epoch, "batch_in_epoch": self.step % self.steps_per_epoch,
                          "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": all_rng,
                          "world_size": self.info.world_size, "config": to_dict(self.cfg)}
-                if self.cfg.precision.mode.startswith("fp8"):  # master weights + FP8 scaling state (model/ is FP8)
+                if self.cfg.precision.fp8:  # master weights + FP8 scaling state (model/ is FP8)
                     state["model"] = model_sd
                 torch.save(state, tmp / STATE_FILE)
                 replace_dir(tmp, final)
@@ -516,7 +515,7 @@ def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.T
         skeleton = init_grm(copy.deepcopy(hf_config), grm=copy.deepcopy(grm_config))
         if lora:
             skeleton = apply_lora(skeleton, cfg)
-        fp8 = cfg.precision.mode.startswith("fp8")
+        fp8 = cfg.precision.fp8
         if fp8:  # the same FP8 layers (and their scaling state) as the training model
             # rank 0 exports alone: no amax reduction across processes here
             convert_to_fp8_training(skeleton, get_training_recipe(cfg.precision.fp8_recipe, reduce_amax=False), "emulated")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -92,7 +91,8 @@ def grm_config_from_json(data: dict[str, Any], *, source: str = "config.json") -
 
 
 def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
-    """Write `model` in the `grm` format, atomically: into a temporary sibling, then renamed."""
+    """Write `model` in the `grm` format, atomically: into a temporary sibling, then renamed. A
+    converted (FP8) model also gets config.json's compressed-tensors `quantization_config`."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -107,6 +107,8 @@ def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["grm"] = model.grm_config.to_json()
+        if model.grm_config.quantization:
+            cfg["quantization_config"] = compressed_tensors_config(model.grm_config.quantization)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out)
     except BaseException:
@@ -372,18 +374,10 @@ def compressed_tensors_config(quant: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_fp8_grm(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write a converted `GRMModel` as an FP8 checkpoint (`save_grm`, plus `quantization_config`)."""
+    """`save_grm` for a model that must be FP8: refuses one that `convert_to_fp8` has not converted."""
     if not isinstance(model, GRMModel) or not getattr(model.grm_config, "quantization", None):
         raise ValueError("save_fp8_grm takes a GRMModel converted with convert_to_fp8")
-    out = save_grm(model, tokenizer, out_dir)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = compressed_tensors_config(model.grm_config.quantization)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cfg_path)
-    return out
+    return save_grm(model, tokenizer, out_dir)
 
 
 def quantize_checkpoint(src_dir: str | Path, out_dir: str | Path, recipe: str | FP8Recipe | None = None, *,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import assets
-from .checkpoint import save_fp8_grm, save_grm
+from .checkpoint import save_grm
 from .fp8.convert import FP8Recipe, install_fp8_weights, quantization_description
 from .fp8.linear import FP8InferenceLinear
 from .model import GRMConfig, GRMModel, HeadConfig, RewardHead
@@ -74,9 +74,7 @@ def build_default_model(out: Path) -> dict:
         recipe = FP8Recipe(name=f"fp8-trained-{fp8['recipe']}", granularity=fp8["granularity"],
                            block_size=fp8["block_size"] or 64, compute_dtype="float32")  # served in the fast dtype
         grm.quantization = quantization_description(recipe, modules)
-        save_fp8_grm(model, tok, out)
-    else:
-        save_grm(model, tok, out)
+    save_grm(model, tok, out)
     res = meta["result"]
     stats = {"name": NAME, "version": grm.model_version, "method": res["method"], "label_noise": res["noise"],
              "train_pairs": res["train_pairs"], "top_layers": meta["top_layers"], "lora_r": meta["lora_r"],
