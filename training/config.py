@@ -157,6 +157,11 @@ class PrecisionConfig:
     fp8_master: MasterWeights = "fp32"
     """fp8-o2/o3 master weights: fp32, or fp16 with a per-tensor scale (FP8-LM's precision decoupling)."""
 
+    @property
+    def fp8(self) -> bool:
+        """Whether an FP8-LM level (fp8-o1, o2, o3) is asked for."""
+        return self.mode.startswith("fp8")
+
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
@@ -236,7 +241,7 @@ class TrainConfig:
             raise ValueError(f"loss.alpha must be in [0, 1], got {self.loss.alpha}")
         if not 0.0 <= self.data.flip_fraction <= 1.0:
             raise ValueError(f"data.flip_fraction must be in [0, 1], got {self.data.flip_fraction}")
-        if self.precision.mode.startswith("fp8") and self.model.lora.enabled:
+        if self.precision.fp8 and self.model.lora.enabled:
             raise ValueError(f"precision.mode={self.precision.mode} trains the linear layers' own weights in FP8; "
                              "LoRA adapters are not supported with it: use --model.lora.enabled false or "
                              "--precision.mode bf16")

@@ -67,7 +67,7 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     - fp8-o1 / fp8-o2: FP8-LM levels (`_apply_fp8`); fp8-o3 is not built yet.
     """
     cfg = dataclasses.replace(cfg, mode=resolve_mode(cfg.mode, device))
-    if cfg.mode.startswith("fp8"):
+    if cfg.fp8:
         return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
     model = shard(model.to(device=device, dtype=torch.float32))
     optimizer = optimizer_factory(model)
