@@ -603,9 +603,8 @@ def fp8_layout(cfg: ExperimentConfig) -> dict[str, Any] | None:
     if not cfg.precision.startswith("fp8"):
         return None
     recipe = get_training_recipe(cfg.fp8_recipe)
-    block = recipe.granularity == "block"
-    return {"recipe": recipe.name, "precision": cfg.precision, "granularity": "block" if block else "tensor",
-            "block_size": recipe.weight_block if block else None}
+    granularity, block_size = recipe.serving_layout
+    return {"recipe": recipe.name, "precision": cfg.precision, "granularity": granularity, "block_size": block_size}
 
 
 def _reference_scores(cfg: ExperimentConfig, lm: nn.Module, tok, params: dict[str, torch.Tensor],

@@ -98,6 +98,13 @@ class FP8TrainingRecipe:
         """``"tensor"`` (delayed, current) or ``"block"``."""
         return "block" if self.name == "block" else "tensor"
 
+    @property
+    def serving_layout(self) -> tuple[str, int | None]:
+        """(granularity, block size) of `FP8InferenceLinear` that holds this recipe's trained weights:
+        per-tensor scales → ``("tensor", None)``; 128×128 blocks → ``("block", 128)`` (block scales
+        repeated on their rows)."""
+        return ("block", self.weight_block) if self.granularity == "block" else ("tensor", None)
+
 
 TRAINING_RECIPES: dict[str, Callable[[], FP8TrainingRecipe]] = {
     "delayed": lambda: FP8TrainingRecipe(name="delayed"),

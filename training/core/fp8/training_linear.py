@@ -478,15 +478,15 @@ def export_fp8_weights(module: FP8TrainingLinear) -> FP8WeightExport:
     """
     w, st, recipe = module.weight.detach(), module.states.weight, module.recipe
     bias = module.bias.detach().clone() if module.bias is not None else None
-    if recipe.granularity == "block":
-        bsz = recipe.weight_block
+    granularity, bsz = recipe.serving_layout
+    if granularity == "block":
         scale = st.local_scales(block_amax(w, bsz))  # (nr, nc)
         q = quantize_scaled(w, expand_blocks(scale, bsz, *w.shape), st.fmt)
         rows = (1.0 / scale).repeat_interleave(bsz, dim=0)[: w.shape[0]]  # (out, nc)
-        return FP8WeightExport(q, rows.contiguous(), bias, "block", bsz)
+        return FP8WeightExport(q, rows.contiguous(), bias, granularity, bsz)
     scale = st.next_scale(st.amax(w))
     q = quantize_scaled(w, scale, st.fmt)
-    return FP8WeightExport(q, (1.0 / scale).reshape(1, 1), bias, "tensor", None)
+    return FP8WeightExport(q, (1.0 / scale).reshape(1, 1), bias, granularity, bsz)
 
 
 def layer_weight_dequantized(module: FP8TrainingLinear) -> torch.Tensor:
