@@ -5,7 +5,8 @@
     $ GRM_SERVE_TOKEN=s3cret grm-serve --server.require_token true
     $ grm-serve --server.http_port 8000                      # plus OpenRLHF's /get_reward and vLLM's /classify
 
-SIGTERM or Ctrl-C: stop accepting calls, finish the accepted ones, exit 0.
+SIGTERM or Ctrl-C: report NOT_SERVING, refuse new calls, hand queued calls that have not started back
+at once (UNAVAILABLE: clients retry elsewhere), finish the step in progress, exit 0.
 """
 
 from __future__ import annotations

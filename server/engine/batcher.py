@@ -96,10 +96,12 @@ class BatchingEngine(Engine):
         while self._queue:  # not started: hand back at once, so the caller retries elsewhere now
             entry = self._queue.popleft()
             self._dequeued(entry)
-            if not entry.future.done():
-                entry.future.set_exception(NotServingError(
-                    "the reward server is draining; this call was handed back before compute: retry on another replica"))
-                handed_back += 1
+            if entry.future.done():  # the caller went away: counted as in `_take`
+                self._record(entry, "cancelled", 0.0)
+                continue
+            entry.future.set_exception(NotServingError(
+                "the reward server is draining; this call was handed back before compute: retry on another replica"))
+            handed_back += 1
             self._record(entry, "handed_back", 0.0)
         self._emit_depth()
         if self._idle is not None:
