@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from machine import cpu_model
+
 MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def _batch(tok, pairs: int, tokens: int, seed: int):
@@ -125,7 +118,7 @@ def main() -> None:
             r["step_time_vs_fp32"] = round(r["step_s_median"] / base["step_s_median"], 2)
         if amp:
             r["memory_vs_bf16_amp"] = round(r["bytes_per_param"]["total"] / amp["bytes_per_param"]["total"], 3)
-    print(json.dumps({"cpu": _cpu(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
+    print(json.dumps({"cpu": cpu_model(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
                       "results": results,
                       "o3_all_gather_bytes_vs_bf16": "not measured: fp8-o3 (FSDP2 with FP8 all-gathers) is not built"},
                      indent=1))

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
     mt, ms = t[:, 0] - t[:, 1], s[:, 0] - s[:, 1]
     agree = ((mt > 0) == (ms > 0)).float()
     print(json.dumps({
-        "cpu": platform.processor() or platform.machine(), "checkpoint": str(checkpoint), "config": args.config,
+        "cpu": cpu_model(), "checkpoint": str(checkpoint), "config": args.config,
         "served_precision": info.precision, "compute": args.compute, "pairs": len(chosen),
         "agreement": round(float(agree.mean()), 4), "flips": int((1 - agree).sum()),
         "margin_pearson": round(float(torch.corrcoef(torch.stack([mt, ms]))[0, 1]), 5),

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from machine import cpu_model
 
 from grmserve.training.core.fp8.formats import sqnr_db
 from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, default_compute_dtype
@@ -29,14 +29,6 @@ def _step(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
     y = module(xr)
     y.backward(g)
     return y.detach(), xr.grad, module.weight.grad
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main() -> None:
@@ -82,7 +74,7 @@ def main() -> None:
             out = _step(m, x, g)
             sqnr[name] = {p: round(sqnr_db(a, b), 2) for p, a, b in zip(("forward", "dgrad", "wgrad"), out_ref, out)}
     print(json.dumps({
-        "cpu": _cpu_model(), "threads": args.threads, "torch": torch.__version__,
+        "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
         "default_compute_dtype": str(default_compute_dtype("cpu")),
         "shape": {"tokens": args.tokens, "in": k, "out": n}, "runs": args.runs,
         "step_ms": {k_: round(v, 2) for k_, v in ms.items()},
