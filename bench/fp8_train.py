@@ -1,14 +1,17 @@
-"""FP8 training on SmolLM2-135M (full fine-tune of a GRM): memory per parameter, peak RSS, step time
-and loss, for fp32 AdamW, bf16-AMP AdamW, FP8-LM O1 and O2, each through grm-train's precision plan
-and training step. Prints one JSON object; not a test.
+"""FP8 training on SmolLM2-135M (full fine-tune of a GRM): memory per parameter, peak memory, step time
+and loss, for fp32 AdamW, bf16-AMP AdamW, FP8-LM O1 and O2 (fp32 or FP16 masters), each through
+grm-train's precision plan and training step. Prints one JSON object; not a test.
 
     $ .venv/bin/python bench/fp8_train.py --steps 8 --pairs 4 --tokens 128
+    $ python bench/fp8_train.py --device cuda --random_init --pairs 16 --tokens 512   # GPU: torch._scaled_mm
 
 Each mode runs in its own process (so peak RSS is its own). Bytes are counted from the real tensors
-after the last step: the parameters, their `.grad`s and the optimizer state, per parameter of the
-model. Step times are medians of the steps after the first two; ratios are against fp32 in the same
-run, but the processes run one after another, so on a shared machine compare only runs made together.
-O3 (FSDP2 with FP8 all-gathers) is not implemented; its all-gather bytes are reported as such.
+after a forward/backward: the parameters, their gradients (``.grad``, or the E4M3 ``fp8_grad`` that O2
+keeps in its place) and the optimizer state, per parameter of the model; also per parameter of the
+FP8 linear layers alone (embeddings, norms and heads stay high precision). Step times are medians of
+the steps after the first two; ratios are against fp32 in the same run, but the processes run one after
+another, so on a shared machine compare only runs made together. `--random_init` builds SmolLM2-135M's
+architecture with random weights (for machines without the model files, e.g. a GPU box).
 """
 
 from __future__ import annotations
@@ -23,22 +26,47 @@ import time
 
 from machine import cpu_model
 
-MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2")
+MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16")
+"""fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights)."""
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2)
 
 
-def _batch(tok, pairs: int, tokens: int, seed: int):
+def _batch(vocab: int, pad_id: int, pairs: int, tokens: int, seed: int):
     import torch
 
     from grmserve.training.data import EncodedPair, collate_pairs
 
     g = torch.Generator().manual_seed(seed)
-    vocab = len(tok)
 
     def ids(n):
         return torch.randint(100, vocab - 1, (n,), generator=g).tolist()
 
     half = tokens // 2
-    return collate_pairs([EncodedPair(ids(half), ids(half), ids(half - 8)) for _ in range(pairs)], tok.pad_token_id)
+    return collate_pairs([EncodedPair(ids(half), ids(half), ids(half - 8)) for _ in range(pairs)], pad_id)
+
+
+def _to(batch, device):
+    import dataclasses
+
+    import torch
+
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def _backbone(random_init: bool):
+    if not random_init:
+        from grmserve.training.components import load_backbone
+
+        lm, tok = load_backbone("smollm2", seed=0)
+        return lm, len(tok), tok.pad_token_id
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), SMOLLM2_135M["vocab_size"], SMOLLM2_135M["pad_token_id"]
 
 
 def _nbytes(tensors) -> int:
@@ -55,41 +83,54 @@ def run_mode(mode: str, args) -> dict:
     """One mode in this process: build, train `args.steps` steps, count bytes."""
     import torch
 
-    from grmserve.training.components import TrainStep, adamw_factory, build_scheduler, compute_loss, load_backbone
+    from grmserve.training.components import TrainStep, adamw_factory, build_scheduler, compute_loss
     from grmserve.training.config import TrainConfig
     from grmserve.training.core.model import GRMConfig, HeadConfig, init_grm
     from grmserve.training.precision import apply_precision
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     cfg = TrainConfig()
-    cfg.precision.mode = mode
+    cfg.precision.mode = mode.removesuffix("-fp16")
+    cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
-    lm, tok = load_backbone("smollm2", seed=0)
+    lm, vocab, pad_id = _backbone(args.random_init)
     model = init_grm(lm, grm=GRMConfig(head=HeadConfig(dropout=0.0)))
-    plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=torch.device("cpu"))
+    plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=device)
     step = TrainStep(plan.model, plan.optimizer, build_scheduler(plan.optimizer, cfg.optim, total_steps=args.steps),
                      loss_fn=lambda m, b: compute_loss(m, b, cfg), grad_clip=1.0, autocast=plan.autocast)
     losses, times = [], []
     for i in range(args.steps):
-        batch = _batch(tok, args.pairs, args.tokens, seed=i)
+        batch = _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=i), device)
         start = time.perf_counter()
-        stats = step([batch])
+        stats = step([batch])  # returns floats: the step has finished on the device
         times.append(time.perf_counter() - start)
         losses.append(round(stats["loss"], 5))
-    # One more forward/backward without the optimizer step, so that .grad exists when counting.
+    # One more forward/backward without the optimizer step, so that the gradients exist when counting.
     with plan.autocast():
-        loss, _ = compute_loss(plan.model, _batch(tok, args.pairs, args.tokens, seed=99), cfg)
+        loss, _ = compute_loss(plan.model, _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=99), device), cfg)
     loss.backward()
-    params = [p for p in plan.model.parameters()]
-    n = sum(p.numel() for p in params)
-    state = [t for s in plan.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.ndim]
-    weights, grads, opt = _nbytes(params), _nbytes(p.grad for p in params), _nbytes(state)
-    return {"mode": mode, "params": n, "fp8_linears": len(plan.fp8.converted) if plan.fp8 else 0,
-            "bytes_per_param": {"weights": round(weights / n, 3), "grads": round(grads / n, 3),
-                                "optimizer": round(opt / n, 3), "total": round((weights + grads + opt) / n, 3)},
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "step_s_median": round(statistics.median(times[2:] or times), 3), "losses": losses}
+    params = list(plan.model.parameters())
+    fp8_ids = {id(m.weight) for m in plan.model.modules() if type(m).__name__ == "FP8TrainingLinear"}
+    state = {id(p): [t for t in plan.optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor) and t.ndim]
+             for p in params}
+
+    def per_param(subset) -> dict:
+        n = sum(p.numel() for p in subset) or 1
+        weights = _nbytes(subset)
+        grads = _nbytes(p.grad for p in subset) + _nbytes(t for p in subset for t in (getattr(p, "fp8_grad", None) or ()))
+        opt = _nbytes(t for p in subset for t in state[id(p)])
+        return {"weights": round(weights / n, 3), "grads": round(grads / n, 3), "optimizer": round(opt / n, 3),
+                "total": round((weights + grads + opt) / n, 3)}
+
+    peak = (round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda"
+            else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return {"mode": mode, "params": sum(p.numel() for p in params), "fp8_linears": len(plan.fp8.converted) if plan.fp8 else 0,
+            "bytes_per_param": per_param(params),
+            "bytes_per_fp8_linear_param": per_param([p for p in params if id(p) in fp8_ids]) if fp8_ids else None,
+            "peak_mib" if device.type == "cuda" else "peak_rss_mib": peak,
+            "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
 
 
 def main() -> None:
@@ -99,6 +140,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the FP8 GEMMs then run torch._scaled_mm)")
+    p.add_argument("--random_init", action="store_true", help="SmolLM2-135M's architecture, random weights")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one mode, print its JSON
     args = p.parse_args()
     if args.one:
@@ -107,7 +150,8 @@ def main() -> None:
     results = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
-               "--tokens", str(args.tokens), "--threads", str(args.threads)]
+               "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device]
+        cmd += ["--random_init"] if args.random_init else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{mode}: done", file=sys.stderr)

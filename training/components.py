@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import LoraConfig, OptimConfig, TrainConfig
 from .core import assets
+from .core.fp8.optim import clip_grad_norm_
 from .core.model import GRMModel, response_logps
 from .data import PairBatch
 from .losses import grm_loss, needs_logps, pairwise_accuracy, regulariser_loss, reward_loss
@@ -222,7 +223,7 @@ class TrainStep:
         if self.reduce_grads is not None:
             self.reduce_grads()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm_(trainable, self.grad_clip or float("inf"))  # FP8 gradients too
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         sums["lr"] = self.scheduler.get_last_lr()[0]

@@ -155,7 +155,8 @@ class PrecisionConfig:
     """FP8 GEMMs: scaled_mm (torch._scaled_mm, CUDA sm89+), emulated (FP8 rounding, matmul in the
     machine's fast dtype), or auto (scaled_mm where it runs)."""
     fp8_master: MasterWeights = "fp32"
-    """fp8-o2/o3 master weights: fp32, or fp16 with a per-tensor scale (FP8-LM's precision decoupling)."""
+    """fp8-o2/o3 master weights of the FP8 linear layers: fp32, or fp16 with a per-tensor scale stored in
+    the weight itself (FP8-LM's precision decoupling: 2 bytes per weight); other parameters stay fp32."""
 
     @property
     def fp8(self) -> bool:

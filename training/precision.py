@@ -82,20 +82,27 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
 def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard) -> PrecisionPlan:
     """FP8-LM O1: the decoder's linear layers become `FP8TrainingLinear` (E4M3 inputs and weights,
     E5M2 output gradients, FP8 weight gradients; the reward head, LM head, embeddings and norms stay in
-    float32), with the trainer's AdamW. O2: plus `FP8AdamW` (E4M3 first moment, FP16 second moment,
-    FP32 or FP16 + scale master weights). O3 (FSDP2 with FP8 all-gathers) is not built yet."""
-    from .core.fp8.training_linear import convert_to_fp8_training
+    float32), with the trainer's AdamW. O2: plus `FP8AdamW` (E4M3 first moment, FP16 second moment),
+    the FP8 linears' weight gradients kept in E4M3 in place of ``.grad``, and with ``fp8_master=fp16``
+    their weights stored as the FP16 master + scale (no fp32 copy); other parameters keep fp32 masters.
+    O3 (FSDP2 with FP8 all-gathers) is not built yet."""
+    from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training
 
     if cfg.mode == "fp8-o3":
         raise NotImplementedError(f"precision.mode=fp8-o3 (FSDP2 with FP8 all-gathers) is not implemented yet; it "
                                   f"is part of the {FP8_ISSUE}. Use --precision.mode fp8-o2")
     model = model.to(device=device, dtype=torch.float32)
-    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend)
+    o2 = cfg.mode == "fp8-o2"
+    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend, grad_storage="fp8" if o2 else "dequantized")
     log.info("%s", report.summary())
+    if o2 and cfg.fp8_master == "fp16":
+        for module in model.modules():
+            if isinstance(module, FP8TrainingLinear):
+                module.keep_fp16_master()
     model = shard(model)
     optimizer = optimizer_factory(model)
-    if cfg.mode == "fp8-o2":
-        optimizer = fp8_adamw_like(optimizer, cfg.fp8_master)
+    if o2:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
+        optimizer = fp8_adamw_like(optimizer, "fp32")
     return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode, fp8=report)
 
 

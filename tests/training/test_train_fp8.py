@@ -19,7 +19,7 @@ from grmserve.training.trainer import Trainer, build_model, latest_checkpoint
 STEPS = 5
 
 
-def _cfg(run_dir: Path, mode: str = "fp8-o2", recipe: str = "delayed"):
+def _cfg(run_dir: Path, mode: str = "fp8-o2", recipe: str = "delayed", master: str = "fp32"):
     cfg = presets.tiny()
     cfg.run_dir = str(run_dir)
     cfg.data.synthetic = 16
@@ -29,7 +29,7 @@ def _cfg(run_dir: Path, mode: str = "fp8-o2", recipe: str = "delayed"):
     cfg.optim.warmup_steps = 1
     cfg.eval.every = 0
     cfg.log.progress = False
-    cfg.precision.mode, cfg.precision.fp8_recipe = mode, recipe
+    cfg.precision.mode, cfg.precision.fp8_recipe, cfg.precision.fp8_master = mode, recipe, master
     return cfg
 
 
@@ -84,16 +84,17 @@ def test_fp8_o2_trains_with_fp8_state_and_exports_the_trained_bytes(straight):
     assert loaded.grm_config.quantization["trained"] == {"recipe": "delayed"}
 
 
-@pytest.mark.parametrize("recipe", ["delayed", "block"])
-def test_fp8_stop_and_resume_matches_uninterrupted(recipe, straight, tmp_path):
-    reference = straight[0] if recipe == "delayed" else tmp_path / "straight"
-    if recipe != "delayed":
-        Trainer(_cfg(reference, recipe=recipe)).fit()
+@pytest.mark.parametrize("recipe,master", [("delayed", "fp32"), ("block", "fp32"), ("delayed", "fp16")])
+def test_fp8_stop_and_resume_matches_uninterrupted(recipe, master, straight, tmp_path):
+    """fp16: the FP8 linears' weights are the FP16 masters with their scales, gradients in FP8."""
+    reference = straight[0] if (recipe, master) == ("delayed", "fp32") else tmp_path / "straight"
+    if reference != straight[0]:
+        Trainer(_cfg(reference, recipe=recipe, master=master)).fit()
     run = tmp_path / "stopped"
-    first = _cfg(run, recipe=recipe)
+    first = _cfg(run, recipe=recipe, master=master)
     first.stop_at_step = 2
     assert Trainer(first).fit()["step"] == 2
-    second = _cfg(run, recipe=recipe)
+    second = _cfg(run, recipe=recipe, master=master)
     second.resume = True
     trainer = Trainer(second)
     assert trainer.step == 2

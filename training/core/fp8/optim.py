@@ -18,6 +18,11 @@ State per parameter (flattened; blocks of `block_size` consecutive elements):
   per-tensor power-of-two scale (``master_scale_inv``, chosen from the new weight's amax every
   step) and copies the dequantised master into the parameter, which then is a working copy in the
   model's dtype (e.g. bf16; an FP8 training linear only reads it to quantise it to E4M3).
+  Whatever `master_weights` says, a float16 parameter that carries its own scale
+  (``p.master_scale_inv``: an FP8 training linear after `keep_fp16_master()`) IS the FP16 master and
+  is updated in place: 2 bytes per weight and no copy at all.
+- gradients: ``p.grad``, or, where that is None, ``p.fp8_grad`` (an E4M3 gradient with its scale, as
+  FP8 training linears with ``grad_storage="fp8"`` leave it: 1 byte per element). `zero_grad` clears both.
 
 The update is AdamW's (decoupled weight decay, bias corrections), computed in float32 from the
 dequantised state: ``w ← w·(1 − lr·wd) − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps)``.
@@ -99,6 +104,44 @@ def adamw_update_(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v_sqrt: tor
     w.mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
 
 
+def _holds_own_master(p: torch.Tensor) -> bool:
+    """A float16 parameter carrying its per-tensor scale (``p.master_scale_inv``) is its own FP16 master."""
+    return p.dtype == torch.float16 and getattr(p, "master_scale_inv", None) is not None
+
+
+def gradient(p: torch.Tensor) -> torch.Tensor | None:
+    """`p`'s gradient as a float tensor: ``p.grad``, else its dequantised ``p.fp8_grad``, else None."""
+    if p.grad is not None:
+        return p.grad
+    fp8 = getattr(p, "fp8_grad", None)
+    return None if fp8 is None else fp8_to_float32(fp8.q) * fp8.scale_inv
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over ``.grad`` and ``fp8_grad`` alike: the total 2-norm of all
+    gradients (returned), and, above `max_norm`, every gradient scaled down to it (an FP8 gradient by
+    its scale alone: its bytes are untouched). Without FP8 gradients it is torch's own (DTensors too).
+
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> float(clip_grad_norm_([w], 1.0)), [round(x, 3) for x in w.grad.tolist()]
+        (5.0, [0.6, 0.8])
+    """
+    params = list(params)
+    fp8 = [p for p in params if p.grad is None and getattr(p, "fp8_grad", None) is not None]
+    if not fp8:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dense = [p.grad for p in params if p.grad is not None]
+    squares = [torch.linalg.vector_norm(g.float()) ** 2 for g in dense]
+    squares += [(torch.linalg.vector_norm(fp8_to_float32(p.fp8_grad.q)) * p.fp8_grad.scale_inv) ** 2 for p in fp8]
+    total = torch.stack(squares).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in dense:
+        g.mul_(coef.to(g.dtype))
+    for p in fp8:
+        p.fp8_grad = p.fp8_grad._replace(scale_inv=p.fp8_grad.scale_inv * coef)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # The optimizer
 
@@ -132,10 +175,18 @@ class FP8AdamW(torch.optim.Optimizer):
         if master_weights == "fp32":
             for group in self.param_groups:
                 for p in group["params"]:
-                    if p.dtype != torch.float32:
+                    if p.dtype != torch.float32 and not _holds_own_master(p):
                         raise ValueError(f"master_weights='fp32' updates parameters in place, so they must be "
                                          f"float32; got {p.dtype}. Use master_weights='fp16' to keep a separate "
                                          "FP16 master with a scale (the parameter is then a working copy)")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``.grad`` (torch's rule) and ``fp8_grad`` of every parameter."""
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, "fp8_grad", None) is not None:
+                    p.fp8_grad = None
 
     def _block(self, p: torch.Tensor) -> int:
         return self.block_size or max(p.numel(), 1)
@@ -148,7 +199,7 @@ class FP8AdamW(torch.optim.Optimizer):
                  "exp_avg_scale_inv": torch.ones(nb, dtype=torch.float32, device=p.device),
                  "exp_avg_sq": torch.zeros(n, dtype=torch.float16, device=p.device),
                  "exp_avg_sq_scale_inv": torch.ones(nb, dtype=torch.float32, device=p.device)}
-        if self.master_weights == "fp16":
+        if self.master_weights == "fp16" and not _holds_own_master(p):
             state["master"], state["master_scale_inv"] = block_quantize(p.detach().float().reshape(-1), max(n, 1), FP16)
             p.data.copy_(self._master_value(state).view_as(p))
         return state
@@ -158,7 +209,8 @@ class FP8AdamW(torch.optim.Optimizer):
         return state["master"].float() * state["master_scale_inv"]
 
     def _nonfinite_grads(self) -> bool:
-        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        flags = [torch.isfinite(grad).all() for g in self.param_groups for p in g["params"]
+                 if (grad := gradient(p)) is not None]
         return bool(flags) and not bool(torch.stack(flags).all())
 
     @torch.no_grad()
@@ -173,25 +225,36 @@ class FP8AdamW(torch.optim.Optimizer):
             return loss
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None or getattr(p, "fp8_grad", None) is not None:
                     self._step_param(p, group)
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.grad.is_sparse:
+        if p.grad is not None and p.grad.is_sparse:
             raise RuntimeError("FP8AdamW does not support sparse gradients")
         state = self.state[p]
         if not state:
             state.update(self._init_state(p))
         state["step"] += 1
         block, beta1, beta2 = self._block(p), *group["betas"]
-        w = self._master_value(state) if self.master_weights == "fp16" else p.detach().reshape(-1).clone()
+        own_master = _holds_own_master(p)
+        if own_master:
+            w = p.detach().reshape(-1).float() * p.master_scale_inv
+        elif self.master_weights == "fp16":
+            w = self._master_value(state)
+        else:
+            w = p.detach().reshape(-1).clone()
         m = block_dequantize(state["exp_avg"], state["exp_avg_scale_inv"], block)
         v_sqrt = block_dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale_inv"], block)
-        adamw_update_(w, p.grad.detach().reshape(-1).float(), m, v_sqrt, step=float(state["step"]), lr=group["lr"],
-                      beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        adamw_update_(w, gradient(p).detach().reshape(-1).float(), m, v_sqrt, step=float(state["step"]),
+                      lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         state["exp_avg"], state["exp_avg_scale_inv"] = block_quantize(m, block, self.m_format)
         state["exp_avg_sq"], state["exp_avg_sq_scale_inv"] = block_quantize(v_sqrt, block, FP16)
+        if own_master:
+            q, scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
+            p.copy_(q.view_as(p))
+            p.master_scale_inv.copy_(scale_inv.reshape(()))
+            return
         if self.master_weights == "fp16":
             state["master"], state["master_scale_inv"] = block_quantize(w, max(w.numel(), 1), FP16)
             w = self._master_value(state)

@@ -34,7 +34,7 @@ are powers of two.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from ..devices import fast_dtype
 from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
+from .optim import FP16, block_quantize
 from .scaling import (
     FP8TrainingRecipe,
     RoleStates,
@@ -58,6 +59,8 @@ from .scaling import (
 )
 
 SCALED_MM_ALIGN = 16  # torch._scaled_mm needs operand dims that are multiples of 16
+GradStorage = Literal["dequantized", "fp8"]
+GRAD_STORAGES: tuple[str, ...] = get_args(GradStorage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +78,17 @@ class FP8Operand(NamedTuple):
     scale_inv: torch.Tensor
     kind: str = "tensor"
     size: int = 0
+
+
+class FP8Grad(NamedTuple):
+    """A weight gradient stored in FP8 (O2): E4M3 bytes and a 0-dim float32 dequant scale. It lives on
+    the parameter as ``weight.fp8_grad`` in place of ``weight.grad`` (1 byte per element, not 4)."""
+
+    q: torch.Tensor
+    scale_inv: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return fp8_to_float32(self.q) * self.scale_inv
 
 
 def _scaled_upcast(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -233,7 +247,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         backend, cdt = layer.resolved_backend(x.device), layer.resolved_compute_dtype(x.device)
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
         xq = quantize_input(states, recipe, x2d)
-        wq = quantize_weight_operand(states.weight, recipe, weight)
+        wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight))
         y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -257,7 +271,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             dgrad = dgrad.to(xdtype).reshape(xshape)
         if ctx.needs_input_grad[1]:
             xt = retile_input_for_wgrad(states, recipe, xq, layer.fuse)  # (K, M)
-            wgrad = layer.finish_weight_grad(fp8_gemm(g_cols, xt, backend, cdt, layer.fuse))  # (N, K)
+            wgrad = layer.finish_weight_grad(fp8_gemm(g_cols, xt, backend, cdt, layer.fuse))  # (N, K) or None
         dbias = g2d.float().sum(0).to(grad_out.dtype) if has_bias and ctx.needs_input_grad[2] else None
         return dgrad, wgrad, dbias, None
 
@@ -283,6 +297,11 @@ class FP8TrainingLinear(nn.Module):
     (an error naming the fix where it cannot run; ``allow_cpu_scaled_mm=True`` runs it on CPU for
     numerics tests). `compute_dtype`: the emulated matmul dtype (None → `default_compute_dtype`).
     `fp8_weight_grad`: quantise the weight gradient to FP8 (O1), else keep it in high precision.
+    `grad_storage`: ``"dequantized"`` puts the FP8 weight gradient, dequantised, in ``weight.grad`` (what
+    any optimizer reads); ``"fp8"`` (O2) keeps only the E4M3 bytes and scale, as ``weight.fp8_grad``
+    (an `FP8Grad`, summed over micro-batches), and leaves ``weight.grad`` None: `FP8AdamW` and
+    `clip_grad_norm_` read it. `keep_fp16_master()` then stores the weight itself as the FP16 master
+    with a per-tensor scale (2 bytes per weight; `FP8AdamW` updates it in place).
     `fuse`: run the quantise / dequantise passes through `torch.compile` (one kernel each; the first
     call per shape compiles, ~20 s on 2 cores; it pays in long runs on CPU, see DESIGN.md).
     Scaling states travel in ``state_dict()`` (as extra state), so a resumed run is bit-identical.
@@ -295,7 +314,8 @@ class FP8TrainingLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  recipe: str | FP8TrainingRecipe = "delayed", backend: str = "auto",
-                 compute_dtype: torch.dtype | None = None, fp8_weight_grad: bool = True, fuse: bool = False,
+                 compute_dtype: torch.dtype | None = None, fp8_weight_grad: bool = True,
+                 grad_storage: GradStorage = "dequantized", fuse: bool = False,
                  allow_cpu_scaled_mm: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, group: Any = None):
         super().__init__()
@@ -305,6 +325,11 @@ class FP8TrainingLinear(nn.Module):
         self.recipe = get_training_recipe(recipe)
         self.backend, self.compute_dtype = backend, compute_dtype
         self.fp8_weight_grad, self.allow_cpu_scaled_mm, self.fuse = fp8_weight_grad, allow_cpu_scaled_mm, fuse
+        if grad_storage not in GRAD_STORAGES:
+            raise ValueError(f"grad_storage must be one of {GRAD_STORAGES}, got {grad_storage!r}")
+        if grad_storage == "fp8" and not fp8_weight_grad:
+            raise ValueError("grad_storage='fp8' needs fp8_weight_grad=True")
+        self.grad_storage = grad_storage
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         nn.Linear.reset_parameters(self)  # the same init as nn.Linear
@@ -339,13 +364,48 @@ class FP8TrainingLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FP8LinearFunction.apply(x, self.weight, self.bias, self)
 
-    def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor:
+    def effective_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight's value: the parameter, or the FP16 master times its scale (`keep_fp16_master`)."""
+        weight = self.weight if weight is None else weight
+        scale_inv = getattr(self, "weight_scale_inv", None)
+        return weight if scale_inv is None else weight.float() * scale_inv
+
+    @torch.no_grad()
+    def keep_fp16_master(self) -> None:
+        """Store the weight as FP16 times a per-tensor power-of-two dequant scale (`weight_scale_inv`,
+        a buffer, also reachable as ``weight.master_scale_inv`` for `FP8AdamW`): FP8-LM's FP16 master,
+        kept in the parameter itself, so no FP32 copy of the weight exists."""
+        w = self.effective_weight().detach().float().reshape(-1)
+        q, scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
+        self.weight = nn.Parameter(q.view_as(self.weight), requires_grad=self.weight.requires_grad)
+        self.register_buffer("weight_scale_inv", scale_inv.reshape(()).clone())
+        self.weight.master_scale_inv = self.weight_scale_inv
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state saved with the FP16 master (a `weight_scale_inv` entry) loads into a module built
+        # without it: take the same layout first (export and evaluation rebuild models that way).
+        if prefix + "weight_scale_inv" in state_dict and getattr(self, "weight_scale_inv", None) is None:
+            self.weight = nn.Parameter(torch.empty_like(self.weight, dtype=torch.float16),
+                                       requires_grad=self.weight.requires_grad)
+            self.register_buffer("weight_scale_inv", torch.ones((), device=self.weight.device))
+            self.weight.master_scale_inv = self.weight_scale_inv
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor | None:
         """(out, in) float32 weight gradient → FP8 E4M3 (kept in `weight_grad_fp8`) → dequantised in
-        the weight's dtype for ``.grad``. Without `fp8_weight_grad`, just cast."""
+        the weight's dtype for ``.grad``; with ``grad_storage="fp8"``, summed into ``weight.fp8_grad``
+        instead (None for autograd). Without `fp8_weight_grad`, just cast."""
         if not self.fp8_weight_grad:
             return wgrad.to(self.weight.dtype)
+        if self.grad_storage == "fp8":
+            previous = getattr(self.weight, "fp8_grad", None)
+            if previous is not None:  # gradient accumulation: sum in float32, one rounding per micro-batch
+                wgrad = wgrad.float() + previous.dequantize()
         q, s_inv = self.states.weight_grad.quantize(wgrad)
         self.weight_grad_fp8 = (q, s_inv)
+        if self.grad_storage == "fp8":
+            self.weight.fp8_grad = FP8Grad(q, s_inv)
+            return None
         return dequantize_operand(FP8Operand(q, s_inv), self.weight.dtype, self.fuse)
 
     # -- checkpoints and reporting ---------------------------------------------------------------
@@ -363,6 +423,8 @@ class FP8TrainingLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if getattr(self, "weight_scale_inv", None) is not None:  # buffers are replaced, parameters kept
+            self.weight.master_scale_inv = self.weight_scale_inv
         if self.weight.device.type != "meta":
             for st in self.states:
                 st.to(self.weight.device)
@@ -406,8 +468,8 @@ def training_skip_reason(name: str, module: nn.Module, skip: tuple[str, ...]) ->
 def convert_to_fp8_training(model: nn.Module, recipe: str | FP8TrainingRecipe = "delayed", backend: str = "auto", *,
                             skip: tuple[str, ...] = ("lm_head", "embed_tokens"),
                             compute_dtype: torch.dtype | None = None, fp8_weight_grad: bool = True,
-                            fuse: bool = False, allow_cpu_scaled_mm: bool = False,
-                            group: Any = None) -> TrainingConversionReport:
+                            grad_storage: GradStorage = "dequantized", fuse: bool = False,
+                            allow_cpu_scaled_mm: bool = False, group: Any = None) -> TrainingConversionReport:
     """Replace, in place, every `nn.Linear` passing the filter by an `FP8TrainingLinear` sharing its
     parameters. Never the reward head; not `skip` patterns (LM head, embeddings); not layers whose
     dims are not multiples of 16.
@@ -428,7 +490,7 @@ def convert_to_fp8_training(model: nn.Module, recipe: str | FP8TrainingRecipe = 
             report.skipped[name] = reason
             continue
         new = FP8TrainingLinear.from_linear(module, recipe=recipe, backend=backend, compute_dtype=compute_dtype,
-                                            fp8_weight_grad=fp8_weight_grad, fuse=fuse,
+                                            fp8_weight_grad=fp8_weight_grad, grad_storage=grad_storage, fuse=fuse,
                                             allow_cpu_scaled_mm=allow_cpu_scaled_mm, group=group)
         _set_submodule(model, name, new)
         report.converted.append(name)
@@ -476,7 +538,7 @@ def export_fp8_weights(module: FP8TrainingLinear) -> FP8WeightExport:
         >>> torch.equal(e.to_inference_linear().dequantized_weight(), layer_weight_dequantized(layer))
         True
     """
-    w, st, recipe = module.weight.detach(), module.states.weight, module.recipe
+    w, st, recipe = module.effective_weight().detach().float(), module.states.weight, module.recipe
     bias = module.bias.detach().clone() if module.bias is not None else None
     granularity, bsz = recipe.serving_layout
     if granularity == "block":
@@ -518,7 +580,7 @@ def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
     return {n: m.scaling_stats() for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
 
 
-__all__ = ["FP8Operand", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
+__all__ = ["FP8Grad", "FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
            "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
            "fp8_gemm", "fp8_scaling_stats", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
            "to_fp8_inference", "training_skip_reason"]
