@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -26,8 +27,9 @@ import time
 
 from machine import cpu_model
 
-MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16")
-"""fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights)."""
+MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3")
+"""fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights). fp8-o3: two
+processes under torchrun (FSDP2; gloo on CPU), reporting all-gather bytes per step."""
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2)
@@ -91,13 +93,22 @@ def run_mode(mode: str, args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = TrainConfig()
+    cfg.device = args.device
+    shard, info = (lambda m: m), None
+    if mode == "fp8-o3":  # under torchrun: FSDP2 as grm-train shards, all-gather payloads counted
+        from grmserve.training.trainer import build_sharder, init_distributed
+
+        info = init_distributed(cfg)
+        torch.set_num_threads(max(1, args.threads // info.world_size))
+        shard, device = build_sharder(info, cfg), info.device
+        wire = _count_all_gathers()
     cfg.precision.mode = mode.removesuffix("-fp16")
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
     lm, vocab, pad_id = _backbone(args.random_init)
     model = init_grm(lm, grm=GRMConfig(head=HeadConfig(dropout=0.0)))
-    plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=device)
+    plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=device, shard=shard)
     step = TrainStep(plan.model, plan.optimizer, build_scheduler(plan.optimizer, cfg.optim, total_steps=args.steps),
                      loss_fn=lambda m, b: compute_loss(m, b, cfg), grad_clip=1.0, autocast=plan.autocast)
     losses, times = [], []
@@ -107,6 +118,8 @@ def run_mode(mode: str, args) -> dict:
         stats = step([batch])  # returns floats: the step has finished on the device
         times.append(time.perf_counter() - start)
         losses.append(round(stats["loss"], 5))
+    if mode == "fp8-o3":
+        return _o3_result(mode, args, wire, times, losses, info)
     # One more forward/backward without the optimizer step, so that the gradients exist when counting.
     with plan.autocast():
         loss, _ = compute_loss(plan.model, _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=99), device), cfg)
@@ -133,6 +146,40 @@ def run_mode(mode: str, args) -> dict:
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
 
 
+def _count_all_gathers() -> dict:
+    """Count the bytes FSDP2 puts into its all-gathers (its calls go through `dist.all_gather_single`)."""
+    import torch.distributed as dist
+
+    wire = {"bytes": 0, "calls": 0}
+    real = dist.all_gather_single
+
+    def counted(output, input, *a, **k):
+        wire["bytes"] += input.numel() * input.element_size()
+        wire["calls"] += 1
+        return real(output, input, *a, **k)
+
+    dist.all_gather_single = counted
+    return wire
+
+
+def _o3_result(mode, args, wire, times, losses, info) -> dict:
+    """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears, fp32 for the
+    rest), against the same elements gathered in bf16 (FSDP2 with param_dtype=bf16) and fp32."""
+    from grmserve.training.core.fp8.fsdp import fp8_all_gather_bytes
+
+    fp8 = fp8_all_gather_bytes()
+    other_elements = (wire["bytes"] - fp8) / 4  # every other parameter is gathered in fp32
+    steps = args.steps
+    per_step = {"fp8_o3": wire["bytes"] / steps, "bf16": 2 * (fp8 + other_elements) / steps,
+                "fp32": 4 * (fp8 + other_elements) / steps}
+    return {"mode": mode, "processes": info.world_size, "all_gather_calls": wire["calls"],
+            "all_gather_mib_per_step": {k: round(v / 2**20, 2) for k, v in per_step.items()},
+            "all_gather_vs_bf16": round(per_step["fp8_o3"] / per_step["bf16"], 3),
+            "fp8_linears_all_gather_vs_bf16": 0.5 if fp8 else None,
+            "fp8_share_of_gathered_elements": round(fp8 / (fp8 + other_elements), 3),
+            "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
@@ -145,17 +192,22 @@ def main() -> None:
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one mode, print its JSON
     args = p.parse_args()
     if args.one:
-        print(json.dumps(run_mode(args.one, args)))
+        result = run_mode(args.one, args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
         return
     results = []
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if mode == "fp8-o3" else []
+        cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device]
         cmd += ["--random_init"] if args.random_init else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{mode}: done", file=sys.stderr)
     by = {r["mode"]: r for r in results}
+    o3 = by.pop("fp8-o3", None)
+    results = [r for r in results if r["mode"] != "fp8-o3"]
     base, amp = by.get("fp32"), by.get("bf16")
     for r in results:
         if base:
@@ -163,8 +215,7 @@ def main() -> None:
         if amp:
             r["memory_vs_bf16_amp"] = round(r["bytes_per_param"]["total"] / amp["bytes_per_param"]["total"], 3)
     print(json.dumps({"cpu": cpu_model(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
-                      "results": results,
-                      "o3_all_gather_bytes_vs_bf16": "not measured: fp8-o3 (FSDP2 with FP8 all-gathers) is not built"},
+                      "results": results, "fp8_o3": o3},
                      indent=1))
 
 

@@ -35,7 +35,11 @@ def _step(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
     y.backward(g.to(y.dtype))
     if x.is_cuda:
         torch.cuda.synchronize()
-    return y.detach().float().cpu(), xr.grad.float().cpu(), module.weight.grad.float().cpu()
+    return y.detach(), xr.grad, module.weight.grad
+
+
+def _on_cpu(outputs):
+    return [t.float().cpu() for t in outputs]
 
 
 def _copy(lin: torch.nn.Linear) -> torch.nn.Linear:
@@ -84,11 +88,11 @@ def main() -> None:
             _step(m, x, g)
             times[name].append(time.perf_counter() - t0)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    out_ref = _step(ref, x, g)
+    out_ref = _on_cpu(_step(ref, x, g))
     sqnr = {}
     for name, m in variants.items():
         if name != "fp32_nn_linear":
-            out = _step(m, x, g)
+            out = _on_cpu(_step(m, x, g))
             sqnr[name] = {p: round(sqnr_db(a, b), 2) for p, a, b in zip(("forward", "dgrad", "wgrad"), out_ref, out)}
     base = "bf16_nn_linear" if device.type == "cuda" else "fp32_nn_linear"
     print(json.dumps({

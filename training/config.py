@@ -147,7 +147,8 @@ class PrecisionConfig:
     mode: PrecisionMode = "fp32"
     """auto (bf16 where bf16 matmuls are fast, else fp32); fp32; bf16 (autocast, fp32 master weights);
     fp8-o1 (FP8 GEMMs and weight gradients in the decoder's linear layers), fp8-o2 (plus FP8 AdamW
-    state), fp8-o3 (plus FSDP2; not implemented yet)."""
+    state and FP8 weight gradients), fp8-o3 (O2's optimizer on FSDP2 shards with FP8 weight
+    all-gathers; torchrun with 2+ processes)."""
     fp8_recipe: TrainingRecipeName = "delayed"
     """FP8 scaling: delayed (FP8-LM: amax history after a current-scaling warm-up), current (per-tensor
     amax of each step), block (1x128 activation and gradient tiles, 128x128 weight blocks)."""

@@ -29,8 +29,6 @@ from .core.devices import fast_dtype
 
 log = logging.getLogger(__name__)
 
-FP8_ISSUE = "issue \"FP8 mixed-precision training (FP8-LM O1-O3)\", to be implemented in grmserve.training.core.fp8"
-
 
 @dataclass
 class PrecisionPlan:
@@ -64,7 +62,7 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     - auto: bf16 where bf16 matmuls are fast, else fp32 (`resolve_mode`).
     - fp32: everything in float32.
     - bf16: float32 master weights and optimizer state; forward and backward under bf16 autocast.
-    - fp8-o1 / fp8-o2: FP8-LM levels (`_apply_fp8`); fp8-o3 is not built yet.
+    - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels (`_apply_fp8`; o3 needs `shard` to be FSDP2).
     """
     cfg = dataclasses.replace(cfg, mode=resolve_mode(cfg.mode, device))
     if cfg.fp8:
@@ -85,23 +83,27 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     float32), with the trainer's AdamW. O2: plus `FP8AdamW` (E4M3 first moment, FP16 second moment),
     the FP8 linears' weight gradients kept in E4M3 in place of ``.grad``, and with ``fp8_master=fp16``
     their weights stored as the FP16 master + scale (no fp32 copy); other parameters keep fp32 masters.
-    O3 (FSDP2 with FP8 all-gathers) is not built yet."""
+    O3: O2's optimizer on FSDP2 shards (`shard`), the FP8 linears' weights all-gathered as E4M3 bytes
+    (core/fp8/fsdp.py); their gradients stay high precision for FSDP's reduce-scatter."""
+    from .core.fp8.fsdp import shard_fp8_weights
     from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training
 
-    if cfg.mode == "fp8-o3":
-        raise NotImplementedError(f"precision.mode=fp8-o3 (FSDP2 with FP8 all-gathers) is not implemented yet; it "
-                                  f"is part of the {FP8_ISSUE}. Use --precision.mode fp8-o2")
+    o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
+    if o3 and cfg.fp8_master != "fp32":
+        raise ValueError("precision.mode=fp8-o3 all-gathers FP8 weights from fp32 master shards; pass "
+                         "--precision.fp8_master fp32 (the FP16 master is an fp8-o2 option)")
     model = model.to(device=device, dtype=torch.float32)
-    o2 = cfg.mode == "fp8-o2"
     report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend, grad_storage="fp8" if o2 else "dequantized")
     log.info("%s", report.summary())
     if o2 and cfg.fp8_master == "fp16":
         for module in model.modules():
             if isinstance(module, FP8TrainingLinear):
                 module.keep_fp16_master()
+    if o3:
+        shard_fp8_weights(model)
     model = shard(model)
     optimizer = optimizer_factory(model)
-    if o2:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
+    if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
         optimizer = fp8_adamw_like(optimizer, "fp32")
     return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode, fp8=report)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import math
@@ -73,6 +74,7 @@ from .core.configtools import fail, to_dict
 from .core.devices import resolve_device
 from .core.fp8.comm import fp8_all_reduce_
 from .core.fp8.formats import E4M3
+from .core.fp8.fsdp import fp8_all_gather_bytes
 from .core.fp8.optim import block_quantize, gradient
 from .core.fp8.scaling import get_training_recipe
 from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, export_trained_fp8
@@ -262,9 +264,13 @@ class Trainer:
             load_weights(model, resume_from)
 
         # Precision, sharding, optimizer, schedule.
-        if fp8 and self.info.distributed and cfg.dist.fsdp:
-            raise ValueError(f"precision.mode={cfg.precision.mode} with FSDP2 sharding would be FP8-LM O3, which is not "
-                             "built yet; pass --dist.fsdp false (data parallelism with FP8 gradient reduction)")
+        o3 = cfg.precision.mode == "fp8-o3"
+        if o3 and not (self.info.distributed and cfg.dist.fsdp):
+            raise ValueError("precision.mode=fp8-o3 shards with FSDP2 across processes: start it with torchrun "
+                             "--nproc_per_node 2 (or more) and --dist.fsdp true, or use fp8-o2 in one process")
+        if fp8 and not o3 and self.info.distributed and cfg.dist.fsdp:
+            raise ValueError(f"precision.mode={cfg.precision.mode} with FSDP2 sharding is FP8-LM O3: pass "
+                             "--precision.mode fp8-o3, or --dist.fsdp false (data parallelism with FP8 gradient reduction)")
         shard = build_sharder(self.info, cfg)
         plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=self.info.device, shard=shard)
         self.model, self.optimizer, self.autocast = plan.model, plan.optimizer, plan.autocast
@@ -365,6 +371,8 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
                         "time_s": round(elapsed, 3)}
+                if cfg.precision.mode == "fp8-o3":  # this process's E4M3 all-gather payload so far
+                    last["fp8_all_gather_mib"] = round(fp8_all_gather_bytes() / 2**20, 3)
                 self.metrics.write(last)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
             # 4. evaluate
@@ -416,13 +424,12 @@ class Trainer:
         )
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)  # collective under FSDP
-        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        rng = rng_state()
-        if self.info.distributed:
-            all_rng = [None] * self.info.world_size
-            dist.all_gather_object(all_rng, rng)
+        if self.cfg.precision.mode == "fp8-o3":  # FP8AdamW state lives on each process's shard: keep one per rank
+            optim_sd = {"shards": [torch.load(io.BytesIO(b), weights_only=True)  # bytes: pickling FP8 storages fails
+                                   for b in gather_to_main(state_bytes(self.optimizer.state_dict()), self.info)]}
         else:
-            all_rng = [rng]
+            optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        all_rng = gather_to_main(rng_state(), self.info)
         final = self.ckpt_dir / checkpoint_name(self.step)
         if self.info.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -457,6 +464,22 @@ class Trainer:
     def close(self) -> None:
         if self.info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def state_bytes(state: dict[str, Any]) -> bytes:
+    """`state` as `torch.save` bytes (tensors moved to the CPU on load)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def gather_to_main(obj: Any, info: DistInfo) -> list[Any]:
+    """Every process's `obj`, in rank order (one process: ``[obj]``)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def set_grad_sync(model: nn.Module, sync: bool) -> None:
@@ -573,8 +596,15 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
         if "model" not in state:
             raise CheckpointError(f"{ckpt / STATE_FILE}: no model state; it was not written by an fp8 run")
         set_model_state_dict(trainer.model, state["model"], options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    if "shards" in state["optimizer"]:  # fp8-o3: one FP8AdamW state per process's shard
+        shards = state["optimizer"]["shards"]
+        if len(shards) != trainer.info.world_size:
+            raise CheckpointError(f"{ckpt / STATE_FILE}: fp8-o3 optimizer state is sharded over {len(shards)} "
+                                  f"processes; resume with torchrun --nproc_per_node {len(shards)}")
+        trainer.optimizer.load_state_dict(shards[trainer.info.rank])
+    else:
+        set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     trainer.scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     if state["world_size"] != trainer.info.world_size:

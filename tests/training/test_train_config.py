@@ -113,8 +113,19 @@ def test_precision_modes_resolve_in_one_place():
     assert plan.model.weight.dtype == torch.float32  # fp32 master weights
     with plan.autocast():
         assert plan.model(torch.ones(1, 4)).dtype == torch.bfloat16
-    with pytest.raises(NotImplementedError, match="fp8-o3"):
-        apply_precision(torch.nn.Linear(16, 16), factory, PrecisionConfig(mode="fp8-o3"), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp8_master fp32"):
+        apply_precision(torch.nn.Linear(16, 16), factory, PrecisionConfig(mode="fp8-o3", fp8_master="fp16"),
+                        device=torch.device("cpu"))
+
+
+def test_fp8_o3_in_one_process_names_torchrun(tmp_path):
+    from grmserve.training import presets
+    from grmserve.training.trainer import Trainer
+
+    cfg = presets.tiny()
+    cfg.run_dir, cfg.data.synthetic, cfg.precision.mode = str(tmp_path / "run"), 16, "fp8-o3"
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
+        Trainer(cfg)
 
 
 def test_warmup_cosine_schedule():

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import FP8Format, cast_to_fp8, compute_scale, fp8_to_float32, get_format
+from .fsdp import local_shard
 
 FP16 = FP8Format("fp16", torch.float16, 65504.0)
 """float16 described like an FP8 format, so `compute_scale` gives it power-of-two scales."""
@@ -110,9 +111,10 @@ def _holds_own_master(p: torch.Tensor) -> bool:
 
 
 def gradient(p: torch.Tensor) -> torch.Tensor | None:
-    """`p`'s gradient as a float tensor: ``p.grad``, else its dequantised ``p.fp8_grad``, else None."""
+    """`p`'s gradient as a float tensor (its local shard under FSDP2): ``p.grad``, else its dequantised
+    ``p.fp8_grad``, else None."""
     if p.grad is not None:
-        return p.grad
+        return local_shard(p.grad)
     fp8 = getattr(p, "fp8_grad", None)
     return None if fp8 is None else fp8_to_float32(fp8.q) * fp8.scale_inv
 
@@ -189,9 +191,10 @@ class FP8AdamW(torch.optim.Optimizer):
                     p.fp8_grad = None
 
     def _block(self, p: torch.Tensor) -> int:
-        return self.block_size or max(p.numel(), 1)
+        return self.block_size or max(local_shard(p).numel(), 1)
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        p = local_shard(p.detach())
         n, block = p.numel(), self._block(p)
         nb = -(-n // block)
         state = {"step": torch.zeros((), dtype=torch.float32),
@@ -238,12 +241,13 @@ class FP8AdamW(torch.optim.Optimizer):
         state["step"] += 1
         block, beta1, beta2 = self._block(p), *group["betas"]
         own_master = _holds_own_master(p)
+        local = local_shard(p.detach())  # FSDP2: this process's shard; the state is sharded alike
         if own_master:
-            w = p.detach().reshape(-1).float() * p.master_scale_inv
+            w = local.reshape(-1).float() * p.master_scale_inv
         elif self.master_weights == "fp16":
             w = self._master_value(state)
         else:
-            w = p.detach().reshape(-1).clone()
+            w = local.reshape(-1).clone()
         m = block_dequantize(state["exp_avg"], state["exp_avg_scale_inv"], block)
         v_sqrt = block_dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale_inv"], block)
         adamw_update_(w, gradient(p).detach().reshape(-1).float(), m, v_sqrt, step=float(state["step"]),
@@ -252,13 +256,13 @@ class FP8AdamW(torch.optim.Optimizer):
         state["exp_avg_sq"], state["exp_avg_sq_scale_inv"] = block_quantize(v_sqrt, block, FP16)
         if own_master:
             q, scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
-            p.copy_(q.view_as(p))
+            local.copy_(q.view_as(local))
             p.master_scale_inv.copy_(scale_inv.reshape(()))
             return
         if self.master_weights == "fp16":
             state["master"], state["master_scale_inv"] = block_quantize(w, max(w.numel(), 1), FP16)
             w = self._master_value(state)
-        p.copy_(w.view_as(p))
+        local.copy_(w.view_as(local))
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -297,7 +301,7 @@ class FP8AdamW(torch.optim.Optimizer):
                 state = self.state.get(p)
                 if not state:
                     continue
-                n += p.numel()
+                n += local_shard(p).numel()
                 for key, t in state.items():
                     if key == "step":
                         continue

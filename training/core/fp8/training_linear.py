@@ -43,6 +43,7 @@ from torch import nn
 from ..devices import fast_dtype
 from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
+from .fsdp import gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
 from .optim import FP16, block_quantize
 from .scaling import (
@@ -247,7 +248,13 @@ class _FP8LinearFunction(torch.autograd.Function):
         backend, cdt = layer.resolved_backend(x.device), layer.resolved_compute_dtype(x.device)
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
         xq = quantize_input(states, recipe, x2d)
-        wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight))
+        gathered = gathered_weight_operand(weight)
+        if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
+            q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
+            wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
+            states.weight._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
+        else:
+            wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight))
         y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
         if bias is not None:
             y = y + bias.to(y.dtype)

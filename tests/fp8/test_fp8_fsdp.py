@@ -1,0 +1,72 @@
+"""The FP8 all-gather extension for FSDP2 (O3), in one process (gloo, world size 1: FSDP2 still calls
+the extension; the two-process run is tests/training/test_train_fsdp.py): what is sent is E4M3, the layer computes with exactly the bytes a
+plain FP8 training linear would, the scaling state records one step per forward, and the weight's
+gradient and optimizer step land on the shard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from grmserve.training.core.fp8.fsdp import FP8AllGatherWeight, fp8_all_gather_bytes, shard_fp8_weights
+from grmserve.training.core.fp8.optim import FP8AdamW
+from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+    convert_to_fp8_training(net, "delayed", "emulated", compute_dtype=torch.float32)
+    return net
+
+
+def test_fsdp2_gathers_e4m3_and_computes_like_the_plain_fp8_linear(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    plain, sharded = _net(), _net()
+    assert shard_fp8_weights(sharded) == 2 and isinstance(sharded[0].weight.data, FP8AllGatherWeight)
+    fully_shard(sharded)
+    before = fp8_all_gather_bytes()
+    x = torch.randn(16, 64)
+    for step in range(3):
+        y_plain, y_sharded = plain(x), sharded(x)
+        assert torch.equal(y_plain, y_sharded), step  # the gathered E4M3 bytes are the bytes the plain layer uses
+        y_plain.square().mean().backward()
+        y_sharded.square().mean().backward()
+    assert fp8_all_gather_bytes() - before >= 3 * (64 * 128 + 128 * 32)  # every forward sent the weights in E4M3
+    assert sharded[0].states.weight.steps == plain[0].states.weight.steps == 3  # one record per forward
+    assert torch.allclose(sharded[0].weight.grad.full_tensor(), plain[0].weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fp8_adamw_steps_the_shard_in_place(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    net = _net()
+    shard_fp8_weights(net)
+    fully_shard(net)
+    opt = FP8AdamW(net.parameters(), lr=1e-2)
+    before = net[0].weight.full_tensor().clone()
+    net(torch.randn(16, 64)).square().mean().backward()
+    opt.step()
+    after = net[0].weight.full_tensor()
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
+    assert opt.state[net[0].weight]["exp_avg"].dtype == torch.float8_e4m3fn
+
+
+def test_block_recipe_and_fp16_master_are_refused_with_the_reason():
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    convert_to_fp8_training(net, "block", "emulated")
+    with pytest.raises(ValueError, match="per-tensor recipe"):
+        shard_fp8_weights(net)
+    net = torch.nn.Sequential(FP8TrainingLinear(64, 64, grad_storage="fp8"))
+    net[0].keep_fp16_master()
+    with pytest.raises(ValueError, match="fp32 master"):
+        shard_fp8_weights(net)

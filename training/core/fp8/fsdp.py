@@ -1,0 +1,172 @@
+"""FP8 weight all-gather for FSDP2 (FP8-LM O3): each process sends its weight shard as E4M3 bytes.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) all-gathers every sharded parameter before a module's
+forward and backward. Its extension point is two methods on the parameter's local tensor,
+``fsdp_pre_all_gather`` (what to send) and ``fsdp_post_all_gather`` (what the module sees). Two tensor
+subclasses use it for `FP8TrainingLinear` weights:
+
+- `FP8AllGatherWeight` wraps the high-precision weight shard (the master, fp32). FSDP's sharding
+  ops (chunk, view, copy, padding) keep the wrapper; everything else sees the plain tensor. Before
+  the all-gather it computes the scale the layer's weight `ScalingState` gives now from the amax of
+  the whole weight (local amaxes all-reduced with MAX over the FSDP mesh, so every process uses one
+  scale) and sends its shard quantised to E4M3: 1 byte per element instead of 4 (fp32) or 2 (bf16).
+- `FP8GatheredWeight` is the unsharded weight after the all-gather: the E4M3 bytes and their
+  dequant scale, shaped like the weight. `FP8TrainingLinear` uses them as its FP8 weight operand
+  as they are (no second quantisation) and records the step in its scaling state once per forward;
+  any other use sees the dequantised values. The weight gradient stays high precision, so FSDP's
+  reduce-scatter and the sharded optimizer state (`FP8AdamW` on each process's shard) work unchanged.
+
+Per-tensor recipes only (``delayed``, ``current``): 128×128 weight blocks would straddle shard
+boundaries. `shard_fp8_weights(model)` wraps the weights; call it after `convert_to_fp8_training`
+and before `fully_shard`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from .formats import fp8_to_float32
+from .scaling import all_reduce_max_, quantize_scaled
+
+_aten = torch.ops.aten
+SHARDING_OPS = {  # the ops FSDP2 applies to a parameter while sharding it: they keep the wrapper
+    _aten.empty_like.default, _aten.new_zeros.default, _aten.new_empty.default, _aten.slice.Tensor,
+    _aten.copy_.default, _aten.view.default, _aten.as_strided.default, _aten._to_copy.default,
+    _aten._pin_memory.default, _aten.split.Tensor, _aten.clone.default, _aten.detach.default,
+    _aten.alias.default,
+}
+VIEW_OPS = {_aten.view.default, _aten.as_strided.default, _aten.detach.default, _aten.alias.default,
+            _aten.slice.Tensor, _aten._unsafe_view.default, _aten.reshape.default}
+
+
+_SENT = {"fp8_bytes": 0}
+
+
+def fp8_all_gather_bytes() -> int:
+    """E4M3 bytes this process has sent into FSDP2 all-gathers so far (its shards, every gather)."""
+    return _SENT["fp8_bytes"]
+
+
+class FP8AllGatherWeight(torch.Tensor):
+    """A high-precision weight (shard) that FSDP2 all-gathers as E4M3 bytes; see the module docstring."""
+
+    _hp: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, hp: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, hp.size(), strides=hp.stride(),
+                                                   storage_offset=hp.storage_offset(), dtype=hp.dtype,
+                                                   device=hp.device, requires_grad=hp.requires_grad)
+
+    def __init__(self, hp: torch.Tensor):
+        self._hp = hp
+
+    def __repr__(self) -> str:
+        return f"FP8AllGatherWeight({self._hp!r})"
+
+    def __tensor_flatten__(self):
+        return ["_hp"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return FP8AllGatherWeight(inner["_hp"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        args, kwargs = tree_map_only(FP8AllGatherWeight, lambda t: t._hp, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if func not in SHARDING_OPS:
+            return out
+        return tree_map_only(torch.Tensor, FP8AllGatherWeight, out)
+
+    # -- FSDP2 all-gather extension ----------------------------------------------------------------
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
+        """Quantise this shard with the scale of the whole weight; send its E4M3 bytes."""
+        state = module.states.weight
+        amax = self._hp.detach().abs().amax().float() if self._hp.numel() else self._hp.new_zeros((), dtype=torch.float32)
+        amax = all_reduce_max_(amax, mesh.get_group())
+        scale = state.next_scale(amax)
+        q = quantize_scaled(self._hp.detach(), scale, state.fmt)
+        _SENT["fp8_bytes"] += q.numel()
+        return (q.view(torch.uint8),), (scale, amax)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        (data,) = all_gather_outputs
+        scale, amax = metadata
+        q = data.view(torch.float8_e4m3fn)
+        if out is not None:  # FSDP reuses the unsharded parameter: refresh its scale in place
+            out._scale_inv.copy_(1.0 / scale)
+            out._amax.copy_(amax)
+            return
+        return FP8GatheredWeight(q, 1.0 / scale, amax, param_dtype), (data,)
+
+
+class FP8GatheredWeight(torch.Tensor):
+    """An all-gathered FP8 weight: E4M3 bytes `_q`, 0-dim dequant scale `_scale_inv`, the whole
+    weight's `_amax`; it presents itself as a `dtype` tensor (views stay FP8, any other op dequantises)."""
+
+    @staticmethod
+    def __new__(cls, q: torch.Tensor, scale_inv: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, q.size(), strides=q.stride(), storage_offset=q.storage_offset(),
+                                                   dtype=dtype, device=q.device, requires_grad=False)
+
+    def __init__(self, q, scale_inv, amax, dtype):
+        self._q, self._scale_inv, self._amax = q, scale_inv, amax
+
+    def __repr__(self) -> str:
+        return f"FP8GatheredWeight(shape={tuple(self.shape)}, scale_inv={float(self._scale_inv):g})"
+
+    def __tensor_flatten__(self):
+        return ["_q", "_scale_inv", "_amax"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
+        return FP8GatheredWeight(inner["_q"], inner["_scale_inv"], inner["_amax"], dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return (fp8_to_float32(self._q) * self._scale_inv).to(self.dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in VIEW_OPS and isinstance(args[0], FP8GatheredWeight):
+            w = args[0]
+            return FP8GatheredWeight(func(w._q, *args[1:], **kwargs), w._scale_inv, w._amax, w.dtype)
+        args, kwargs = tree_map_only(FP8GatheredWeight, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def gathered_weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(E4M3 bytes, dequant scale, amax)`` of an all-gathered FP8 weight, or None for any other tensor."""
+    if isinstance(weight, FP8GatheredWeight):
+        return weight._q, weight._scale_inv, weight._amax
+    return None
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The plain local tensor behind a (possibly sharded, possibly wrapped) parameter or gradient."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t._hp if isinstance(t, FP8AllGatherWeight) else t
+
+
+def shard_fp8_weights(model: nn.Module) -> int:
+    """Wrap the weight of every `FP8TrainingLinear` in `model` as an `FP8AllGatherWeight` (in place,
+    before `fully_shard`); returns how many. Per-tensor recipes only."""
+    from .training_linear import FP8TrainingLinear
+
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, FP8TrainingLinear):
+            continue
+        if module.recipe.granularity != "tensor":
+            raise ValueError(f"{name}: FP8 all-gather needs a per-tensor recipe (delayed or current), not "
+                             f"{module.recipe.name!r}: 128x128 weight blocks would straddle FSDP's shard boundaries")
+        if getattr(module, "weight_scale_inv", None) is not None:
+            raise ValueError(f"{name}: FP8 all-gather works on fp32 master weights; use precision.fp8_master fp32")
+        module.weight = nn.Parameter(FP8AllGatherWeight(module.weight.data), requires_grad=module.weight.requires_grad)
+        n += 1
+    return n
