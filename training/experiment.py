@@ -441,7 +441,8 @@ def train_config(upper: nn.Module, train: PairIndex, tests: dict[str, PairIndex]
 def trained_tensors(model: GRMModel) -> dict[str, torch.Tensor]:
     """What training changed, by name: the trainable LM parameters (LoRA factors or weights) and the
     reward head. FP8 training linears give their E4M3 weight bytes and scales (`weight`, `weight_scale`),
-    exactly what the next training step would compute with."""
+    exactly what the next training step would compute with, and, for delayed scaling, the static
+    activation scale (`input_scale`) their evaluation used."""
     fp8 = {n: export_fp8_weights(m) for n, m in model.lm.named_modules() if isinstance(m, FP8TrainingLinear)}
     out: dict[str, torch.Tensor] = {}
     for name, value in model.lm.named_parameters():
@@ -450,6 +451,8 @@ def trained_tensors(model: GRMModel) -> dict[str, torch.Tensor]:
             continue
         if module in fp8 and leaf == "weight":
             out[f"lm.{name}"], out[f"lm.{module}.weight_scale"] = fp8[module].weight, fp8[module].weight_scale
+            if fp8[module].input_scale is not None:  # the activation scale evaluation rounded inputs with
+                out[f"lm.{module}.input_scale"] = fp8[module].input_scale
         else:
             out[f"lm.{name}"] = value.detach().clone()
     out.update({f"reward_head.{k}": v.detach().clone() for k, v in model.reward_head.state_dict().items()})

@@ -40,6 +40,7 @@ from torch import nn
 
 from .fp8.convert import (
     COMPUTE_DTYPES,
+    INPUT_SCALE,
     QUANT_FORMAT_VERSION,
     RESIDUAL_TENSORS,
     SCALE_SUFFIX,
@@ -458,6 +459,12 @@ def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dty
                                                     compute_dtype=compute_dtype)
         except ValueError as exc:
             raise CheckpointError(f"{where}: `{name}`: {exc}") from exc
+        input_scale = tensors.pop(f"{name}.{INPUT_SCALE}", None)
+        if input_scale is not None:  # FP8-trained: activations rounded with the training's static scale
+            try:
+                fp8.set_input_scale(input_scale)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: `{name}.{INPUT_SCALE}`: {exc}") from exc
         residual = {part: tensors.pop(f"{name}.{part}", None) for part in RESIDUAL_TENSORS}
         present = [part for part, t in residual.items() if t is not None]
         if present:

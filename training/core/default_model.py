@@ -89,7 +89,8 @@ def build_default_model(out: Path) -> dict:
 def apply_artifact(lm: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RewardHead:
     """Merge an artifact's top layers into a full causal LM (in place) and return its reward head.
     Tensor names are relative to the decoder (`layers.28.self_attn.q_proj.lora_A`); an FP8-trained
-    artifact (`meta["fp8"]`) holds float8 `weight`s with their `weight_scale`s."""
+    artifact (`meta["fp8"]`) holds float8 `weight`s with their `weight_scale`s (and static
+    `input_scale`s when the training recipe had them)."""
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"not a {ARTIFACT_FORMAT} artifact (format {meta.get('format')!r})")
     layers = lm.get_decoder().layers
@@ -100,7 +101,7 @@ def apply_artifact(lm: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[s
     if fp8:  # FP8-trained layers: the trained E4M3 bytes and scales become FP8InferenceLinear layers
         install_fp8_weights(lm.get_decoder(), tensors, granularity=fp8["granularity"], block_size=fp8["block_size"])
     for key, value in tensors.items():
-        if (key.startswith("reward_head.") or key.endswith((".lora_B", ".weight_scale"))
+        if (key.startswith("reward_head.") or key.endswith((".lora_B", ".weight_scale", ".input_scale"))
                 or value.dtype == torch.float8_e4m3fn):
             continue
         parts = key.split(".")

@@ -28,6 +28,7 @@ from .linear import GRANULARITIES, FP8InferenceLinear
 
 QUANT_FORMAT_VERSION = 1
 SCALE_SUFFIX = "weight_scale"
+INPUT_SCALE = "input_scale"  # optional, per FP8 layer: static activation scale of FP8-trained weights
 RESIDUAL_TENSORS = ("residual_index", "residual", "residual_scale")  # optional, per FP8 layer (residuals.py)
 NEVER_CONVERTED = "reward_head"  # GRMModel's head: always kept in full precision
 DIM_MULTIPLE = 16
@@ -225,8 +226,9 @@ def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe | None = None, *, b
 def install_fp8_weights(root: nn.Module, tensors: dict[str, torch.Tensor], *, granularity: str,
                         block_size: int | None, compute_dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every `nn.Linear` of `root` whose `<name>.weight` in `tensors` is float8 by an
-    `FP8InferenceLinear` holding those bytes and `<name>.weight_scale` (its bias kept): trained FP8
-    weights served as they are. Returns the names replaced.
+    `FP8InferenceLinear` holding those bytes and `<name>.weight_scale` (its bias kept), and the static
+    activation scale `<name>.input_scale` where given: trained FP8 weights served as they are. Returns
+    the names replaced.
 
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(32, 16))
@@ -242,7 +244,8 @@ def install_fp8_weights(root: nn.Module, tensors: dict[str, torch.Tensor], *, gr
         if not isinstance(old, nn.Linear) or scale is None:
             raise ValueError(f"`{name}`: an FP8 weight needs an nn.Linear to replace and a `{name}.weight_scale`")
         bias = None if old.bias is None else old.bias.detach()
-        root.set_submodule(name, FP8InferenceLinear.from_quantized(
-            tensors[f"{name}.weight"], scale, bias, granularity=granularity, block_size=block_size,
-            compute_dtype=compute_dtype))
+        new = FP8InferenceLinear.from_quantized(tensors[f"{name}.weight"], scale, bias, granularity=granularity,
+                                                block_size=block_size, compute_dtype=compute_dtype)
+        new.set_input_scale(tensors.get(f"{name}.{INPUT_SCALE}"))
+        root.set_submodule(name, new)
     return names

@@ -41,6 +41,7 @@ from .formats import (
     cast_to_fp8,
     compute_scale,
     dequantize,
+    fp8_to_float32,
     num_blocks,
     quantize_per_block,
     quantize_per_channel,
@@ -186,7 +187,7 @@ class FP8InferenceLinear(nn.Module):
         torch.float8_e4m3fn
     """
 
-    _FIXED_DTYPE_BUFFERS = ("weight", "weight_scale", "residual_index", "residual", "residual_scale")
+    _FIXED_DTYPE_BUFFERS = ("weight", "weight_scale", "residual_index", "residual", "residual_scale", "input_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "channel",
                  block_size: int | None = None, backend: str = "emulated", compute_dtype: torch.dtype = torch.bfloat16,
@@ -212,6 +213,9 @@ class FP8InferenceLinear(nn.Module):
         self.register_buffer("residual_index", None)
         self.register_buffer("residual", None)
         self.register_buffer("residual_scale", None)
+        # Static activation scale (absent unless set): float32 0-dim dequant scale; inputs are rounded to
+        # e4m3 with it before the matmul, as the FP8 training forward did (FP8-trained checkpoints).
+        self.register_buffer("input_scale", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str = "channel", block_size: int = 64, *,
@@ -308,7 +312,18 @@ class FP8InferenceLinear(nn.Module):
         w = dequantize(self.weight, self.weight_scale, block_size=self.block_size, dtype=dtype)
         return _with_residual(w, self.residual_index, self.residual, self.residual_scale)
 
+    def set_input_scale(self, input_scale: torch.Tensor | None) -> None:
+        """Install a static per-tensor activation scale (float32, one element; None removes it)."""
+        if input_scale is not None:
+            if input_scale.numel() != 1 or not input_scale.is_floating_point() or not float(input_scale) > 0:
+                raise ValueError(f"input_scale must be one positive float, got {input_scale.dtype} "
+                                 f"{tuple(input_scale.shape)}")
+            input_scale = input_scale.detach().to(torch.float32).reshape(())
+        self.input_scale = input_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # round the activations to e4m3 with the static scale
+            x = (fp8_to_float32(cast_to_fp8(x.float() / self.input_scale, E4M3)) * self.input_scale).to(x.dtype)
         if self.backend == "emulated" or (self.backend == "scaled_mm" and self.granularity == "block"):
             return fp8_linear_emulated(x, self.weight, self.weight_scale, self.bias, block_size=self.block_size,
                                        compute_dtype=self.compute_dtype, residual_index=self.residual_index,

@@ -273,14 +273,21 @@ class ScalingState:
 
     # -- quantise + record ---------------------------------------------------------------------
 
-    def quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor | None = None, *,
+                 record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantise `x` with one scale; returns ``(q, scale_inv)`` (``scale_inv`` 0-dim float32).
-        Records the step (amax into the history, counters)."""
+        Records the step (amax into the history, counters). ``record=False`` (evaluation) leaves the
+        state as it is: delayed scaling then uses the scale training reached (what an exported
+        checkpoint stores as its static activation scale); current scaling still measures `x`."""
+        if not record and not self.in_warmup:
+            scale = self.delayed_scale()
+            return self._quantize(x, scale, torch.ones((), dtype=torch.bool, device=x.device)), 1.0 / scale
         amax = self.amax(x) if amax is None else amax
         scale = self.next_scale(amax)
         finite = torch.isfinite(amax)
         q = self._quantize(x, scale, finite)
-        self._record(amax, scale, finite)
+        if record:
+            self._record(amax, scale, finite)
         return q, 1.0 / scale
 
     def quantize_tiles(self, x2d: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:

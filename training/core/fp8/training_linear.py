@@ -196,18 +196,21 @@ def fp8_gemm(a: FP8Operand, b: FP8Operand, backend: str, compute_dtype: torch.dt
 # Quantising the operands of each GEMM by recipe
 
 
-def quantize_input(states: RoleStates, recipe: FP8TrainingRecipe, x2d: torch.Tensor) -> FP8Operand:
-    """(M, K) activations → E4M3 operand quantised along K (per tensor, or 1×tile tiles)."""
+def quantize_input(states: RoleStates, recipe: FP8TrainingRecipe, x2d: torch.Tensor, record: bool = True) -> FP8Operand:
+    """(M, K) activations → E4M3 operand quantised along K (per tensor, or 1×tile tiles). `record`:
+    False in evaluation (the per-tensor scale stays the one training reached)."""
     if recipe.granularity == "block":
         return FP8Operand(*states.input.quantize_tiles(x2d, recipe.tile), "tile", recipe.tile)
-    return FP8Operand(*states.input.quantize(x2d), "tensor")
+    return FP8Operand(*states.input.quantize(x2d, record=record), "tensor")
 
 
-def quantize_weight_operand(state: ScalingState, recipe: FP8TrainingRecipe, w: torch.Tensor) -> FP8Operand:
-    """(N, K) master weight → E4M3 operand (per tensor, or block×block blocks). Records the step."""
+def quantize_weight_operand(state: ScalingState, recipe: FP8TrainingRecipe, w: torch.Tensor,
+                            record: bool = True) -> FP8Operand:
+    """(N, K) master weight → E4M3 operand (per tensor, or block×block blocks). Records the step
+    unless `record` is False (evaluation)."""
     if recipe.granularity == "block":
         return FP8Operand(*state.quantize_blocks(w, recipe.weight_block), "block", recipe.weight_block)
-    return FP8Operand(*state.quantize(w), "tensor")
+    return FP8Operand(*state.quantize(w, record=record), "tensor")
 
 
 def quantize_grad_output(states: RoleStates, recipe: FP8TrainingRecipe, g2d: torch.Tensor
@@ -247,14 +250,15 @@ class _FP8LinearFunction(torch.autograd.Function):
         recipe, states = layer.recipe, layer.states
         backend, cdt = layer.resolved_backend(x.device), layer.resolved_compute_dtype(x.device)
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
-        xq = quantize_input(states, recipe, x2d)
+        record = layer.training  # evaluation leaves the scaling state (and so the next training step) alone
+        xq = quantize_input(states, recipe, x2d, record)
         gathered = gathered_weight_operand(weight)
         if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
             q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
             wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
             states.weight._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
         else:
-            wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight))
+            wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight), record)
         y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -522,12 +526,17 @@ class FP8WeightExport:
     bias: torch.Tensor | None
     granularity: str
     block_size: int | None
+    input_scale: torch.Tensor | None = None
+    """float32 0-dim dequant scale of the inputs (delayed per-tensor recipes, after warm-up): the scale
+    the training forward rounds activations with in evaluation, served as a static activation scale."""
 
     def to_inference_linear(self, backend: str = "emulated",
                             compute_dtype: torch.dtype = torch.bfloat16) -> FP8InferenceLinear:
-        return FP8InferenceLinear.from_quantized(self.weight, self.weight_scale, self.bias,
-                                                 granularity=self.granularity, block_size=self.block_size,
-                                                 backend=backend, compute_dtype=compute_dtype)
+        m = FP8InferenceLinear.from_quantized(self.weight, self.weight_scale, self.bias,
+                                              granularity=self.granularity, block_size=self.block_size,
+                                              backend=backend, compute_dtype=compute_dtype)
+        m.set_input_scale(self.input_scale)
+        return m
 
 
 @torch.no_grad()
@@ -555,7 +564,9 @@ def export_fp8_weights(module: FP8TrainingLinear) -> FP8WeightExport:
         return FP8WeightExport(q, rows.contiguous(), bias, granularity, bsz)
     scale = st.next_scale(st.amax(w))
     q = quantize_scaled(w, scale, st.fmt)
-    return FP8WeightExport(q, (1.0 / scale).reshape(1, 1), bias, granularity, bsz)
+    inputs = module.states.input
+    input_scale = None if inputs.in_warmup else (1.0 / inputs.delayed_scale()).reshape(())
+    return FP8WeightExport(q, (1.0 / scale).reshape(1, 1), bias, granularity, bsz, input_scale)
 
 
 def layer_weight_dequantized(module: FP8TrainingLinear) -> torch.Tensor:
