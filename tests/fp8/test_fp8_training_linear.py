@@ -202,3 +202,29 @@ def test_underflow_counters_expose_e4m3_weight_gradients_on_outliers():
         bulk[fmt] = (sqnr_db(ref[2][3:, 6:], out[2][3:, 6:]), st["underflow"] / st["elements"])
     assert bulk["e4m3"][1] > 0.5 and bulk["e4m3"][0] < 10, bulk
     assert bulk["e5m2"][1] < 0.01 and bulk["e5m2"][0] >= 20, bulk
+
+
+def test_evaluation_leaves_the_scaling_state_and_serving_reproduces_it_exactly():
+    """In eval mode the delayed recipe rounds inputs with the scale training reached and records
+    nothing; the exported FP8InferenceLinear (weight bytes + static input scale) computes exactly the
+    same outputs (up to float32 summation order), so a served FP8-trained layer is the training layer's
+    evaluation."""
+    lin, x, g = _data("outliers", seed=3)
+    layer = FP8TrainingLinear.from_linear(lin, recipe="delayed", compute_dtype=torch.float32)
+    for _ in range(3):  # past the warm-up: delayed scaling from the amax history
+        _fwd_bwd(layer, x, g)
+    layer.eval()
+    before = repr(layer.get_extra_state())
+    with torch.no_grad():
+        want = torch.cat([layer(x[i:i + 16]) for i in range(0, M, 16)])  # any batching: one static scale
+    assert repr(layer.get_extra_state()) == before
+    export = export_fp8_weights(layer)
+    assert export.input_scale is not None and export.input_scale.dim() == 0
+    served = export.to_inference_linear(compute_dtype=torch.float32)
+    with torch.no_grad():  # the same rounded operands; only the matmul's summation order may differ
+        got = served(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+    fresh = FP8TrainingLinear(K, N, recipe="delayed")  # still in warm-up: no static scale to export
+    assert export_fp8_weights(fresh).input_scale is None
+    with pytest.raises(ValueError, match="input_scale"):
+        served.set_input_scale(torch.tensor([-1.0]))

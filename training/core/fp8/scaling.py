@@ -281,11 +281,11 @@ class ScalingState:
         checkpoint stores as its static activation scale); current scaling still measures `x`."""
         if not record and not self.in_warmup:
             scale = self.delayed_scale()
-            return self._quantize(x, scale, torch.ones((), dtype=torch.bool, device=x.device)), 1.0 / scale
+            return self._quantize(x, scale, torch.ones((), dtype=torch.bool, device=x.device), record), 1.0 / scale
         amax = self.amax(x) if amax is None else amax
         scale = self.next_scale(amax)
         finite = torch.isfinite(amax)
-        q = self._quantize(x, scale, finite)
+        q = self._quantize(x, scale, finite, record)
         if record:
             self._record(amax, scale, finite)
         return q, 1.0 / scale
@@ -314,16 +314,17 @@ class ScalingState:
         return torch.where(ok, compute_scale(torch.where(ok, amax, 1.0), self.fmt, self.margin, check_finite=False),
                            torch.ones_like(amax))
 
-    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-        """Quantise with `scale` and add to the counters. Backward roles zero a step whose amax is
-        non-finite whole (nothing non-finite flows on)."""
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, finite: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """Quantise with `scale` and add to the counters (unless `count` is False). Backward roles zero a
+        step whose amax is non-finite whole (nothing non-finite flows on)."""
+        count = self.count and count
         keep = finite if self.zero_nonfinite else torch.ones((), dtype=torch.bool, device=x.device)
         if self.fused:  # contiguous inputs: one compiled variant per format and scale kind, not per stride
             fn, x, scale = compiled(quantize_and_count), x.detach().contiguous(), scale.contiguous()
         else:
             fn = quantize_and_count
-        q, over, under = fn(x, scale, keep, self.fmt.max, min_subnormal(self.fmt) / 2, self.fmt.dtype, self.count)
-        if self.count:
+        q, over, under = fn(x, scale, keep, self.fmt.max, min_subnormal(self.fmt) / 2, self.fmt.dtype, count)
+        if count:
             self._counters += torch.stack([over, under, torch.zeros_like(over),
                                            torch.tensor(x.numel(), device=x.device)])
         return q
