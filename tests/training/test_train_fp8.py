@@ -81,6 +81,9 @@ def test_fp8_o2_trains_with_fp8_state_and_exports_the_trained_bytes(straight):
         assert torch.equal(served[f"{key}.weight"].view(torch.uint8), export_fp8_weights(module).weight.view(torch.uint8))
     loaded = load_grm(latest_checkpoint(run / "checkpoints") / "model").model
     assert sum(isinstance(m, FP8InferenceLinear) for m in loaded.modules()) == 14
+    for name, module in trained.items():  # the static activation scale evaluation rounds inputs with
+        want = export_fp8_weights(module).input_scale
+        assert want is not None and torch.equal(loaded.get_submodule(name).input_scale, want)
     assert loaded.grm_config.quantization["trained"] == {"recipe": "delayed"}
 
 
@@ -162,3 +165,21 @@ def test_an_fp8_checkpoint_computes_in_the_dtype_asked_for(straight):
         layers = [m for m in runner.model.modules() if isinstance(m, FP8InferenceLinear)]
         assert layers and all(m.compute_dtype == dtype for m in layers)
         assert runner.model.lm.get_input_embeddings().weight.dtype == dtype
+
+
+def test_a_broken_input_scale_names_the_file_and_tensor(straight, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from grmserve.training.core.checkpoint import CheckpointError
+
+    folder = tmp_path / "model"
+    shutil.copytree(latest_checkpoint(straight[0] / "checkpoints") / "model", folder)
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if k.endswith("q_proj.input_scale"))
+    tensors[key] = torch.tensor([-0.5])
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{f.name}.*input_scale.*positive"):
+        load_grm(folder)
