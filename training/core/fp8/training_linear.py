@@ -256,7 +256,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
             q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
             wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
-            states.weight._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
+            if record:
+                states.weight._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
         else:
             wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight), record)
         y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
