@@ -142,7 +142,8 @@ def parse_prompt_record(record: dict | str, where: str) -> PromptItem:
     [{'role': 'user', 'content': 'Hi'}]
     """
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with \"prompt\" or \"messages\", got {type(record).__name__}")
+        raise ValueError(f"{where}: expected a JSON object with \"prompt\" or \"messages\", "
+                         f"got {type(record).__name__}")
     rest = dict(record)
     rid = rest.pop("id", None)
     if "messages" in rest:
@@ -320,6 +321,26 @@ class OpenAIGenerator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_generator(*, model: str, url: str = "", sampling: SamplingConfig | None = None, **engine) -> Generator:
+    """The policy: a client of the vLLM server at `url` (`model`: its served name, empty for the
+    first), else vLLM's offline engine on `model` (`engine`: VLLMGenerator's keywords)."""
+    if url:
+        return OpenAIGenerator(url, sampling, model=model)
+    return VLLMGenerator(model, sampling, **engine)
+
+
+def connect_reward(target, *, token: str | None = None, timeout: float = 120.0,
+                   wait_seconds: float = 30.0) -> RewardClient:
+    """A client of a reward server that reports SERVING; TimeoutError naming the address otherwise."""
+    client = RewardClient(target, token=token, timeout=timeout)
+    try:
+        client.wait_ready(wait_seconds)
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 # -- the loop -----------------------------------------------------------------------------------

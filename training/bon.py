@@ -23,8 +23,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grmserve.clients.best_of_n import (BestOfN, Generator, OpenAIGenerator, PolicyError, SamplingConfig,
-                                        VLLMGenerator, read_prompts)
+from grmserve.clients.best_of_n import (
+    BestOfN,
+    Generator,
+    PolicyError,
+    SamplingConfig,
+    connect_reward,
+    make_generator,
+    read_prompts,
+)
 from grmserve.clients.reward_client import RewardClient, RewardServerError
 
 from .core import env
@@ -39,9 +46,11 @@ class PolicyConfig:
     """The policy that samples candidates: vLLM in this process, or a running vLLM server."""
 
     model: str = ""
-    """Offline engine: a Hugging Face checkpoint folder or name (empty: SmolLM2-135M-Instruct, converted from the local GGUF). With --policy.url: the served model's name (empty: the server's first)."""
+    """Offline engine: a Hugging Face checkpoint folder or name (empty: SmolLM2-135M-Instruct, converted
+    from the local GGUF). With --policy.url: the served model's name (empty: the server's first)."""
     url: str = ""
-    """Base URL of a running vLLM OpenAI-compatible server (e.g. http://localhost:8000); empty: run vLLM's offline engine here."""
+    """Base URL of a running vLLM OpenAI-compatible server (e.g. http://localhost:8000); empty: run
+    vLLM's offline engine here."""
     temperature: float = 0.8
     """Sampling temperature."""
     top_p: float = 0.95
@@ -63,7 +72,8 @@ class RewardConfig:
     """The reward server that ranks the candidates."""
 
     target: str = "localhost:50051"
-    """Reward server address (host:port, several comma-separated, or dns:///name:port); the token comes from $GRM_SERVE_TOKEN."""
+    """Reward server address (host:port, several comma-separated, or dns:///name:port); the token
+    comes from $GRM_SERVE_TOKEN."""
     timeout: float = 120.0
     """Seconds per ScoreCandidates call."""
     wait_seconds: float = 30.0
@@ -87,7 +97,8 @@ class CurveConfig:
     samples: int = 32
     """N: candidates sampled per prompt, once (the curves go n = 1, 2, 4, ... N)."""
     reward_models: list[str] = field(default_factory=list)
-    """Proxy reward models as name=host:port (e.g. bt=localhost:50052,grm=localhost:50051); empty: --reward.target, named by its model version."""
+    """Proxy reward models as name=host:port (e.g. bt=localhost:50052,grm=localhost:50051); empty:
+    --reward.target, named by its model version."""
     seed: int = 0
     """Seed of the prompt subset."""
 
@@ -118,27 +129,20 @@ def sampling(cfg: PolicyConfig) -> SamplingConfig:
 
 
 def build_generator(cfg: PolicyConfig) -> Generator:
-    """The policy: a client of the vLLM server at `cfg.url`, else vLLM's offline engine."""
-    if cfg.url:
-        return OpenAIGenerator(cfg.url, sampling(cfg), model=cfg.model)
+    """The policy: a client of the vLLM server at `cfg.url`, else vLLM's offline engine on `cfg.model`
+    (SmolLM2-135M-Instruct when empty)."""
     model = cfg.model
-    if not model:
+    if not model and not cfg.url:
         from .core import assets
 
         model = str(assets.smollm2_dir())
-    return VLLMGenerator(model, sampling(cfg), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                         kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed)
+    return make_generator(model=model, url=cfg.url, sampling=sampling(cfg), dtype=cfg.dtype,
+                          max_model_len=cfg.max_model_len, kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed)
 
 
 def connect(target: str, cfg: RewardConfig) -> RewardClient:
-    """A client of a reward server that reports SERVING (TimeoutError naming the address otherwise)."""
-    client = RewardClient(target, token=env.auth_token(), timeout=cfg.timeout)
-    try:
-        client.wait_ready(cfg.wait_seconds)
-    except BaseException:
-        client.close()
-        raise
-    return client
+    """A client of the reward server at `target` that reports SERVING (TimeoutError naming it otherwise)."""
+    return connect_reward(target, token=env.auth_token(), timeout=cfg.timeout, wait_seconds=cfg.wait_seconds)
 
 
 def run_bon(cfg: BonConfig) -> int:
@@ -174,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.eval:
             from .bon_eval import run_eval
 
-            print(Path(run_eval(cfg)) / "curves.json")
+            print(Path(run_eval(cfg, build_generator=build_generator, connect=connect)) / "curves.json")
         else:
             count = run_bon(cfg)
             log.info("best-of-%d done for %d prompts%s", cfg.n, count, f" -> {cfg.output}" if cfg.output else "")
-    except (PolicyError, RewardServerError, TimeoutError, ValueError, FileNotFoundError) as exc:
+    except (PolicyError, RewardServerError, TimeoutError, ValueError, FileNotFoundError, ImportError) as exc:
         return fail(PROG, exc)
     return 0
 

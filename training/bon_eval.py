@@ -31,11 +31,12 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from grmserve.clients.best_of_n import score_deduped
+from grmserve.clients.best_of_n import Generator, score_deduped
+from grmserve.clients.reward_client import RewardClient
 
 from .benchmark import gold_reward, load_prompts
 
@@ -167,11 +168,11 @@ def eval_prompts(splits: Sequence[str], per_split: int, seed: int) -> list[dict]
 # -- the run ------------------------------------------------------------------------------------
 
 
-def sample_candidates(cfg, prompts: list[dict], out: Path) -> dict[str, list[str]]:
-    """N candidates per prompt, from the cache where there, else from the policy (appended per batch)."""
+def sample_candidates(cfg, prompts: list[dict], out: Path, make_generator: Callable[[], Generator]
+                      ) -> dict[str, list[str]]:
+    """N candidates per prompt, from the cache where there, else from the policy `make_generator()`
+    builds when there is sampling to do (appended per batch)."""
     from tqdm import tqdm
-
-    from .bon import build_generator
 
     pol, N = cfg.policy, cfg.curve.samples
     check_meta(out / "samples.meta.json", {"model": pol.model, "url": pol.url, "temperature": pol.temperature,
@@ -181,7 +182,7 @@ def sample_candidates(cfg, prompts: list[dict], out: Path) -> dict[str, list[str
     todo = [p for p in prompts if p["id"] not in done]
     log.info("samples: %d prompts cached in %s, %d to sample (N=%d)", len(prompts) - len(todo), cache, len(todo), N)
     if todo:
-        generator = build_generator(pol)
+        generator = make_generator()
         writer = JsonlAppender(cache)
         try:
             with tqdm(total=len(todo), desc=f"sampling N={N}", unit="prompt") as bar:
@@ -212,45 +213,40 @@ def reward_models(cfg) -> list[tuple[str, str]]:
     return out
 
 
-def score_candidates(cfg, name: str, target: str, prompts: list[dict], candidates: dict[str, list[str]],
+def score_candidates(cfg, name: str, client: RewardClient, prompts: list[dict], candidates: dict[str, list[str]],
                      out: Path) -> tuple[str, dict, dict[str, list[float]]]:
-    """Every candidate's proxy score from the reward server at `target` (cached per model)."""
+    """Every candidate's proxy score from the reward server `client` talks to (cached per model)."""
     from tqdm import tqdm
 
-    from .bon import connect
+    target = client.target
+    info = client.info()
+    name = name or info.model_version or info.model_name
+    model = {"target": target, "model_name": info.model_name, "model_version": info.model_version,
+             "precision": info.precision}
+    check_meta(out / f"scores-{name}.meta.json", {"model_name": info.model_name,
+                                                  "model_version": info.model_version}, f"scores of {name}")
+    cache = out / f"scores-{name}.jsonl"
+    done = read_jsonl(cache)
+    todo = [p for p in prompts if p["id"] not in done]
+    log.info("%s (%s at %s): %d prompts scored, %d to score", name, info.model_version, target,
+             len(prompts) - len(todo), len(todo))
+    writer = JsonlAppender(cache)
 
-    client = connect(target, cfg.reward)
+    def one(p: dict) -> dict:
+        scores, distinct = score_deduped(client, p["messages"], candidates[p["id"]],
+                                         truncate=cfg.reward.truncate)
+        rec = {"id": p["id"], "scores": scores, "distinct": distinct}
+        writer.write([rec])
+        return rec
+
     try:
-        info = client.info()
-        name = name or info.model_version or info.model_name
-        model = {"target": target, "model_name": info.model_name, "model_version": info.model_version,
-                 "precision": info.precision}
-        check_meta(out / f"scores-{name}.meta.json", {"model_name": info.model_name,
-                                                      "model_version": info.model_version}, f"scores of {name}")
-        cache = out / f"scores-{name}.jsonl"
-        done = read_jsonl(cache)
-        todo = [p for p in prompts if p["id"] not in done]
-        log.info("%s (%s at %s): %d prompts scored, %d to score", name, info.model_version, target,
-                 len(prompts) - len(todo), len(todo))
-        writer = JsonlAppender(cache)
-
-        def one(p: dict) -> dict:
-            scores, distinct = score_deduped(client, p["messages"], candidates[p["id"]],
-                                             truncate=cfg.reward.truncate)
-            rec = {"id": p["id"], "scores": scores, "distinct": distinct}
-            writer.write([rec])
-            return rec
-
-        try:
-            with ThreadPoolExecutor(cfg.reward.concurrency) as pool, \
-                    tqdm(total=len(todo), desc=f"scoring ({name})", unit="prompt") as bar:
-                for rec in pool.map(one, todo):
-                    done[rec["id"]] = rec
-                    bar.update(1)
-        finally:
-            writer.close()
+        with ThreadPoolExecutor(cfg.reward.concurrency) as pool, \
+                tqdm(total=len(todo), desc=f"scoring ({name})", unit="prompt") as bar:
+            for rec in pool.map(one, todo):
+                done[rec["id"]] = rec
+                bar.update(1)
     finally:
-        client.close()
+        writer.close()
     return name, model, {p["id"]: done[p["id"]]["scores"] for p in prompts}
 
 
@@ -280,8 +276,11 @@ def curves(prompts: list[dict], candidates: dict[str, list[str]], scores: dict[s
 
 def plot(result: dict, path: Path) -> None:
     """Gold (left) and proxy (right) reward of best-of-n against KL_bon, one row per split."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(f"the plot needs matplotlib ({exc}): pip install 'grm-serve[bon]' (curves.json is written "
+                          "already)") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -311,23 +310,26 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_eval(cfg) -> Path:
-    """Sample (cached), score with every proxy reward model (cached), write curves.json and curves.png."""
+def run_eval(cfg, *, build_generator: Callable[[Any], Generator], connect: Callable[[str, Any], RewardClient]) -> Path:
+    """Sample (cached), score with every proxy reward model (cached), write curves.json and curves.png.
+    `cfg` is grm-bon's BonConfig; `build_generator(cfg.policy)` makes the policy (called only when
+    there is sampling to do), `connect(target, cfg.reward)` a reward client. Returns the output folder."""
     out = Path(cfg.curve.out)
     N = cfg.curve.samples
     if N < 2:
         raise ValueError(f"--curve.samples must be at least 2, got {N}")
     rms = reward_models(cfg)
-    from .bon import connect
-
-    for _, target in rms:  # every reward server up before the long sampling starts
-        connect(target, cfg.reward).close()
-    prompts = eval_prompts(cfg.curve.splits, cfg.curve.prompts, cfg.curve.seed)
-    candidates = sample_candidates(cfg, prompts, out)
-    scores, models = {}, {}
-    for name, target in rms:
-        name, model, by_id = score_candidates(cfg, name, target, prompts, candidates, out)
-        scores[name], models[name] = by_id, model
+    clients = {target: connect(target, cfg.reward) for _, target in rms}  # all up before the long sampling
+    try:
+        prompts = eval_prompts(cfg.curve.splits, cfg.curve.prompts, cfg.curve.seed)
+        candidates = sample_candidates(cfg, prompts, out, lambda: build_generator(cfg.policy))
+        scores, models = {}, {}
+        for name, target in rms:
+            name, model, by_id = score_candidates(cfg, name, clients[target], prompts, candidates, out)
+            scores[name], models[name] = by_id, model
+    finally:
+        for client in clients.values():
+            client.close()
     ns = n_values(N)
     pol = cfg.policy
     result = {"N": N, "ns": ns, "kl_bon": [kl_bon(n) for n in ns],
