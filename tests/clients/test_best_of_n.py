@@ -195,6 +195,38 @@ def test_grm_bon_command(reward_target, tmp_path):
         assert r["best"] == r["candidates"][r["best_index"]]
 
 
+@needs_vllm
+def test_best_of_n_through_a_vllm_server(reward_target, tmp_path):
+    """The same loop against `vllm serve` (the OpenAI-compatible server): chat and text prompts."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(assets.smollm2_dir()), "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+           "--served-model-name", "policy"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    log = tmp_path / "vllm-serve.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                gen = OpenAIGenerator(url, SamplingConfig(temperature=1.0, max_tokens=8))
+                break
+            except PolicyError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"vllm serve did not start: {log.read_text()[-3000:]}")
+                time.sleep(2)
+        assert gen.name == "policy"
+        with RecordingClient(reward_target) as client:
+            results = list(BestOfN(gen, client, n=3, batch_prompts=1).run(PROMPTS[:2]))
+        gen.close()
+        for r in results:
+            assert len(r.candidates) == 3 and r.best_score == max(r.scores)
+            assert r.scores == pytest.approx(client.score_candidates(r.prompt, r.candidates), abs=1e-5)
+    finally:
+        stop(proc)
+
+
 # -- errors and dedupe without vLLM -----------------------------------------------------------------
 
 
