@@ -9,7 +9,7 @@ prefix cache helps one pass more than another). Prints one JSON object: prompts/
 the median of per-round ratios, and the CPU.
 
     python bench/bon_overlap.py                          # default reward model, n=8, 4 rounds
-    python bench/bon_overlap.py --target localhost:50051 --n 8 --prompts 16 --rounds 3
+    python bench/bon_overlap.py --target localhost:50051 --n 8 --prompts 12 --batch-prompts 3 --rounds 3
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def main() -> int:
                    help="reward model for the grm-serve started here (default: the default model)")
     p.add_argument("--policy", default="", help="policy checkpoint (default: SmolLM2-135M-Instruct)")
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=16, help="prompts per pass")
-    p.add_argument("--batch-prompts", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=12, help="prompts per pass")
+    p.add_argument("--batch-prompts", type=int, default=3, help="prompts per generation batch (4 batches a pass)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="rounds of (overlap, no overlap) passes")
     args = p.parse_args()
