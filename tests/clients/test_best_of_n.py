@@ -246,15 +246,26 @@ def test_missing_reward_server_names_the_address(tmp_path, capsys):
     assert code == 2 and f"could not reach the reward server at {target}" in err and "grm-serve" in err
 
 
-def test_missing_vllm_is_a_clear_error(reward_target, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` does where it is not installed
-    with pytest.raises(PolicyError, match=r"vLLM is not importable.*deploy/setup.sh vllm.*pip install vllm"):
-        VLLMGenerator("any-model")
+def test_missing_vllm_is_a_clear_error(reward_target, tmp_path):
+    """Where vLLM is not installed (`import vllm` fails; run in a fresh process so that this one's vLLM
+    engine is untouched): the library raises PolicyError and the command says how to install it."""
     src = tmp_path / "p.jsonl"
     src.write_text(json.dumps({"prompt": "Hi"}) + "\n")
-    code = bon.main(["--input", str(src), "--reward.target", reward_target, "--policy.model", "any-model"])
-    err = capsys.readouterr().err
-    assert code == 2 and "grm-bon: vLLM is not importable" in err
+    code = f"""
+import sys
+sys.modules["vllm"] = None  # what `import vllm` meets where it is not installed
+from grmserve.clients.best_of_n import PolicyError, VLLMGenerator
+try:
+    VLLMGenerator("any-model")
+except PolicyError as exc:
+    print("library:", exc)
+from grmserve.training.bon import main
+sys.exit(main(["--input", {str(src)!r}, "--reward.target", {reward_target!r}, "--policy.model", "any-model"]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert re.search(r"library: vLLM is not importable.*deploy/setup.sh vllm.*pip install vllm", out.stdout)
+    assert "grm-bon: vLLM is not importable" in out.stderr
 
 
 def test_unreachable_vllm_server_names_the_url():
