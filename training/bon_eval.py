@@ -239,8 +239,11 @@ def score_candidates(cfg, name: str, client: RewardClient, prompts: list[dict], 
         writer.write([rec])
         return rec
 
+    # about as many candidates in flight as best-of-n's --reward.concurrency prompts of --n would put
+    # there (N candidates a prompt: 64 at N = 32), so the server's queue limit is never the bottleneck
+    in_flight = max(1, min(cfg.reward.concurrency, cfg.reward.concurrency * cfg.n // cfg.curve.samples))
     try:
-        with ThreadPoolExecutor(cfg.reward.concurrency) as pool, \
+        with ThreadPoolExecutor(in_flight) as pool, \
                 tqdm(total=len(todo), desc=f"scoring ({name})", unit="prompt") as bar:
             for rec in pool.map(one, todo):
                 done[rec["id"]] = rec
