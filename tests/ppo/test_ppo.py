@@ -311,3 +311,26 @@ def test_bad_config_exits_2(tmp_path, capsys):
 def test_tiny_preset_is_small():
     cfg = tiny().validate()
     assert cfg.policy.backbone == "tiny" and cfg.policy.lora.enabled and cfg.device == "cpu"
+
+
+@pytest.mark.parametrize("name", ["config", "presets", "losses", "rollout", "trainer", "cli"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"grmserve.training.ppo.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
+
+
+@pytest.mark.parametrize("flags", [["--precision.mode", "bf16"],
+                                   ["--policy.lora.enabled", "false", "--precision.mode", "fp8-o2"]],
+                         ids=["bf16-lora", "fp8-o2-full"])
+def test_precision_plans_train(rm_server, tmp_path, flags):
+    """The trainer's precision plan: bf16 autocast (LoRA) and FP8-LM O2 (full fine-tuning, the
+    reference a frozen copy) both take steps and checkpoint."""
+    args = tiny_run(tmp_path / "run", rm_server.target, steps=2, **{"eval.every": 0}) + flags
+    assert ppo_main(args) == 0
+    steps = [m for m in metrics(tmp_path / "run") if "split" not in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["policy_loss"]) for m in steps)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000002"

@@ -447,7 +447,7 @@ class PPOTrainer:
                      "kl": self.kl_ctl.state_dict(), "rng": rng if rng is not None else rng_state(),
                      "config": to_dict(self.cfg)}
             if self.cfg.precision.fp8:  # FP8 scaling state lives in buffers
-                state["model"] = {k: v.cpu() for k, v in self.model.state_dict().items()}
+                state["model"] = self.model.state_dict()
             torch.save(state, tmp / STATE_FILE)
             replace_dir(tmp, final)
         except BaseException:
