@@ -334,3 +334,39 @@ def test_precision_plans_train(rm_server, tmp_path, flags):
     steps = [m for m in metrics(tmp_path / "run") if "split" not in m]
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["policy_loss"]) for m in steps)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000002"
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
+    """With LoRA there is no second copy of the model: the reference log-probs are the policy's with its
+    adapters switched off, so they equal the policy's at the start and stay put when the adapters move."""
+    from grmserve.training.ppo.presets import parse_config
+
+    trainer = PPOTrainer(parse_config(tiny_run(tmp_path / "run", "127.0.0.1:1")))
+    try:
+        assert trainer.ref_lm is None
+        prompts, responses = trainer.prompt_ids[:2], [[5, 6, 7], [8, 9]]
+        logp, _, ref, _ = trainer.forward_rollouts(prompts, responses)
+        for a, b in zip(logp, ref):
+            assert torch.equal(a, b)  # LoRA B starts at zero
+        with torch.no_grad():
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+        logp2, _, ref2, _ = trainer.forward_rollouts(prompts, responses)
+        assert all(torch.equal(a, b) for a, b in zip(ref, ref2))
+        assert not all(torch.allclose(a, b) for a, b in zip(logp2, ref2))
+    finally:
+        trainer.close()
+
+
+def test_prompts_from_jsonl(tmp_path):
+    from grmserve.training.ppo.rollout import load_prompt_rows
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Name a colour."}\n\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    rows = load_prompt_rows(str(path), "train")
+    assert [r["messages"] for r in rows] == [[{"role": "user", "content": "Name a colour."}],
+                                            [{"role": "user", "content": "Hi"}]]
+    path.write_text('{"text": "no prompt here"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:1: a prompt row needs"):
+        load_prompt_rows(str(path), "train")
