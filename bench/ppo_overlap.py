@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model
 
-from grmserve.clients.reward_client import RewardClient  # noqa: E402
-from grmserve.training.ppo.presets import PRESETS  # noqa: E402
-from grmserve.training.ppo.trainer import PPOTrainer  # noqa: E402
+from grmserve.clients.reward_client import RewardClient
+from grmserve.training.ppo.presets import PRESETS
+from grmserve.training.ppo.trainer import PPOTrainer
 
 
 class AlternatingTrainer(PPOTrainer):

@@ -12,8 +12,8 @@ from grmserve.training.core.configtools import iter_leaves
 from grmserve.training.evaluate import EvalRunConfig
 from grmserve.training.evaluate import main as eval_main
 from grmserve.training.experiment import ExperimentConfig
-from grmserve.training.ppo.config import PPOConfig
 from grmserve.training.ppo.cli import main as ppo_main
+from grmserve.training.ppo.config import PPOConfig
 from grmserve.training.quantize import QuantizeConfig
 from grmserve.training.quantize import main as quantize_main
 

@@ -181,8 +181,8 @@ def generate(lm: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int, eo
         att[i, p - len(pr):] = 1
     was_training = lm.training
     lm.eval()
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k or None,
-                                                       top_p=None)
+    kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+                                                  "top_k": top_k or None, "top_p": None}
     out = lm.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                       pad_token_id=pad_id, eos_token_id=eos, min_new_tokens=1, **kwargs)
     lm.train(was_training)
