@@ -12,5 +12,5 @@ SP=$!
 trap 'kill $SP' EXIT
 .venv/bin/grm-ppo --preset smollm2 --reward.address "127.0.0.1:$PORT" --run_dir runs/ppo-real --seed 0 \
   --steps 36 --rollout.batch_size 16 --rollout.chunk_size 8 --rollout.max_new_tokens 48 \
-  --optim.lr 1e-4 --kl.coef 0.05 --eval.every 12 --eval.prompts 64 --eval.samples 1 \
+  --optim.lr 2e-4 --kl.coef 0.05 --eval.every 12 --eval.prompts 64 --eval.samples 1 \
   --checkpoint.every 4 --log.progress false --resume
