@@ -370,3 +370,18 @@ def test_prompts_from_jsonl(tmp_path):
     path.write_text('{"text": "no prompt here"}\n')
     with pytest.raises(ValueError, match="prompts.jsonl:1: a prompt row needs"):
         load_prompt_rows(str(path), "train")
+
+
+def test_a_refused_call_is_an_error_not_a_retry(rm_server):
+    """A call the server refuses (INVALID_ARGUMENT) is not retried and not scored as zero: ScoreError."""
+    from grmserve.training.ppo.config import RewardConfig
+    from grmserve.training.ppo.rollout import RemoteScorer
+
+    scorer = RemoteScorer(RewardConfig(address=rm_server.target, patience_s=30))
+    try:
+        good = scorer.score([([{"role": "user", "content": "Hi"}], "Hello.")])
+        assert len(good.scores) == 1 and math.isfinite(good.scores[0])
+        with pytest.raises(ScoreError, match="INVALID_ARGUMENT"):  # retried, it would end in RewardServiceDown
+            scorer.score([([{"role": "bogus", "content": "Hi"}], "Hello.")])
+    finally:
+        scorer.close()
