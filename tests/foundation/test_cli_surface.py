@@ -13,6 +13,8 @@ from grmserve.training.core.configtools import iter_leaves
 from grmserve.training.evaluate import EvalRunConfig
 from grmserve.training.evaluate import main as eval_main
 from grmserve.training.experiment import ExperimentConfig
+from grmserve.training.ppo.cli import main as ppo_main
+from grmserve.training.ppo.config import PPOConfig
 from grmserve.training.quantize import QuantizeConfig
 from grmserve.training.quantize import main as quantize_main
 
@@ -33,6 +35,22 @@ FLAGS = {
                 "--policy.max_model_len", "--policy.kv_cache_gib", "--reward.target", "--reward.timeout",
                 "--reward.wait_seconds", "--reward.concurrency", "--reward.truncate", "--curve.out", "--curve.splits",
                 "--curve.prompts", "--curve.samples", "--curve.reward_models", "--curve.seed"],
+    PPOConfig: ["--run_dir", "--seed", "--device", "--threads", "--steps", "--resume", "--stop_at_step",
+                "--policy.backbone", "--policy.tiny_hidden_size", "--policy.tiny_layers", "--policy.lora.enabled",
+                "--policy.lora.r", "--policy.lora.alpha", "--policy.lora.dropout", "--policy.lora.target_modules",
+                "--policy.value_head_init_std", "--reward.address", "--reward.timeout_s", "--reward.patience_s",
+                "--reward.wait_ready_s", "--reward.token", "--reward.chat", "--reward.truncate", "--reward.whiten",
+                "--reward.clip", "--reward.missing_eos_penalty", "--rollout.batch_size", "--rollout.chunk_size",
+                "--rollout.overlap", "--rollout.max_new_tokens", "--rollout.max_prompt_tokens", "--rollout.temperature",
+                "--rollout.top_k", "--data.prompts", "--data.split", "--data.limit", "--kl.mode", "--kl.coef",
+                "--kl.target", "--kl.horizon", "--kl.estimator", "--ppo.epochs", "--ppo.minibatch_size",
+                "--ppo.grad_accum", "--ppo.gamma", "--ppo.lam", "--ppo.clip", "--ppo.value_clip", "--ppo.value_coef",
+                "--ppo.entropy_coef", "--ppo.whiten_advantages", "--optim.lr", "--optim.value_lr",
+                "--optim.warmup_steps", "--optim.min_lr_ratio", "--optim.weight_decay", "--optim.betas", "--optim.eps",
+                "--optim.grad_clip", "--precision.mode", "--precision.fp8_recipe", "--precision.fp8_backend",
+                "--precision.fp8_master", "--eval.every", "--eval.split", "--eval.prompts", "--eval.samples",
+                "--eval.batch_size", "--eval.seed", "--checkpoint.every", "--checkpoint.keep",
+                "--checkpoint.export_policy", "--log.progress"],
 }
 
 
@@ -51,3 +69,6 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, tiny_checkpoint):
     assert quantize_main(["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("grm-quantize: ") and "missing" in err
+    assert ppo_main(["--preset", "tiny", "--run_dir", str(tmp_path / "ppo"), "--data.prompts", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("grm-ppo: ") and "\n" not in err and "none.jsonl" in err
