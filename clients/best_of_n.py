@@ -58,6 +58,16 @@ class SamplingConfig:
     """Tokens per candidate at most."""
 
 
+def distinct_samples(sampling: SamplingConfig, n: int) -> int:
+    """How many samples to ask vLLM for: n, or 1 for greedy decoding (vLLM refuses n > 1 without
+    sampling; the one answer then stands for all n).
+
+    >>> distinct_samples(SamplingConfig(temperature=0.0), 8), distinct_samples(SamplingConfig(), 8)
+    (1, 8)
+    """
+    return 1 if sampling.temperature == 0 else n
+
+
 def dedupe(texts: Sequence[str]) -> tuple[list[str], list[int]]:
     """(distinct texts in first-seen order, index of each text's distinct entry).
 
@@ -245,11 +255,13 @@ class VLLMGenerator:
     def generate(self, prompts: Sequence[Prompt], n: int) -> list[list[str]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+        k = distinct_samples(self.sampling, n)
+        params = SamplingParams(n=k, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
                                 max_tokens=self.sampling.max_tokens)
         inputs = [{"prompt_token_ids": self.prompt_ids(p)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        texts = [[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        return [t * (n // k) for t in texts]
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -306,7 +318,8 @@ class OpenAIGenerator:
 
     def _one(self, prompt: Prompt, n: int) -> list[str]:
         s = self.sampling
-        body = {"model": self.name, "n": n, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+        k = distinct_samples(s, n)
+        body = {"model": self.name, "n": k, "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
         if isinstance(prompt, str):  # verbatim, as the reward server takes a text prompt
             reply = self._request("POST", "/completions", {**body, "prompt": prompt, "add_special_tokens": False},
                                   self.timeout)
@@ -314,7 +327,7 @@ class OpenAIGenerator:
         else:
             reply = self._request("POST", "/chat/completions", {**body, "messages": list(prompt)}, self.timeout)
             texts = {c["index"]: c["message"].get("content") or "" for c in reply["choices"]}
-        return [texts[i] for i in sorted(texts)]
+        return [texts[i] for i in sorted(texts)] * (n // k)
 
     def generate(self, prompts: Sequence[Prompt], n: int) -> list[list[str]]:
         return list(self._pool.map(lambda p: self._one(p, n), prompts))
