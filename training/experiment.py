@@ -631,7 +631,7 @@ def _reference_scores(cfg: ExperimentConfig, lm: nn.Module, tok, params: dict[st
         lm_params = {k: v for k, v in lm_params.items() if not k.endswith(".weight_scale") and v.dtype != torch.float8_e4m3fn}
     missing, unexpected = top.lm.load_state_dict(lm_params, strict=False)
     if unexpected:
-        raise ValueError(f"saved parameters do not fit the top model: {unexpected[:3]}")
+        raise ValueError(f"saved parameters do not fit the top model: {unexpected[:3]} (of {len(unexpected)}; the top model has {sorted(top.lm.state_dict())[:3]})")
     top.reward_head.load_state_dict({k[len("reward_head."):]: v for k, v in params.items() if k.startswith("reward_head.")})
     scores = score_responses(top, feats, pad_id=tok.pad_token_id)
     return {"token_ids": [feats.prompts[p] + r for p, r in feats.responses], "scores": scores.tolist()}
