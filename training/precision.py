@@ -85,8 +85,7 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     their weights stored as the FP16 master + scale (no fp32 copy); other parameters keep fp32 masters.
     O3: O2's optimizer on FSDP2 shards (`shard`), the FP8 linears' weights all-gathered as E4M3 bytes
     (core/fp8/fsdp.py); their gradients stay high precision for FSDP's reduce-scatter."""
-    from .core.fp8.fsdp import shard_fp8_weights
-    from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training
+    from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
 
     o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
     if o3 and cfg.fp8_master != "fp32":

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from grmserve.training.core.fp8.fsdp import FP8AllGatherWeight, fp8_all_gather_bytes, shard_fp8_weights
+from grmserve.training.core.fp8.fsdp import FP8AllGatherWeight, fp8_all_gather_bytes
 from grmserve.training.core.fp8.optim import FP8AdamW
-from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training
+from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
 
 
 @pytest.fixture()

@@ -17,8 +17,8 @@ subclasses use it for `FP8TrainingLinear` weights:
   reduce-scatter and the sharded optimizer state (`FP8AdamW` on each process's shard) work unchanged.
 
 Per-tensor recipes only (``delayed``, ``current``): 128×128 weight blocks would straddle shard
-boundaries. `shard_fp8_weights(model)` wraps the weights; call it after `convert_to_fp8_training`
-and before `fully_shard`.
+boundaries. `training_linear.shard_fp8_weights(model)` wraps the weights; call it after
+`convert_to_fp8_training` and before `fully_shard`.
 """
 
 from __future__ import annotations
@@ -151,22 +151,3 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "to_local"):
         t = t.to_local()
     return t._hp if isinstance(t, FP8AllGatherWeight) else t
-
-
-def shard_fp8_weights(model: nn.Module) -> int:
-    """Wrap the weight of every `FP8TrainingLinear` in `model` as an `FP8AllGatherWeight` (in place,
-    before `fully_shard`); returns how many. Per-tensor recipes only."""
-    from .training_linear import FP8TrainingLinear
-
-    n = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, FP8TrainingLinear):
-            continue
-        if module.recipe.granularity != "tensor":
-            raise ValueError(f"{name}: FP8 all-gather needs a per-tensor recipe (delayed or current), not "
-                             f"{module.recipe.name!r}: 128x128 weight blocks would straddle FSDP's shard boundaries")
-        if getattr(module, "weight_scale_inv", None) is not None:
-            raise ValueError(f"{name}: FP8 all-gather works on fp32 master weights; use precision.fp8_master fp32")
-        module.weight = nn.Parameter(FP8AllGatherWeight(module.weight.data), requires_grad=module.weight.requires_grad)
-        n += 1
-    return n

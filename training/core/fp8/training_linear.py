@@ -43,7 +43,7 @@ from torch import nn
 from ..devices import fast_dtype
 from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
-from .fsdp import gathered_weight_operand
+from .fsdp import FP8AllGatherWeight, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
 from .optim import FP16, block_quantize
 from .scaling import (
@@ -594,6 +594,23 @@ def to_fp8_inference(model: nn.Module, backend: str = "emulated", compute_dtype:
     return len(names)
 
 
+def shard_fp8_weights(model: nn.Module) -> int:
+    """Wrap the weight of every `FP8TrainingLinear` in `model` as an `FP8AllGatherWeight` (in place,
+    before `fully_shard`); returns how many. Per-tensor recipes only."""
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, FP8TrainingLinear):
+            continue
+        if module.recipe.granularity != "tensor":
+            raise ValueError(f"{name}: FP8 all-gather needs a per-tensor recipe (delayed or current), not "
+                             f"{module.recipe.name!r}: 128x128 weight blocks would straddle FSDP's shard boundaries")
+        if getattr(module, "weight_scale_inv", None) is not None:
+            raise ValueError(f"{name}: FP8 all-gather works on fp32 master weights; use precision.fp8_master fp32")
+        module.weight = nn.Parameter(FP8AllGatherWeight(module.weight.data), requires_grad=module.weight.requires_grad)
+        n += 1
+    return n
+
+
 def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
     """`FP8TrainingLinear.scaling_stats` of every FP8 training linear in `model`, by module name."""
     return {n: m.scaling_stats() for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
@@ -601,7 +618,7 @@ def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
 
 __all__ = ["FP8Grad", "FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
            "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
-           "fp8_gemm", "fp8_scaling_stats", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
+           "fp8_gemm", "fp8_scaling_stats", "shard_fp8_weights", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
            "to_fp8_inference", "training_skip_reason"]
 
 
