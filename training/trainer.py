@@ -496,15 +496,14 @@ def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
     so the sum cannot overflow; training/core/fp8/comm.py); every other gradient in its own dtype."""
     fp8 = {id(m.weight) for m in model.modules() if isinstance(m, FP8TrainingLinear)}
     grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) in fp8]
+    # O2 keeps FP8 gradients only (`fp8_grad`): reduce their values, store the result in FP8 again.
     stored = [p for p in model.parameters() if p.grad is None and getattr(p, "fp8_grad", None) is not None]
-    if stored:  # O2 keeps FP8 gradients only: reduce their values, store the result in FP8 again
-        values = [gradient(p) for p in stored]
+    values = [gradient(p) for p in stored]
+    if grads or values:
         fp8_all_reduce_(grads + values, op="avg")
-        for p, v in zip(stored, values):
-            q, scale_inv = block_quantize(v.reshape(-1), v.numel(), E4M3)
-            p.fp8_grad = p.fp8_grad._replace(q=q.view_as(v), scale_inv=scale_inv.reshape(()))
-    elif grads:
-        fp8_all_reduce_(grads, op="avg")
+    for p, v in zip(stored, values):
+        q, scale_inv = block_quantize(v.reshape(-1), v.numel(), E4M3)
+        p.fp8_grad = p.fp8_grad._replace(q=q.view_as(v), scale_inv=scale_inv.reshape(()))
     for p in model.parameters():
         if p.grad is not None and id(p) not in fp8:
             dist.all_reduce(p.grad)

@@ -389,18 +389,20 @@ class FP8TrainingLinear(nn.Module):
         kept in the parameter itself, so no FP32 copy of the weight exists."""
         w = self.effective_weight().detach().float().reshape(-1)
         q, scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
-        self.weight = nn.Parameter(q.view_as(self.weight), requires_grad=self.weight.requires_grad)
-        self.register_buffer("weight_scale_inv", scale_inv.reshape(()).clone())
+        self._hold_fp16_master(q.view_as(self.weight), scale_inv.reshape(()).clone())
+
+    def _hold_fp16_master(self, values: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """The FP16-master layout: `values` (float16) as the parameter, `scale_inv` as its buffer and link."""
+        self.weight = nn.Parameter(values, requires_grad=self.weight.requires_grad)
+        self.register_buffer("weight_scale_inv", scale_inv)
         self.weight.master_scale_inv = self.weight_scale_inv
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state saved with the FP16 master (a `weight_scale_inv` entry) loads into a module built
         # without it: take the same layout first (export and evaluation rebuild models that way).
         if prefix + "weight_scale_inv" in state_dict and getattr(self, "weight_scale_inv", None) is None:
-            self.weight = nn.Parameter(torch.empty_like(self.weight, dtype=torch.float16),
-                                       requires_grad=self.weight.requires_grad)
-            self.register_buffer("weight_scale_inv", torch.ones((), device=self.weight.device))
-            self.weight.master_scale_inv = self.weight_scale_inv
+            self._hold_fp16_master(torch.empty_like(self.weight, dtype=torch.float16),
+                                   torch.ones((), device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor | None:
