@@ -38,7 +38,6 @@ import math
 import random
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -78,7 +77,7 @@ from .core.fp8.fsdp import fp8_all_gather_bytes
 from .core.fp8.optim import block_quantize, gradient
 from .core.fp8.scaling import get_training_recipe
 from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, export_trained_fp8
-from .core.fsutil import replace_dir
+from .core.fsutil import staged_dir
 from .core.model import GRMConfig, GRMModel, init_grm
 from .core.prompts import PromptRenderer
 from .data import (
@@ -432,10 +431,7 @@ class Trainer:
         all_rng = gather_to_main(rng_state(), self.info)
         final = self.ckpt_dir / checkpoint_name(self.step)
         if self.info.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
-            tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is not
-            try:
+            with staged_dir(final) as tmp:
                 lora = is_lora(self.model)  # FSDP2 keeps the module, its class hierarchy and its names
                 export = export_model(self.hf_config, self.grm_config, model_sd, lora, self.cfg)
                 with quiet_hf_progress():
@@ -451,10 +447,6 @@ class Trainer:
                 if self.cfg.precision.fp8:  # master weights + FP8 scaling state (model/ is FP8)
                     state["model"] = model_sd
                 torch.save(state, tmp / STATE_FILE)
-                replace_dir(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep)
             log.info("saved %s", final)
         self.saved_step = self.step

@@ -21,14 +21,12 @@ import fcntl
 import importlib.util
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import env
 from .configtools import fail, parse_command
-from .fsutil import replace_dir
+from .fsutil import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +86,11 @@ def _build_atomically(root: Path, name: str, build) -> Path:
     final = root / name
     if _is_current(final):
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+    with staged_dir(final) as tmp:
         build(tmp)
         (tmp / "grm-assets.json").write_text(
             json.dumps({"asset_version": ASSET_VERSION, "source": GGUF_NAME}, indent=2) + "\n"
         )
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,7 +48,7 @@ from .fp8.convert import (
 )
 from .fp8.formats import E4M3
 from .fp8.linear import GRANULARITIES, FP8InferenceLinear
-from .fsutil import replace_dir
+from .fsutil import staged_dir
 from .model import (
     FORMAT_VERSION,
     HEAD_TYPES,
@@ -97,9 +95,7 @@ def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         model.lm.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -111,10 +107,6 @@ def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
         if model.grm_config.quantization:
             cfg["quantization_config"] = compressed_tensors_config(model.grm_config.quantization)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

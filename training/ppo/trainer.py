@@ -27,8 +27,6 @@ import json
 import logging
 import math
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 from ..components import MetricsLog, adamw_factory, add_lora, build_scheduler, load_backbone, progress
 from ..core.configtools import to_dict
 from ..core.devices import resolve_device
-from ..core.fsutil import replace_dir
+from ..core.fsutil import staged_dir
 from ..precision import apply_precision
 from ..trainer import (
     STATE_FILE,
@@ -437,10 +435,7 @@ class PPOTrainer:
         from safetensors.torch import save_file
 
         final = self.ckpt_dir / checkpoint_name(self.step)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.ckpt_dir))
-        tmp.chmod(0o755)
-        try:
+        with staged_dir(final) as tmp:
             save_file(self.trainable_state(), str(tmp / TRAINABLE_FILE))
             state = {"version": PPO_STATE_VERSION, "kind": "grm-ppo", "step": self.step,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -449,10 +444,6 @@ class PPOTrainer:
             if self.cfg.precision.fp8:  # FP8 scaling state lives in buffers
                 state["model"] = self.model.state_dict()
             torch.save(state, tmp / STATE_FILE)
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep)
         self.saved_step = self.step
         log.info("saved %s", final)
@@ -486,16 +477,11 @@ class PPOTrainer:
         lm = copy.deepcopy(self.lm).cpu()
         if self.ref_lm is None:
             lm = lm.merge_and_unload()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        with staged_dir(out) as tmp:
             with quiet_hf_progress():
                 lm.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
             torch.save({k: v.cpu() for k, v in self.model.v_head.state_dict().items()}, tmp / "value_head.pt")
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     def close(self) -> None:
