@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grmserve.clients.reward_client import RewardClient
 
+from ..processes import free_port
 from .conftest import DEPLOY, require_binary
 
 PROM = DEPLOY / "prometheus"
@@ -92,12 +92,6 @@ def test_dashboard_reads_recording_rules_that_exist():
 
 
 # -- a real Prometheus scraping a real grm-serve ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_test_config(tmp_path, metrics_port: int) -> str:

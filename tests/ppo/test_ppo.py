@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from grmserve.training.ppo.rollout import ScoreError, check_scores, collate
 from grmserve.training.ppo.trainer import PPOTrainer
 from grmserve.training.trainer import latest_checkpoint
 
+from ..processes import free_port, start_grm_serve
 from ..server.conftest import ServerThread, tiny_config
 
 # -- loss pieces, by hand ---------------------------------------------------------------------
@@ -160,12 +160,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rm_server(tiny_checkpoint):
     """A reward server without its prefix cache: a prompt's score then never depends on which earlier
@@ -219,25 +213,11 @@ def test_tiny_run_completes_and_sigkill_resume_is_exact(rm_server, tmp_path):
     assert [m["step"] for m in metrics(cut) if "split" not in m] == [1, 2, 3, 4]  # no step logged twice
 
 
-def start_grm_serve(checkpoint: Path, port: int) -> subprocess.Popen:
-    """A real `grm-serve` process on `port`; returns once it is SERVING."""
-    from grmserve.clients.reward_client import RewardClient
-
-    cmd = [sys.executable, "-m", "grmserve.server.cli", "--model.checkpoint", str(checkpoint),
-           "--model.precision", "fp32", "--server.port", str(port), "--server.metrics_port", "-1",
-           "--server.host", "127.0.0.1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    with RewardClient(f"127.0.0.1:{port}") as c:
-        c.wait_ready(120)
-    return proc
-
-
 def test_server_killed_and_restarted_mid_run(tiny_checkpoint, tmp_path):
     """SIGKILL the grm-serve process after step 1; while it is down the run's scoring calls fail and are
     retried; a new grm-serve on the same port answers them and the run completes every step."""
     port = free_port()
-    server = start_grm_serve(tiny_checkpoint, port)
+    server, _ = start_grm_serve(tiny_checkpoint, "--server.port", str(port), threads=1)
     run_dir = tmp_path / "run"
     cfg_args = tiny_run(run_dir, f"127.0.0.1:{port}", steps=4, **{"eval.every": 0, "reward.patience_s": 120})
     result: dict = {}
@@ -251,7 +231,7 @@ def test_server_killed_and_restarted_mid_run(tiny_checkpoint, tmp_path):
         server.send_signal(signal.SIGKILL)
         server.wait(30)
         time.sleep(2.0)  # the run's next scoring call meets a closed port
-        server = start_grm_serve(tiny_checkpoint, port)
+        server, _ = start_grm_serve(tiny_checkpoint, "--server.port", str(port), threads=1)
         thread.join(180)
         assert not thread.is_alive() and result["rc"] == 0
     finally:

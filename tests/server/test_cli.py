@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +13,8 @@ import pytest
 
 from grmserve.clients.reward_client import RewardClient, RewardServerError
 from grmserve.server.config import cli_flags, parse_serve_args
+
+from ..processes import start_grm_serve
 
 FROZEN_FLAGS = [
     "--preset",
@@ -48,24 +48,8 @@ def test_cli_precedence_and_validation():
     assert (cfg.batch.max_wait_ms, cfg.batch.max_delay_ms, cfg.batch.prefix_cache_mib) == (80, 100, 0)
 
 
-def start_cli(checkpoint, *extra):
-    cmd = [sys.executable, "-m", "grmserve.server.cli", "--preset", "local", "--model.checkpoint", str(checkpoint),
-           "--model.precision", "fp32", "--log_level", "WARNING", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        m = re.search(r"on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            return proc, int(m.group(1))
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError(f"grm-serve did not start: {proc.stdout.read()}")
-
-
 def test_sigterm_under_load_loses_no_accepted_request(tiny_checkpoint):
-    proc, port = start_cli(tiny_checkpoint, "--batch.max_batch_tokens", "2048")
+    proc, port = start_grm_serve(tiny_checkpoint, "--batch.max_batch_tokens", "2048")
     target = f"127.0.0.1:{port}"
     long_pairs = [(f"Prompt {i}: " + "lorem ipsum " * 60, " a long enough answer " * 10) for i in range(64)]
     try:
