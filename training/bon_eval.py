@@ -253,23 +253,51 @@ def score_candidates(cfg, name: str, client: RewardClient, prompts: list[dict], 
     return name, model, {p["id"]: done[p["id"]]["scores"] for p in prompts}
 
 
+def sem_over_prompts(values: np.ndarray) -> list[float]:
+    """(prompts, len(ns)) → the standard error of the mean over prompts, per n (0 for one prompt)."""
+    if len(values) < 2:
+        return [0.0] * values.shape[1]
+    return (values.std(0, ddof=1) / math.sqrt(len(values))).tolist()
+
+
+def median_correlation(a: list[list[float]], b: list[list[float]]) -> float:
+    """Median over prompts of the Pearson correlation between two proxies' scores of the same
+    candidates (prompts whose scores are all equal under either proxy are left out; NaN if none is left).
+
+        >>> round(median_correlation([[1, 2, 3], [1, 1, 1]], [[2, 4, 7], [0, 1, 2]]), 4)
+        0.9934
+    """
+    rs = [float(np.corrcoef(x, y)[0, 1]) for x, y in zip(a, b) if np.ptp(x) > 0 and np.ptp(y) > 0]
+    return float(np.median(rs)) if rs else float("nan")
+
+
 def curves(prompts: list[dict], candidates: dict[str, list[str]], scores: dict[str, dict[str, list[float]]],
            ns: list[int]) -> dict:
     """The table: per split, per reward model, the mean over prompts of the expected gold and proxy
-    reward of best-of-n (and the gold reward's standard error over prompts); plus the oracle (best-of-n
-    by the gold reward itself, the ceiling)."""
+    reward of best-of-n (and the gold reward's standard error over prompts); per further reward model,
+    its gold reward minus the first one's, paired by prompt (`gold_vs_<first>`, with its standard
+    error: the same samples under both proxies, so prompt-to-prompt spread cancels) and how alike the
+    two rank candidates (`score_corr_vs_<first>`: median over prompts of the Pearson correlation of
+    their scores); plus the oracle
+    (best-of-n by the gold reward itself, the ceiling)."""
     table: dict = {}
     for split in sorted({p["split"] for p in prompts}):
         rows = [p for p in prompts if p["split"] == split]
         gold = {p["id"]: [gold_reward(p["constraints"], t) for t in candidates[p["id"]]] for p in rows}
         entry: dict = {"prompts": len(rows), "reward_models": {}}
+        first: tuple[str, np.ndarray, dict] | None = None
         for name, by_id in scores.items():
             g = np.array([expected_best_of_n(by_id[p["id"]], gold[p["id"]], ns) for p in rows])  # (P, len(ns))
             r = np.array([expected_best_of_n(by_id[p["id"]], by_id[p["id"]], ns) for p in rows])
-            entry["reward_models"][name] = {"gold": g.mean(0).tolist(),
-                                            "gold_sem": (g.std(0, ddof=1) / math.sqrt(len(rows))).tolist()
-                                            if len(rows) > 1 else [0.0] * len(ns),
-                                            "proxy": r.mean(0).tolist()}
+            row = {"gold": g.mean(0).tolist(), "gold_sem": sem_over_prompts(g), "proxy": r.mean(0).tolist()}
+            if first is None:
+                first = (name, g, by_id)
+            else:
+                row[f"gold_vs_{first[0]}"] = (g - first[1]).mean(0).tolist()
+                row[f"gold_vs_{first[0]}_sem"] = sem_over_prompts(g - first[1])
+                row[f"score_corr_vs_{first[0]}"] = median_correlation([by_id[p["id"]] for p in rows],
+                                                                      [first[2][p["id"]] for p in rows])
+            entry["reward_models"][name] = row
         oracle = np.array([expected_best_of_n(gold[p["id"]], gold[p["id"]], ns) for p in rows])
         entry["oracle_gold"] = oracle.mean(0).tolist()
         entry["distinct_candidates_mean"] = float(np.mean([len(set(candidates[p["id"]])) for p in rows]))

