@@ -278,8 +278,7 @@ def curves(prompts: list[dict], candidates: dict[str, list[str]], scores: dict[s
     its gold reward minus the first one's, paired by prompt (`gold_vs_<first>`, with its standard
     error: the same samples under both proxies, so prompt-to-prompt spread cancels) and how alike the
     two rank candidates (`score_corr_vs_<first>`: median over prompts of the Pearson correlation of
-    their scores); plus the oracle
-    (best-of-n by the gold reward itself, the ceiling)."""
+    their scores); plus the oracle (best-of-n by the gold reward itself, the ceiling)."""
     table: dict = {}
     for split in sorted({p["split"] for p in prompts}):
         rows = [p for p in prompts if p["split"] == split]
