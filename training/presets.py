@@ -15,7 +15,7 @@ import argparse
 from typing import Callable
 
 from .config import TrainConfig
-from .core.configtools import add_config_arguments, apply_overrides, check_literals
+from .core.configtools import parse_preset_args, preset_parser
 from .core.model import HeadConfig
 
 
@@ -123,17 +123,10 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
 
 def build_parser(presets: dict[str, Callable[[], TrainConfig]] | None = None) -> argparse.ArgumentParser:
     """The `grm-train` argument parser (config flags plus --preset and --print_config)."""
-    presets = presets if presets is not None else PRESETS
-    parser = argparse.ArgumentParser(
-        prog="grm-train",
-        description="Train a GRM reward model (Bradley-Terry + text-generation regulariser). "
-                    "Flags override the preset, which overrides the defaults.",
-    )
-    parser.add_argument("--preset", choices=sorted(presets), default=None,
-                        help="named starting config (see grmserve.training.presets)")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
-    add_config_arguments(parser, TrainConfig)
-    return parser
+    return preset_parser(TrainConfig, presets if presets is not None else PRESETS, prog="grm-train",
+                         description="Train a GRM reward model (Bradley-Terry + text-generation regulariser). "
+                                     "Flags override the preset, which overrides the defaults.",
+                         preset_help="named starting config (see grmserve.training.presets)")
 
 
 def parse_config(argv: list[str] | None = None, *, presets: dict[str, Callable[[], TrainConfig]] | None = None,
@@ -146,13 +139,4 @@ def parse_config(argv: list[str] | None = None, *, presets: dict[str, Callable[[
 def parse_args(argv: list[str] | None = None, *, presets: dict[str, Callable[[], TrainConfig]] | None = None
                ) -> tuple[TrainConfig, argparse.Namespace]:
     presets = presets if presets is not None else PRESETS
-    parser = build_parser(presets)
-    ns = parser.parse_args(argv)
-    cfg = presets[ns.preset]() if ns.preset else TrainConfig()
-    overrides = {k: v for k, v in vars(ns).items() if k not in ("preset", "print_config")}
-    apply_overrides(cfg, overrides)
-    try:
-        check_literals(cfg)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return cfg, ns
+    return parse_preset_args(build_parser(presets), TrainConfig, presets, argv)

@@ -37,7 +37,6 @@ import logging
 import math
 import random
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ from .core.checkpoint import (
     read_config,
     save_grm,
 )
-from .core.configtools import fail, to_dict
+from .core.configtools import fail, start_command, to_dict
 from .core.devices import resolve_device
 from .core.fp8.comm import fp8_all_reduce_
 from .core.fp8.formats import E4M3
@@ -677,10 +676,8 @@ def trim_metrics(path: Path, step: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, ns = parse_args(argv)
-    if ns.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
+    if not start_command(cfg, ns):
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         trainer = Trainer(cfg)  # validates the config first
     except (ValueError, NotImplementedError, assets.AssetError) as exc:  # bad config, data, checkpoint: say what to change

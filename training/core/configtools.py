@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import logging
 import sys
 import textwrap
 import types
@@ -216,6 +217,50 @@ def parse_command(cls: type, argv: list[str] | None, *, prog: str, description: 
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     return cfg
+
+
+def preset_parser(cls: type, presets: dict[str, Callable[[], Any]], *, prog: str, description: str,
+                  preset_help: str, default_preset: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a command run from a preset (grm-train, grm-ppo): `--preset NAME`, `--print_config`
+    and one `--dotted.name` flag per leaf of `cls`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", choices=sorted(presets), default=default_preset, help=preset_help)
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
+    add_config_arguments(parser, cls)
+    return parser
+
+
+def parse_preset_args(parser: argparse.ArgumentParser, cls: type, presets: dict[str, Callable[[], Any]],
+                      argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
+    """(config, namespace) from `argv` parsed by a `preset_parser`: CLI > preset > defaults of `cls`. A
+    value outside a field's choices exits 2 with the reason.
+
+        >>> import dataclasses
+        >>> Cfg = dataclasses.make_dataclass("Cfg", [("lr", float, dataclasses.field(default=1.0))], kw_only=True)
+        >>> presets = {"fast": lambda: Cfg(lr=5.0)}
+        >>> parser = preset_parser(Cfg, presets, prog="demo", description="", preset_help="")
+        >>> [parse_preset_args(parser, Cfg, presets, argv)[0].lr for argv in ([], ["--preset", "fast"],
+        ...                                                                    ["--preset", "fast", "--lr", "2"])]
+        [1.0, 5.0, 2.0]
+    """
+    ns = parser.parse_args(argv)
+    cfg = presets[ns.preset]() if ns.preset else cls()
+    apply_overrides(cfg, {k: v for k, v in vars(ns).items() if k not in ("preset", "print_config")})
+    try:
+        check_literals(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg, ns
+
+
+def start_command(cfg: Any, ns: argparse.Namespace) -> bool:
+    """The common start of a preset command's `main`: with `--print_config`, print the resolved config
+    as JSON and return False (nothing else to do); else send INFO logs to stderr and return True."""
+    if ns.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    return True
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -13,13 +13,12 @@ service answered with unusable scores.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from ..benchmark import BenchmarkError
 from ..core import assets
 from ..core.checkpoint import CheckpointError
-from ..core.configtools import fail, to_dict
+from ..core.configtools import fail, start_command
 from ..trainer import latest_checkpoint
 from .presets import parse_args
 from .rollout import RewardServiceDown, ScoreError
@@ -31,10 +30,8 @@ BAD_SCORES = 4
 
 def main(argv: list[str] | None = None) -> int:
     cfg, ns = parse_args(argv)
-    if ns.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
+    if not start_command(cfg, ns):
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         trainer = PPOTrainer(cfg)
     except (ValueError, CheckpointError, BenchmarkError, assets.AssetError) as exc:

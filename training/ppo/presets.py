@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from ..core.configtools import add_config_arguments, apply_overrides, check_literals
+from ..core.configtools import parse_preset_args, preset_parser
 from .config import PPOConfig
 
 
@@ -57,27 +57,14 @@ DEFAULT_PRESET = "smollm2"
 
 def build_parser() -> argparse.ArgumentParser:
     """The `grm-ppo` argument parser (config flags plus --preset and --print_config)."""
-    parser = argparse.ArgumentParser(
-        prog="grm-ppo",
-        description="PPO on a causal-LM policy whose rollouts are scored remotely by grm-serve. "
-                    "Flags override the preset (default: smollm2), which overrides the defaults.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                        help="named starting config (see grmserve.training.ppo.presets)")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
-    add_config_arguments(parser, PPOConfig)
-    return parser
+    return preset_parser(PPOConfig, PRESETS, prog="grm-ppo", default_preset=DEFAULT_PRESET,
+                         description="PPO on a causal-LM policy whose rollouts are scored remotely by grm-serve. "
+                                     "Flags override the preset (default: smollm2), which overrides the defaults.",
+                         preset_help="named starting config (see grmserve.training.ppo.presets)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, argparse.Namespace]:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    cfg = PRESETS[ns.preset]()
-    apply_overrides(cfg, {k: v for k, v in vars(ns).items() if k not in ("preset", "print_config")})
-    try:
-        check_literals(cfg)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return cfg, ns
+    return parse_preset_args(build_parser(), PPOConfig, PRESETS, argv)
 
 
 def parse_config(argv: list[str] | None = None) -> PPOConfig:
