@@ -25,6 +25,34 @@ FLAGS = {"--data.synthetic": "16", "--optim.batch_size": "4", "--optim.max_steps
          "--model.head.dropout": "0", "--eval.every": "0", "--log.progress": "false"}
 
 
+def torchrun_command(run_dir, *extra: str) -> list[str]:
+    """`grm-train --preset tiny` on 2 CPU processes under torchrun, with FLAGS and `extra`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(run_dir), "--device", "cpu", *extra]
+    for k, v in FLAGS.items():
+        cmd += [k, v]
+    return cmd
+
+
+def run_torchrun(cmd: list[str], timeout: float) -> dict:
+    """Run a torchrun command (one OpenMP thread per process); the last metrics rank 0 printed."""
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def single_process_config(run_dir, mode: str | None = None):
+    """The same run as FLAGS in this process (optionally in precision `mode`)."""
+    cfg = presets.tiny()
+    cfg.run_dir = str(run_dir)
+    cfg.data.synthetic, cfg.optim.batch_size, cfg.optim.max_steps, cfg.optim.eps = 16, 4, 3, 1e-6
+    cfg.model.head.dropout, cfg.eval.every, cfg.log.progress = 0.0, 0, False
+    if mode is not None:
+        cfg.precision.mode = mode
+    return cfg
+
+
 def _weights(run_dir):
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None and ckpt.name == "step-0000003"
@@ -36,20 +64,8 @@ def _weights(run_dir):
 
 def test_two_process_fsdp_matches_one_process(tmp_path):
     two = tmp_path / "fsdp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(two), "--device", "cpu"]
-    for k, v in FLAGS.items():
-        cmd += [k, v]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    cfg = presets.tiny()
-    cfg.run_dir = str(tmp_path / "single")
-    cfg.data.synthetic, cfg.optim.batch_size, cfg.optim.max_steps, cfg.optim.eps = 16, 4, 3, 1e-6
-    cfg.model.head.dropout, cfg.eval.every, cfg.log.progress = 0.0, 0, False
-    single = Trainer(cfg)
-    result = single.fit()
+    reported = run_torchrun(torchrun_command(two), timeout=120)  # rank 0 prints the last metrics
+    result = Trainer(single_process_config(tmp_path / "single")).fit()
 
     a, b = _weights(tmp_path / "single"), _weights(two)
     assert a.keys() == b.keys()
@@ -58,7 +74,6 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert moved < 5e-5, f"FSDP and single-process parameters differ by {moved}"
     head = "reward_head.safetensors:summary.0.weight"
     assert not torch.equal(a[head], _initial_head(initial))
-    reported = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 prints the last metrics
     assert reported["step"] == 3 and reported["loss"] == pytest.approx(result["loss"], rel=1e-4)
     assert reported["eval_pairs"] == result["eval_pairs"] == 8  # evaluation gathered from both processes
 
@@ -78,18 +93,8 @@ def test_two_process_fp8_o1_reduces_fp8_gradients_and_tracks_one_process(tmp_pat
     they started (norms over the FP8 layers' weights, measured 0.27 of the distance moved; Adam turns gradient entries that FP8 flushes to
     zero on one side only into full-size steps, so a max-abs comparison would not mean much)."""
     two = tmp_path / "fp8-ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(two), "--device", "cpu",
-           "--dist.fsdp", "false", "--precision.mode", "fp8-o1"]
-    for k, v in FLAGS.items():
-        cmd += [k, v]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    cfg = presets.tiny()
-    cfg.run_dir = str(tmp_path / "single")
-    cfg.data.synthetic, cfg.optim.batch_size, cfg.optim.max_steps, cfg.optim.eps = 16, 4, 3, 1e-6
-    cfg.model.head.dropout, cfg.eval.every, cfg.log.progress = 0.0, 0, False
-    cfg.precision.mode = "fp8-o1"
+    run_torchrun(torchrun_command(two, "--dist.fsdp", "false", "--precision.mode", "fp8-o1"), timeout=180)
+    cfg = single_process_config(tmp_path / "single", "fp8-o1")
     Trainer(cfg).fit()
     a = torch.load(latest_checkpoint(tmp_path / "single" / "checkpoints") / "trainer_state.pt", weights_only=True)["model"]
     b = torch.load(latest_checkpoint(two / "checkpoints") / "trainer_state.pt", weights_only=True)["model"]
@@ -109,20 +114,10 @@ def test_two_process_fp8_o3_tracks_one_process_o2(tmp_path):
     blocks falling elsewhere on a shard (measured 0.12-0.27 of the distance moved, per tensor group); a
     resumed checkpoint restores each process's optimizer shard."""
     two = tmp_path / "fp8-o3"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(two), "--device", "cpu",
-           "--precision.mode", "fp8-o3"]
-    for k, v in FLAGS.items():
-        cmd += [k, v]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    reported = json.loads(proc.stdout.strip().splitlines()[-1])
+    cmd = torchrun_command(two, "--precision.mode", "fp8-o3")
+    reported = run_torchrun(cmd, timeout=240)
     assert reported["step"] == 3 and reported["fp8_all_gather_mib"] > 0
-    cfg = presets.tiny()
-    cfg.run_dir = str(tmp_path / "single")
-    cfg.data.synthetic, cfg.optim.batch_size, cfg.optim.max_steps, cfg.optim.eps = 16, 4, 3, 1e-6
-    cfg.model.head.dropout, cfg.eval.every, cfg.log.progress = 0.0, 0, False
-    cfg.precision.mode = "fp8-o2"
+    cfg = single_process_config(tmp_path / "single", "fp8-o2")
     Trainer(cfg).fit()
     a = torch.load(latest_checkpoint(tmp_path / "single" / "checkpoints") / "trainer_state.pt", weights_only=True)
     b = torch.load(latest_checkpoint(two / "checkpoints") / "trainer_state.pt", weights_only=True)
@@ -138,7 +133,4 @@ def test_two_process_fp8_o3_tracks_one_process_o2(tmp_path):
         apart = torch.stack([(a["model"][k] - b["model"][k]).norm() for k in keys]).norm().item()
         assert moved > 0 and apart < 0.5 * moved, f"{suffix}: runs differ by {apart} (norm), moved {moved}"
     # Resume the two-process run for one more step: each process gets its own optimizer shard back.
-    more = cmd + ["--resume", "--optim.max_steps", "4"]
-    proc = subprocess.run(more, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 4
+    assert run_torchrun(cmd + ["--resume", "--optim.max_steps", "4"], timeout=240)["step"] == 4
