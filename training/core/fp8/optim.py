@@ -116,7 +116,7 @@ def gradient(p: torch.Tensor) -> torch.Tensor | None:
     if p.grad is not None:
         return local_shard(p.grad)
     fp8 = getattr(p, "fp8_grad", None)
-    return None if fp8 is None else fp8_to_float32(fp8.q) * fp8.scale_inv
+    return None if fp8 is None else fp8.dequantize()
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
