@@ -6,7 +6,7 @@ grm-train's precision plan and training step. Prints one JSON object; not a test
     $ python bench/fp8_train.py --device cuda --random_init --pairs 16 --tokens 512   # GPU: torch._scaled_mm
 
 Each mode runs in its own process (so peak RSS is its own). Bytes are counted from the real tensors
-after a forward/backward: the parameters, their gradients (``.grad``, or the E4M3 ``fp8_grad`` that O2
+after a forward/backward: the parameters, their gradients (``.grad``, or the E4M3 ``scaled_grad`` that O2
 keeps in its place) and the optimizer state, per parameter of the model; also per parameter of the
 FP8 linear layers alone (embeddings, norms and heads stay high precision). Step times are medians of
 the steps after the first two; ratios are against fp32 in the same run, but the processes run one after
@@ -132,7 +132,7 @@ def run_mode(mode: str, args) -> dict:
     def per_param(subset) -> dict:
         n = sum(p.numel() for p in subset) or 1
         weights = _nbytes(subset)
-        grads = _nbytes(p.grad for p in subset) + _nbytes(t for p in subset for t in (getattr(p, "fp8_grad", None) or ()))
+        grads = _nbytes(p.grad for p in subset) + _nbytes(t for p in subset for t in (getattr(p, "scaled_grad", None) or ()))
         opt = _nbytes(t for p in subset for t in state[id(p)])
         return {"weights": round(weights / n, 3), "grads": round(grads / n, 3), "optimizer": round(opt / n, 3),
                 "total": round((weights + grads + opt) / n, 3)}

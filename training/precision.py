@@ -82,9 +82,11 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     E5M2 output gradients, FP8 weight gradients; the reward head, LM head, embeddings and norms stay in
     float32), with the trainer's AdamW. O2: plus `FP8AdamW` (E4M3 first moment, FP16 second moment),
     the FP8 linears' weight gradients kept in E4M3 in place of ``.grad``, and with ``fp8_master=fp16``
-    their weights stored as the FP16 master + scale (no fp32 copy); other parameters keep fp32 masters.
+    their weights stored as the FP16 master + scale (no fp32 copy), and the trained embeddings and LM
+    head too, with FP16 gradients (core/fp8/fp16_master.py); other parameters keep fp32 masters.
     O3: O2's optimizer on FSDP2 shards (`shard`), the FP8 linears' weights all-gathered as E4M3 bytes
     (core/fp8/fsdp.py); their gradients stay high precision for FSDP's reduce-scatter."""
+    from .core.fp8.fp16_master import keep_fp16_master_embeddings
     from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
 
     o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
@@ -98,6 +100,8 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
         for module in model.modules():
             if isinstance(module, FP8TrainingLinear):
                 module.keep_fp16_master()
+        embeddings = keep_fp16_master_embeddings(model)
+        log.info("FP16 master weights (with their FP16 gradients) for: %s", ", ".join(embeddings) or "no trained embeddings")
     if o3:
         shard_fp8_weights(model)
     model = shard(model)
@@ -105,6 +109,18 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
         optimizer = fp8_adamw_like(optimizer, "fp32")
     return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode, fp8=report)
+
+
+def release_precision(model: nn.Module) -> nn.Module:
+    """Undo, in place, the module conversions of the fp8 modes: FP8 training linears become `nn.Linear`
+    with their master weights, FP16-master embeddings and heads plain float32 ones (ties kept). The model
+    then saves as a plain Hugging Face model (a PPO policy for vLLM; the GRM export keeps FP8 instead)."""
+    from .core.fp8.fp16_master import release_fp16_masters
+    from .core.fp8.training_linear import to_plain_linears
+
+    to_plain_linears(model)
+    release_fp16_masters(model)
+    return model
 
 
 def fp8_adamw_like(optimizer: torch.optim.Optimizer, master_weights: str) -> torch.optim.Optimizer:

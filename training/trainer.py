@@ -71,9 +71,9 @@ from .core.checkpoint import (
 from .core.configtools import fail, start_command, to_dict
 from .core.devices import resolve_device
 from .core.fp8.comm import fp8_all_reduce_
-from .core.fp8.formats import E4M3
+from .core.fp8.fp16_master import dequantize_fp16_masters
 from .core.fp8.fsdp import fp8_all_gather_bytes
-from .core.fp8.optim import block_quantize, gradient
+from .core.fp8.optim import ScaledGrad, gradient
 from .core.fp8.scaling import get_training_recipe
 from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, export_trained_fp8
 from .core.fsutil import staged_dir
@@ -487,14 +487,17 @@ def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
     so the sum cannot overflow; training/core/fp8/comm.py); every other gradient in its own dtype."""
     fp8 = {id(m.weight) for m in model.modules() if isinstance(m, FP8TrainingLinear)}
     grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) in fp8]
-    # O2 keeps FP8 gradients only (`fp8_grad`): reduce their values, store the result in FP8 again.
-    stored = [p for p in model.parameters() if p.grad is None and getattr(p, "fp8_grad", None) is not None]
+    # O2 keeps scaled gradients only (`scaled_grad`): reduce their values, store the result as before.
+    stored = [p for p in model.parameters() if p.grad is None and getattr(p, "scaled_grad", None) is not None]
     values = [gradient(p) for p in stored]
-    if grads or values:
-        fp8_all_reduce_(grads + values, op="avg")
+    in_fp8 = [v for p, v in zip(stored, values) if p.scaled_grad.q.element_size() == 1]
+    if grads or in_fp8:
+        fp8_all_reduce_(grads + in_fp8, op="avg")
     for p, v in zip(stored, values):
-        q, scale_inv = block_quantize(v.reshape(-1), v.numel(), E4M3)
-        p.fp8_grad = p.fp8_grad._replace(q=q.view_as(v), scale_inv=scale_inv.reshape(()))
+        if p.scaled_grad.q.element_size() > 1:  # FP16-master embeddings: reduced in float32
+            dist.all_reduce(v)
+            v.div_(info.world_size)
+        p.scaled_grad = ScaledGrad.quantize(v, p.scaled_grad.q.dtype)
     for p in model.parameters():
         if p.grad is not None and id(p) not in fp8:
             dist.all_reduce(p.grad)
@@ -542,7 +545,7 @@ def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.T
             # rank 0 exports alone: no amax reduction across processes here
             convert_to_fp8_training(skeleton, get_training_recipe(cfg.precision.fp8_recipe, reduce_amax=False), "emulated")
     skeleton = skeleton.to_empty(device="cpu")
-    missing, unexpected = skeleton.load_state_dict(state_dict, strict=False)
+    missing, unexpected = skeleton.load_state_dict(dequantize_fp16_masters(state_dict), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export: state dict mismatch (missing {missing[:4]}, unexpected {unexpected[:4]})")
     # Leaving the meta device gave tied parameters (embeddings / LM head) separate storage: re-tie.

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from grmserve.training.config import PrecisionConfig
-from grmserve.training.core.fp8.optim import FP8AdamW, clip_grad_norm_, gradient
-from grmserve.training.core.fp8.training_linear import FP8Grad, FP8TrainingLinear
+from grmserve.training.core.fp8.optim import FP8AdamW, ScaledGrad, clip_grad_norm_, gradient
+from grmserve.training.core.fp8.training_linear import FP8TrainingLinear
 from grmserve.training.precision import apply_precision
 
 K, N, M = 128, 64, 48
@@ -35,9 +35,9 @@ def test_fp8_grad_storage_keeps_the_e4m3_gradient_instead_of_grad():
     x, g = torch.randn(M, K), torch.randn(M, N)
     dense(x).backward(g)
     fp8(x).backward(g)
-    assert fp8.weight.grad is None and isinstance(fp8.weight.fp8_grad, FP8Grad)
-    assert fp8.weight.fp8_grad.q.dtype == torch.float8_e4m3fn and fp8.weight.fp8_grad.q.shape == (N, K)
-    assert torch.equal(fp8.weight.fp8_grad.dequantize(), dense.weight.grad)  # the same value, 1 byte not 4
+    assert fp8.weight.grad is None and isinstance(fp8.weight.scaled_grad, ScaledGrad)
+    assert fp8.weight.scaled_grad.q.dtype == torch.float8_e4m3fn and fp8.weight.scaled_grad.q.shape == (N, K)
+    assert torch.equal(fp8.weight.scaled_grad.dequantize(), dense.weight.grad)  # the same value, 1 byte not 4
     assert torch.equal(fp8.bias.grad, dense.bias.grad)  # biases keep ordinary gradients
 
 
@@ -50,7 +50,7 @@ def test_fp8_grad_accumulates_over_micro_batches():
         x, g = torch.randn(M, K), torch.randn(M, N)
         fp8(x).backward(g)
         ref(x).backward(g)
-    got, want = fp8.weight.fp8_grad.dequantize(), ref.weight.grad
+    got, want = fp8.weight.scaled_grad.dequantize(), ref.weight.grad
     assert (got - want).norm() / want.norm() < 0.08  # three E4M3 roundings of the running sum
     with pytest.raises(ValueError, match="grad_storage"):
         FP8TrainingLinear(K, N, grad_storage="fp4")
@@ -70,7 +70,7 @@ def test_fp16_master_in_place_trains_like_the_fp32_master():
             opt.step()
             opt.zero_grad()
     assert b.weight.dtype == torch.float16 and "master" not in opt_b.state[b.weight]  # no second copy
-    assert b.weight.fp8_grad is None  # zero_grad clears FP8 gradients too
+    assert b.weight.scaled_grad is None  # zero_grad clears FP8 gradients too
     drift = (b.effective_weight() - a.weight).abs().max() / a.weight.abs().max()
     assert drift < 2e-3, drift  # FP16's 11 significant bits against fp32's
 
@@ -109,12 +109,12 @@ def test_clip_grad_norm_covers_fp8_and_dense_gradients():
     params = list(layer.parameters())
     values = [gradient(p).clone() for p in params]
     want = torch.linalg.vector_norm(torch.cat([v.reshape(-1) for v in values]))
-    q_before = layer.weight.fp8_grad.q.view(torch.uint8).clone()
+    q_before = layer.weight.scaled_grad.q.view(torch.uint8).clone()
     total = clip_grad_norm_(params, 1.0)
     assert torch.allclose(total, want, rtol=1e-5)
     after = torch.linalg.vector_norm(torch.cat([gradient(p).reshape(-1) for p in params]))
     assert torch.allclose(after, torch.tensor(1.0), rtol=1e-4)
-    assert torch.equal(layer.weight.fp8_grad.q.view(torch.uint8), q_before)  # only the scale moved
+    assert torch.equal(layer.weight.scaled_grad.q.view(torch.uint8), q_before)  # only the scale moved
 
 
 def _bytes_per_param(model: torch.nn.Module, optimizer) -> dict[str, float]:
@@ -122,7 +122,7 @@ def _bytes_per_param(model: torch.nn.Module, optimizer) -> dict[str, float]:
     n = sum(p.numel() for p in params)
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    grads += sum(p.fp8_grad.q.numel() + 4 for p in params if getattr(p, "fp8_grad", None) is not None)
+    grads += sum(p.scaled_grad.q.numel() + 4 for p in params if getattr(p, "scaled_grad", None) is not None)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.ndim)
     return {"fp8_linear_weights": sum(p.numel() for p in params if p.dtype == torch.float16) / n,
             "total": (weights + grads + state) / n}

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from grmserve.training.core.fp8.optim import FP16, FP8AdamW, block_dequantize, block_quantize
+from grmserve.training.core.fp8.optim import FP16, FP8AdamW, ScaledGrad, block_dequantize, block_quantize
 
 
 def _problem(seed: int = 0):
@@ -124,6 +124,23 @@ def test_nonfinite_gradient_skips_the_step():
     assert opt.skipped_steps == 1
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert opt.state_dict()["fp8"]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("dtype,bad", [(torch.float8_e4m3fn, float("nan")), (torch.float16, float("inf"))])
+def test_a_nonfinite_scaled_gradient_skips_the_step(dtype, bad):
+    """Gradients kept as `ScaledGrad` (E4M3 or FP16 values with a scale) are checked as stored."""
+    w = torch.nn.Parameter(torch.ones(4, 8))
+    opt = FP8AdamW([w], lr=1e-2)
+    w.scaled_grad = ScaledGrad.quantize(torch.ones(4, 8), dtype)
+    opt.step()
+    assert opt.skipped_steps == 0 and not torch.equal(w, torch.ones(4, 8))
+    moved = w.detach().clone()
+    q = w.scaled_grad.q.float()
+    q[1, 2] = bad
+    w.scaled_grad = w.scaled_grad._replace(q=q.to(dtype))
+    assert not bool(w.scaled_grad.all_finite())
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(w, moved)
 
 
 def test_second_moment_survives_tiny_gradients():

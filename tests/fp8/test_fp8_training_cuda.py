@@ -71,7 +71,7 @@ def test_fp8_o2_steps_on_gpu():
     for _ in range(30):
         loss = torch.nn.functional.mse_loss(plan.model(xc), yc)
         loss.backward()
-        assert plan.model[0].weight.grad is None and plan.model[0].weight.fp8_grad.q.is_cuda
+        assert plan.model[0].weight.grad is None and plan.model[0].weight.scaled_grad.q.is_cuda
         plan.optimizer.step()
         plan.optimizer.zero_grad()
         losses.append(loss.item())

@@ -304,16 +304,34 @@ def test_docstring_examples_run(name):
 
 
 @pytest.mark.parametrize("flags", [["--precision.mode", "bf16"],
-                                   ["--policy.lora.enabled", "false", "--precision.mode", "fp8-o2"]],
+                                   ["--policy.lora.enabled", "false", "--precision.mode", "fp8-o2",
+                                    "--precision.fp8_master", "fp16"]],
                          ids=["bf16-lora", "fp8-o2-full"])
-def test_precision_plans_train(rm_server, tmp_path, flags):
-    """The trainer's precision plan: bf16 autocast (LoRA) and FP8-LM O2 (full fine-tuning, the
-    reference a frozen copy) both take steps and checkpoint."""
-    args = tiny_run(tmp_path / "run", rm_server.target, steps=2, **{"eval.every": 0}) + flags
-    assert ppo_main(args) == 0
+def test_precision_plans_train_and_export_a_plain_policy(rm_server, tmp_path, flags):
+    """The trainer's precision plan: bf16 autocast (LoRA) and FP8-LM O2 with FP16 masters (full
+    fine-tuning, the reference a frozen copy) both take steps and checkpoint; the exported policy is a
+    plain float32 Hugging Face model either way (FP8 layers and FP16 masters turned back into
+    `nn.Linear` / `nn.Embedding`, the embedding still tied), which is what vLLM loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    args = tiny_run(tmp_path / "run", rm_server.target, steps=2, **{"eval.every": 0, "checkpoint.export_policy": "true"})
+    assert ppo_main(args + flags) == 0
     steps = [m for m in metrics(tmp_path / "run") if "split" not in m]
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["policy_loss"]) for m in steps)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000002"
+    saved = load_file(str(tmp_path / "run" / "policy" / "model.safetensors"))
+    assert all(k.endswith((".weight", ".bias")) and v.dtype == torch.float32 for k, v in saved.items()), sorted(saved)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+    assert policy.lm_head.weight is policy.model.embed_tokens.weight
+    if "fp8-o2" in flags:  # the exported values are the training masters' (FP16 values times their scales)
+        state = torch.load(latest_checkpoint(tmp_path / "run" / "checkpoints") / "trainer_state.pt",
+                           weights_only=True)["model"]
+        q_proj = next(k for k in state if k.endswith("layers.0.self_attn.q_proj.weight"))
+        embed = next(k for k in state if k.endswith("embed_tokens.fp16_master.weight"))
+        assert torch.equal(policy.model.layers[0].self_attn.q_proj.weight,
+                           state[q_proj].float() * state[q_proj + "_scale_inv"])
+        assert torch.equal(policy.model.embed_tokens.weight, state[embed].float() * state[embed + "_scale_inv"])
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path):

@@ -183,3 +183,20 @@ def test_a_broken_input_scale_names_the_file_and_tensor(straight, tmp_path):
     save_file(tensors, str(f), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"{f.name}.*input_scale.*positive"):
         load_grm(folder)
+
+
+def test_fp16_master_run_exports_its_embedding_dequantised_and_tied(tmp_path):
+    """fp8-o2 with FP16 masters: the tied embedding trains as FP16 master + scale (trainer state) and
+    the served checkpoint holds its exact float32 value, still tied to the LM head."""
+    run = tmp_path / "fp16"
+    Trainer(_cfg(run, master="fp16")).fit()
+    ckpt = latest_checkpoint(run / "checkpoints")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)["model"]
+    key = "lm.model.embed_tokens.fp16_master."
+    assert state[key + "weight"].dtype == torch.float16
+    master = state[key + "weight"].float() * state[key + "weight_scale_inv"]
+    served = load_grm(ckpt / "model").model
+    embedding = served.lm.get_input_embeddings().weight
+    assert torch.equal(embedding.float(), master) and served.lm.get_output_embeddings().weight is embedding
+    start, _ = build_model(_cfg(run))
+    assert not torch.equal(start.lm.get_input_embeddings().weight, master.to(start.lm.get_input_embeddings().weight.dtype))

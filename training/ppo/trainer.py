@@ -38,7 +38,7 @@ from ..components import MetricsLog, adamw_factory, add_lora, build_scheduler, l
 from ..core.configtools import to_dict
 from ..core.devices import resolve_device
 from ..core.fsutil import staged_dir
-from ..precision import apply_precision
+from ..precision import apply_precision, release_precision
 from ..trainer import (
     STATE_FILE,
     TRAINABLE_FILE,
@@ -474,7 +474,7 @@ class PPOTrainer:
 
     def export_policy(self, out: Path) -> Path:
         """The trained policy as a Hugging Face causal-LM folder (LoRA merged), written atomically."""
-        lm = copy.deepcopy(self.lm).cpu()
+        lm = release_precision(copy.deepcopy(self.lm).cpu())  # fp8 modes: plain float32 layers again
         if self.ref_lm is None:
             lm = lm.merge_and_unload()
         with staged_dir(out) as tmp:

@@ -21,8 +21,9 @@ State per parameter (flattened; blocks of `block_size` consecutive elements):
   Whatever `master_weights` says, a float16 parameter that carries its own scale
   (``p.master_scale_inv``: an FP8 training linear after `keep_fp16_master()`) IS the FP16 master and
   is updated in place: 2 bytes per weight and no copy at all.
-- gradients: ``p.grad``, or, where that is None, ``p.fp8_grad`` (an E4M3 gradient with its scale, as
-  FP8 training linears with ``grad_storage="fp8"`` leave it: 1 byte per element). `zero_grad` clears both.
+- gradients: ``p.grad``, or, where that is None, ``p.scaled_grad`` (a `ScaledGrad`: an E4M3 gradient
+  with its scale, as FP8 training linears with ``grad_storage="fp8"`` leave it, 1 byte per element; or
+  an FP16 one, as FP16-master embeddings leave it). `zero_grad` clears both.
 
 The update is AdamW's (decoupled weight decay, bias corrections), computed in float32 from the
 dequantised state: ``w ← w·(1 − lr·wd) − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps)``.
@@ -42,12 +43,12 @@ A step with a non-finite gradient anywhere is skipped whole (counted in `skipped
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, get_args
+from typing import Any, Iterable, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 
-from .formats import FP8Format, cast_to_fp8, compute_scale, fp8_to_float32, get_format
+from .formats import E4M3, FP8Format, cast_to_fp8, compute_scale, fp8_to_float32, get_format
 from .fsdp import local_shard
 
 FP16 = FP8Format("fp16", torch.float16, 65504.0)
@@ -83,9 +84,14 @@ def block_quantize(x: torch.Tensor, block: int, fmt: FP8Format, margin: int = 0)
     return q.reshape(-1)[: x.numel()], (1.0 / scale).reshape(-1)
 
 
+def stored_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """Exact float32 values of FP8 or float16 storage."""
+    return fp8_to_float32(q) if q.element_size() == 1 else q.float()
+
+
 def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of `block_quantize`: (n,) stored values, (nb,) dequant scales → (n,) float32."""
-    vals = fp8_to_float32(q) if q.element_size() == 1 else q.float()
+    vals = stored_to_float32(q)
     return (_blocks(vals, block) * scale_inv.unsqueeze(1)).reshape(-1)[: q.numel()]
 
 
@@ -105,6 +111,40 @@ def adamw_update_(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v_sqrt: tor
     w.mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
 
 
+class ScaledGrad(NamedTuple):
+    """A gradient kept in low precision with a 0-dim float32 power-of-two dequant scale, on the parameter
+    as ``p.scaled_grad`` in place of ``p.grad`` (O2): E4M3 bytes for FP8 training linears (1 byte per
+    element), float16 for FP16-master embeddings (2 bytes: fp16_master.py).
+
+        >>> g = ScaledGrad.quantize(torch.tensor([3e-6, -1e-3]), torch.float16)
+        >>> g.q.dtype, torch.allclose(g.dequantize(), torch.tensor([3e-6, -1e-3]), rtol=1e-3)
+        (torch.float16, True)
+    """
+
+    q: torch.Tensor
+    scale_inv: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return stored_to_float32(self.q) * self.scale_inv
+
+    def all_finite(self) -> torch.Tensor:
+        """Whether every value is finite (0-dim bool), read from the stored values without dequantising:
+        E4M3 has no infinities, and its NaN is the bit pattern S.1111.111."""
+        stored = ((self.q.view(torch.uint8) & 0x7F) != 0x7F).all() if self.q.element_size() == 1 else torch.isfinite(self.q).all()
+        return stored & torch.isfinite(self.scale_inv)
+
+    def norm(self) -> torch.Tensor:
+        """The 2-norm of the gradient's value (float32, 0-dim)."""
+        return torch.linalg.vector_norm(stored_to_float32(self.q)) * self.scale_inv
+
+    @staticmethod
+    def quantize(values: torch.Tensor, dtype: torch.dtype) -> "ScaledGrad":
+        """`values` (float) stored as `dtype` (float8_e4m3fn or float16) with one current per-tensor scale."""
+        fmt = {torch.float8_e4m3fn: E4M3, torch.float16: FP16}[dtype]
+        q, scale_inv = block_quantize(values.detach().float().reshape(-1), max(values.numel(), 1), fmt)
+        return ScaledGrad(q.view_as(values), scale_inv.reshape(()))
+
+
 def _holds_own_master(p: torch.Tensor) -> bool:
     """A float16 parameter carrying its per-tensor scale (``p.master_scale_inv``) is its own FP16 master."""
     return p.dtype == torch.float16 and getattr(p, "master_scale_inv", None) is not None
@@ -112,35 +152,36 @@ def _holds_own_master(p: torch.Tensor) -> bool:
 
 def gradient(p: torch.Tensor) -> torch.Tensor | None:
     """`p`'s gradient as a float tensor (its local shard under FSDP2): ``p.grad``, else its dequantised
-    ``p.fp8_grad``, else None."""
+    ``p.scaled_grad``, else None."""
     if p.grad is not None:
         return local_shard(p.grad)
-    fp8 = getattr(p, "fp8_grad", None)
-    return None if fp8 is None else fp8.dequantize()
+    scaled = getattr(p, "scaled_grad", None)
+    return None if scaled is None else scaled.dequantize()
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` over ``.grad`` and ``fp8_grad`` alike: the total 2-norm of all
-    gradients (returned), and, above `max_norm`, every gradient scaled down to it (an FP8 gradient by
-    its scale alone: its bytes are untouched). Without FP8 gradients it is torch's own (DTensors too).
+    """`torch.nn.utils.clip_grad_norm_` over ``.grad`` and ``scaled_grad`` alike: the total 2-norm of all
+    gradients (returned), and, above `max_norm`, every gradient scaled down to it (a scaled gradient by
+    its scale alone: its stored values are untouched). Without scaled gradients it is torch's own
+    (DTensors too).
 
         >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
         >>> float(clip_grad_norm_([w], 1.0)), [round(x, 3) for x in w.grad.tolist()]
         (5.0, [0.6, 0.8])
     """
     params = list(params)
-    fp8 = [p for p in params if p.grad is None and getattr(p, "fp8_grad", None) is not None]
-    if not fp8:
+    scaled = [p for p in params if p.grad is None and getattr(p, "scaled_grad", None) is not None]
+    if not scaled:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     dense = [p.grad for p in params if p.grad is not None]
     squares = [torch.linalg.vector_norm(g.float()) ** 2 for g in dense]
-    squares += [(torch.linalg.vector_norm(fp8_to_float32(p.fp8_grad.q)) * p.fp8_grad.scale_inv) ** 2 for p in fp8]
+    squares += [p.scaled_grad.norm() ** 2 for p in scaled]
     total = torch.stack(squares).sum().sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in dense:
         g.mul_(coef.to(g.dtype))
-    for p in fp8:
-        p.fp8_grad = p.fp8_grad._replace(scale_inv=p.fp8_grad.scale_inv * coef)
+    for p in scaled:
+        p.scaled_grad = p.scaled_grad._replace(scale_inv=p.scaled_grad.scale_inv * coef)
     return total
 
 
@@ -183,12 +224,12 @@ class FP8AdamW(torch.optim.Optimizer):
                                          "FP16 master with a scale (the parameter is then a working copy)")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``.grad`` (torch's rule) and ``fp8_grad`` of every parameter."""
+        """Clear ``.grad`` (torch's rule) and ``scaled_grad`` of every parameter."""
         super().zero_grad(set_to_none=set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
-                if getattr(p, "fp8_grad", None) is not None:
-                    p.fp8_grad = None
+                if getattr(p, "scaled_grad", None) is not None:
+                    p.scaled_grad = None
 
     def _block(self, p: torch.Tensor) -> int:
         return self.block_size or max(local_shard(p).numel(), 1)
@@ -212,8 +253,13 @@ class FP8AdamW(torch.optim.Optimizer):
         return state["master"].float() * state["master_scale_inv"]
 
     def _nonfinite_grads(self) -> bool:
-        flags = [torch.isfinite(grad).all() for g in self.param_groups for p in g["params"]
-                 if (grad := gradient(p)) is not None]
+        flags = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    flags.append(torch.isfinite(local_shard(p.grad)).all())
+                elif getattr(p, "scaled_grad", None) is not None:
+                    flags.append(p.scaled_grad.all_finite())
         return bool(flags) and not bool(torch.stack(flags).all())
 
     @torch.no_grad()
@@ -228,7 +274,7 @@ class FP8AdamW(torch.optim.Optimizer):
             return loss
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None or getattr(p, "fp8_grad", None) is not None:
+                if p.grad is not None or getattr(p, "scaled_grad", None) is not None:
                     self._step_param(p, group)
         return loss
 

@@ -308,6 +308,11 @@ class ScalingState:
         self._record(amax.max(), None, finite)
         return q, 1.0 / scale
 
+    def record_quantized(self, amax: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Record a step whose quantisation happened elsewhere with this state's scale: FSDP2's FP8
+        all-gather (fsdp.py) quantises each shard and hands the layer the bytes, `scale_inv` and amax."""
+        self._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
+
     def local_scales(self, amax: torch.Tensor) -> torch.Tensor:
         """Per-tile / per-block current scales; non-finite or zero amaxes get scale 1."""
         ok = torch.isfinite(amax) & (amax > 0)

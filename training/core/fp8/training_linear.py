@@ -45,7 +45,7 @@ from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .fsdp import FP8AllGatherWeight, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
-from .optim import FP16, block_quantize
+from .optim import FP16, ScaledGrad, block_quantize
 from .scaling import (
     FP8TrainingRecipe,
     RoleStates,
@@ -79,17 +79,6 @@ class FP8Operand(NamedTuple):
     scale_inv: torch.Tensor
     kind: str = "tensor"
     size: int = 0
-
-
-class FP8Grad(NamedTuple):
-    """A weight gradient stored in FP8 (O2): E4M3 bytes and a 0-dim float32 dequant scale. It lives on
-    the parameter as ``weight.fp8_grad`` in place of ``weight.grad`` (1 byte per element, not 4)."""
-
-    q: torch.Tensor
-    scale_inv: torch.Tensor
-
-    def dequantize(self) -> torch.Tensor:
-        return fp8_to_float32(self.q) * self.scale_inv
 
 
 def _scaled_upcast(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -257,7 +246,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
             wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
             if record:
-                states.weight._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
+                states.weight.record_quantized(amax, scale_inv)
         else:
             wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight), record)
         y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
@@ -310,8 +299,8 @@ class FP8TrainingLinear(nn.Module):
     numerics tests). `compute_dtype`: the emulated matmul dtype (None → `default_compute_dtype`).
     `fp8_weight_grad`: quantise the weight gradient to FP8 (O1), else keep it in high precision.
     `grad_storage`: ``"dequantized"`` puts the FP8 weight gradient, dequantised, in ``weight.grad`` (what
-    any optimizer reads); ``"fp8"`` (O2) keeps only the E4M3 bytes and scale, as ``weight.fp8_grad``
-    (an `FP8Grad`, summed over micro-batches), and leaves ``weight.grad`` None: `FP8AdamW` and
+    any optimizer reads); ``"fp8"`` (O2) keeps only the E4M3 bytes and scale, as ``weight.scaled_grad``
+    (a `ScaledGrad`, summed over micro-batches), and leaves ``weight.grad`` None: `FP8AdamW` and
     `clip_grad_norm_` read it. `keep_fp16_master()` then stores the weight itself as the FP16 master
     with a per-tensor scale (2 bytes per weight; `FP8AdamW` updates it in place).
     `fuse`: run the quantise / dequantise passes through `torch.compile` (one kernel each; the first
@@ -407,18 +396,18 @@ class FP8TrainingLinear(nn.Module):
 
     def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor | None:
         """(out, in) float32 weight gradient → FP8 E4M3 (kept in `weight_grad_fp8`) → dequantised in
-        the weight's dtype for ``.grad``; with ``grad_storage="fp8"``, summed into ``weight.fp8_grad``
+        the weight's dtype for ``.grad``; with ``grad_storage="fp8"``, summed into ``weight.scaled_grad``
         instead (None for autograd). Without `fp8_weight_grad`, just cast."""
         if not self.fp8_weight_grad:
             return wgrad.to(self.weight.dtype)
         if self.grad_storage == "fp8":
-            previous = getattr(self.weight, "fp8_grad", None)
+            previous = getattr(self.weight, "scaled_grad", None)
             if previous is not None:  # gradient accumulation: sum in float32, one rounding per micro-batch
                 wgrad = wgrad.float() + previous.dequantize()
         q, s_inv = self.states.weight_grad.quantize(wgrad)
         self.weight_grad_fp8 = (q, s_inv)
         if self.grad_storage == "fp8":
-            self.weight.fp8_grad = FP8Grad(q, s_inv)
+            self.weight.scaled_grad = ScaledGrad(q, s_inv)
             return None
         return dequantize_operand(FP8Operand(q, s_inv), self.weight.dtype, self.fuse)
 
@@ -506,15 +495,10 @@ def convert_to_fp8_training(model: nn.Module, recipe: str | FP8TrainingRecipe = 
         new = FP8TrainingLinear.from_linear(module, recipe=recipe, backend=backend, compute_dtype=compute_dtype,
                                             fp8_weight_grad=fp8_weight_grad, grad_storage=grad_storage, fuse=fuse,
                                             allow_cpu_scaled_mm=allow_cpu_scaled_mm, group=group)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         report.converted.append(name)
         report.converted_params += module.weight.numel()
     return report
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @dataclass
@@ -591,8 +575,28 @@ def to_fp8_inference(model: nn.Module, backend: str = "emulated", compute_dtype:
     """
     names = [n for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)]
     for name in names:
-        _set_submodule(model, name, export_fp8_weights(model.get_submodule(name)).to_inference_linear(backend,
-                                                                                                     compute_dtype))
+        model.set_submodule(name, export_fp8_weights(model.get_submodule(name)).to_inference_linear(backend, compute_dtype))
+    return len(names)
+
+
+def to_plain_linears(model: nn.Module) -> int:
+    """Replace every `FP8TrainingLinear` in `model` by an `nn.Linear` holding its master weight's float32
+    value and its bias (what a high-precision export, e.g. a policy for vLLM, saves); returns how many.
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(FP8TrainingLinear(32, 16))
+        >>> to_plain_linears(net), type(net[0]).__name__, net[0].weight.dtype
+        (1, 'Linear', torch.float32)
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)]
+    for name in names:
+        layer = model.get_submodule(name)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = nn.Parameter(layer.effective_weight().detach().float().clone(),
+                                    requires_grad=layer.weight.requires_grad)
+        if layer.bias is not None:
+            plain.bias = layer.bias
+        model.set_submodule(name, plain)
     return len(names)
 
 
@@ -618,10 +622,10 @@ def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
     return {n: m.scaling_stats() for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
 
 
-__all__ = ["FP8Grad", "FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
+__all__ = ["FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
            "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
            "fp8_gemm", "fp8_scaling_stats", "shard_fp8_weights", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
-           "to_fp8_inference", "training_skip_reason"]
+           "to_fp8_inference", "to_plain_linears", "training_skip_reason"]
 
 
 def export_trained_fp8(model: nn.Module) -> list[str]:
@@ -646,7 +650,7 @@ def export_trained_fp8(model: nn.Module) -> list[str]:
         raise ValueError("FP8 training linears of one model must share a recipe to be exported together")
     recipe = next(iter(trained.values())).recipe.name
     for name, export in exports.items():
-        _set_submodule(model, name, export.to_inference_linear())
+        model.set_submodule(name, export.to_inference_linear())
     prefix = "lm."
     names = [n[len(prefix):] if n.startswith(prefix) else n for n in trained]
     description = FP8Recipe(name=f"fp8-trained-{recipe}", granularity=first.granularity,
