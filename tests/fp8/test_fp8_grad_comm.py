@@ -5,7 +5,6 @@ reduce their amax across ranks."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,13 +15,9 @@ from grmserve.training.core.fp8.comm import fp8_all_reduce_, shared_scales
 from grmserve.training.core.fp8.formats import sqnr_db
 from grmserve.training.core.fp8.scaling import ScalingState
 
+from ..processes import free_port
+
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grads(rank: int) -> list[torch.Tensor]:
@@ -53,7 +48,7 @@ def _worker(rank: int, port: int, method: str, out_dir: str) -> None:
 
 @pytest.mark.parametrize("method", ["reduce_scatter", "all_gather"])
 def test_two_process_fp8_all_reduce_matches_fp32(tmp_path, method):
-    mp.spawn(_worker, args=(_free_port(), method, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), method, str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     n = sum(g.numel() for g in r0["ref"])
     for a, b in zip(r0["fp8"], r1["fp8"]):
