@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import FP16, ScaledGrad, block_quantize
+from .optim import FP16, ScaledGrad, tensor_quantize
 
 _MASTER_KEY = re.compile(r"^(?:(.*)\.)?fp16_master\.weight$")
 
@@ -74,10 +74,9 @@ class FP16Master(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        q, scale_inv = block_quantize(w.reshape(-1), max(w.numel(), 1), FP16)
-        self.weight = nn.Parameter(q.view_as(w), requires_grad=weight.requires_grad)
-        self.register_buffer("weight_scale_inv", scale_inv.reshape(()).clone())
+        values, scale_inv = tensor_quantize(weight, FP16)
+        self.weight = nn.Parameter(values, requires_grad=weight.requires_grad)
+        self.register_buffer("weight_scale_inv", scale_inv)
         self.weight.master_scale_inv = self.weight_scale_inv
         self._pending: tuple[tuple[int, int], torch.Tensor] | None = None
 

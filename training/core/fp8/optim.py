@@ -84,6 +84,19 @@ def block_quantize(x: torch.Tensor, block: int, fmt: FP8Format, margin: int = 0)
     return q.reshape(-1)[: x.numel()], (1.0 / scale).reshape(-1)
 
 
+def tensor_quantize(x: torch.Tensor, fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` in `fmt`, same shape, with one power-of-two dequant scale for the whole tensor (0-dim float32):
+    an FP16 master's layout, and a scaled gradient's.
+
+        >>> q, s = tensor_quantize(torch.tensor([[0.5, -3.0]]), FP16)
+        >>> q.dtype, tuple(q.shape), float(s), (q.float() * s).tolist()
+        (torch.float16, (1, 2), 6.103515625e-05, [[0.5, -3.0]])
+    """
+    flat = x.detach().float().reshape(-1)
+    q, scale_inv = block_quantize(flat, max(flat.numel(), 1), fmt)
+    return q.view_as(x), scale_inv.reshape(())
+
+
 def stored_to_float32(q: torch.Tensor) -> torch.Tensor:
     """Exact float32 values of FP8 or float16 storage."""
     return fp8_to_float32(q) if q.element_size() == 1 else q.float()
@@ -140,9 +153,7 @@ class ScaledGrad(NamedTuple):
     @staticmethod
     def quantize(values: torch.Tensor, dtype: torch.dtype) -> "ScaledGrad":
         """`values` (float) stored as `dtype` (float8_e4m3fn or float16) with one current per-tensor scale."""
-        fmt = {torch.float8_e4m3fn: E4M3, torch.float16: FP16}[dtype]
-        q, scale_inv = block_quantize(values.detach().float().reshape(-1), max(values.numel(), 1), fmt)
-        return ScaledGrad(q.view_as(values), scale_inv.reshape(()))
+        return ScaledGrad(*tensor_quantize(values, {torch.float8_e4m3fn: E4M3, torch.float16: FP16}[dtype]))
 
 
 def _holds_own_master(p: torch.Tensor) -> bool:
@@ -301,9 +312,9 @@ class FP8AdamW(torch.optim.Optimizer):
         state["exp_avg"], state["exp_avg_scale_inv"] = block_quantize(m, block, self.m_format)
         state["exp_avg_sq"], state["exp_avg_sq_scale_inv"] = block_quantize(v_sqrt, block, FP16)
         if own_master:
-            q, scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
+            q, scale_inv = tensor_quantize(w, FP16)
             local.copy_(q.view_as(local))
-            p.master_scale_inv.copy_(scale_inv.reshape(()))
+            p.master_scale_inv.copy_(scale_inv)
             return
         if self.master_weights == "fp16":
             state["master"], state["master_scale_inv"] = block_quantize(w, max(w.numel(), 1), FP16)

@@ -45,7 +45,7 @@ from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .fsdp import FP8AllGatherWeight, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
-from .optim import FP16, ScaledGrad, block_quantize
+from .optim import FP16, ScaledGrad, tensor_quantize
 from .scaling import (
     FP8TrainingRecipe,
     RoleStates,
@@ -376,9 +376,7 @@ class FP8TrainingLinear(nn.Module):
         """Store the weight as FP16 times a per-tensor power-of-two dequant scale (`weight_scale_inv`,
         a buffer, also reachable as ``weight.master_scale_inv`` for `FP8AdamW`): FP8-LM's FP16 master,
         kept in the parameter itself, so no FP32 copy of the weight exists."""
-        w = self.effective_weight().detach().float().reshape(-1)
-        q, scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
-        self._hold_fp16_master(q.view_as(self.weight), scale_inv.reshape(()).clone())
+        self._hold_fp16_master(*tensor_quantize(self.effective_weight(), FP16))
 
     def _hold_fp16_master(self, values: torch.Tensor, scale_inv: torch.Tensor) -> None:
         """The FP16-master layout: `values` (float16) as the parameter, `scale_inv` as its buffer and link."""
