@@ -76,3 +76,38 @@ def test_fp8_o2_steps_on_gpu():
         plan.optimizer.zero_grad()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
+
+
+def train_tiny_grm_with_fp16_masters(device: torch.device, steps: int = 6) -> list[float]:
+    """A few fp8-o2 steps of a tiny tied GRM with FP16 masters on `device`; checks where everything lives."""
+    from grmserve.training.config import PrecisionConfig
+    from grmserve.training.core.assets import tiny_llama_config
+    from grmserve.training.core.model import GRMConfig, HeadConfig, init_grm
+    from grmserve.training.precision import apply_precision
+
+    model = init_grm(tiny_llama_config(hidden_size=64), seed=0, grm=GRMConfig(head=HeadConfig(dropout=0.0)))
+    plan = apply_precision(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+                           PrecisionConfig(mode="fp8-o2", fp8_master="fp16"), device=device)
+    embedding = plan.model.lm.get_input_embeddings()
+    assert embedding.weight.dtype == torch.float16 and embedding.weight.device.type == device.type
+    assert embedding.fp16_master is plan.model.lm.get_output_embeddings().fp16_master
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 500, (4, 24), generator=gen).to(device)
+    mask, response = torch.ones_like(ids), torch.zeros_like(ids)
+    response[:, 12:] = 1
+    losses = []
+    for _ in range(steps):
+        out = plan.model(ids, mask, response_mask=response)
+        loss = -out.logps.mean() / 12  # the LM loss: lookup and tied head both train
+        loss.backward()
+        assert embedding.weight.grad is None and embedding.weight.scaled_grad.q.device.type == device.type
+        plan.optimizer.step()
+        plan.optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fp8_o2_fp16_masters_train_a_tied_grm_on_gpu():
+    """The tied embedding's FP16 master and FP16 gradient on the GPU, beside scaled_mm FP8 linears."""
+    losses = train_tiny_grm_with_fp16_masters(torch.device("cuda"))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
