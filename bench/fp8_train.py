@@ -10,7 +10,10 @@ after a forward/backward: the parameters, their gradients (``.grad``, or the E4M
 keeps in its place) and the optimizer state, per parameter of the model; also per parameter of the
 FP8 linear layers alone (embeddings, norms and heads stay high precision). Step times are medians of
 the steps after the first two; ratios are against fp32 in the same run, but the processes run one after
-another, so on a shared machine compare only runs made together. `--random_init` builds SmolLM2-135M's
+another, so on a shared machine compare only runs made together. Peak RSS on CPU includes what glibc's
+allocator keeps of freed temporaries; `MALLOC_MMAP_THRESHOLD_=65536` in the environment makes it hand
+large blocks back, so peak and resident sizes then reflect live memory (for memory figures only: every
+large temporary then costs page faults, which slowed FP8 steps 3-4x here). `--random_init` builds SmolLM2-135M's
 architecture with random weights (for machines without the model files, e.g. a GPU box).
 """
 
@@ -118,6 +121,7 @@ def run_mode(mode: str, args) -> dict:
         stats = step([batch])  # returns floats: the step has finished on the device
         times.append(time.perf_counter() - start)
         losses.append(round(stats["loss"], 5))
+    resident = _resident_mib(device)  # between steps: the stored state, plus what the allocator keeps
     if mode == "fp8-o3":
         return _o3_result(mode, args, wire, times, losses, info)
     # One more forward/backward without the optimizer step, so that the gradients exist when counting.
@@ -143,7 +147,19 @@ def run_mode(mode: str, args) -> dict:
             "bytes_per_param": per_param(params),
             "bytes_per_fp8_linear_param": per_param([p for p in params if id(p) in fp8_ids]) if fp8_ids else None,
             "peak_mib" if device.type == "cuda" else "peak_rss_mib": peak,
+            "resident_mib_between_steps": resident,
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
+
+
+def _resident_mib(device) -> float:
+    """Memory held now: allocated CUDA memory, or this process's anonymous resident memory (Linux
+    /proc `RssAnon`: the clean, reclaimable pages of the memory-mapped checkpoint are left out)."""
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.memory_allocated() / 2**20, 1)
+    with open("/proc/self/status") as f:
+        return round(next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024, 1)
 
 
 def _count_all_gathers() -> dict:

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Literal, NamedTuple, get_args
 import torch
 import torch.nn.functional as F
 
-from .formats import E4M3, FP8Format, cast_to_fp8, compute_scale, fp8_to_float32, get_format
+from .formats import E4M3, FP8Format, compute_scale, fp8_to_float32, get_format
 from .fsdp import local_shard
 
 FP16 = FP8Format("fp16", torch.float16, 65504.0)
@@ -62,8 +62,10 @@ MASTER_WEIGHTS: tuple[str, ...] = get_args(MasterWeights)
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(n,) → (nb, block), zero-padded."""
+    """(n,) → (nb, block), zero-padded (a view, no copy, when `block` divides n)."""
     nb = -(-x.numel() // block)
+    if nb * block == x.numel():
+        return x.reshape(nb, block)
     return F.pad(x, (0, nb * block - x.numel())).view(nb, block)
 
 
@@ -80,7 +82,8 @@ def block_quantize(x: torch.Tensor, block: int, fmt: FP8Format, margin: int = 0)
     amax = xb.abs().amax(dim=1, keepdim=True)  # (nb, 1)
     scale = torch.where(amax > 0, compute_scale(torch.where(amax > 0, amax, 1.0), fmt, margin, check_finite=False),
                         torch.ones_like(amax))  # (nb, 1)
-    q = cast_to_fp8(xb * scale, fmt) if fmt.dtype != torch.float16 else (xb * scale).clamp(-fmt.max, fmt.max).half()
+    scaled = (xb * scale).clamp_(-fmt.max, fmt.max)  # the one float32 temporary
+    q = scaled.to(fmt.dtype)
     return q.reshape(-1)[: x.numel()], (1.0 / scale).reshape(-1)
 
 

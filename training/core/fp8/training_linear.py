@@ -7,8 +7,8 @@ states (scaling.py). One autograd function does the work:
   the FP8 input and weight (1 byte per element) are what is saved for backward;
 - backward: grad_output → E5M2; ``dgrad = g @ w`` and ``wgrad = g.T @ x`` from the FP8 operands;
   the weight gradient is then quantised to E4M3 with its own current per-tensor scale (FP8-LM's FP8
-  weight gradient). Its bytes and scale are kept on the module (`weight_grad_fp8`, for FP8
-  communication) and its dequantised value goes to ``weight.grad`` (what optimizers read).
+  weight gradient). Its dequantised value goes to ``weight.grad`` (what optimizers read), or, with
+  ``grad_storage="fp8"`` (O2), its bytes and scale go to ``weight.scaled_grad`` instead.
 
 GEMM backends (pure functions on `FP8Operand`s computing ``a @ b.T``):
 
@@ -27,8 +27,9 @@ are powers of two.
     >>> layer = FP8TrainingLinear(64, 32, recipe="delayed")
     >>> x = torch.randn(8, 64, requires_grad=True)
     >>> layer(x).sum().backward()
-    >>> layer.weight.grad.shape, layer.weight_grad_fp8[0].dtype
-    (torch.Size([32, 64]), torch.float8_e4m3fn)
+    >>> g = layer.weight.grad
+    >>> g.shape, len(torch.unique(g / g.abs().max())) <= 256   # E4M3 values times one scale
+    (torch.Size([32, 64]), True)
 """
 
 from __future__ import annotations
@@ -335,8 +336,6 @@ class FP8TrainingLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         nn.Linear.reset_parameters(self)  # the same init as nn.Linear
         self.states = build_role_states(self.recipe, device=self.weight.device, group=group, fused=fuse)
-        self.weight_grad_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
-        """(E4M3 bytes (out, in), 0-dim dequant scale) of the last backward's weight gradient."""
         if backend != "auto" and self.weight.device.type != "meta":
             self.resolved_backend(self.weight.device)  # fail early, with the fix in the message
 
@@ -393,8 +392,7 @@ class FP8TrainingLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor | None:
-        """(out, in) float32 weight gradient → FP8 E4M3 (kept in `weight_grad_fp8`) → dequantised in
-        the weight's dtype for ``.grad``; with ``grad_storage="fp8"``, summed into ``weight.scaled_grad``
+        """(out, in) float32 weight gradient → FP8 E4M3 → dequantised in the weight's dtype for ``.grad``; with ``grad_storage="fp8"``, summed into ``weight.scaled_grad``
         instead (None for autograd). Without `fp8_weight_grad`, just cast."""
         if not self.fp8_weight_grad:
             return wgrad.to(self.weight.dtype)
@@ -403,7 +401,6 @@ class FP8TrainingLinear(nn.Module):
             if previous is not None:  # gradient accumulation: sum in float32, one rounding per micro-batch
                 wgrad = wgrad.float() + previous.dequantize()
         q, s_inv = self.states.weight_grad.quantize(wgrad)
-        self.weight_grad_fp8 = (q, s_inv)
         if self.grad_storage == "fp8":
             self.weight.scaled_grad = ScaledGrad(q, s_inv)
             return None
