@@ -484,7 +484,8 @@ def set_grad_sync(model: nn.Module, sync: bool) -> None:
 def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
     """Average gradients over processes (multi-process runs without FSDP). The weight gradients of
     FP8 training linears travel as FP8 (FP8-LM: one shared, world-size pre-divided scale per tensor,
-    so the sum cannot overflow; training/core/fp8/comm.py); every other gradient in its own dtype."""
+    so the sum cannot overflow; training/core/fp8/comm.py); the FP16 gradients of FP16-master embeddings
+    in float32; every other gradient in its own dtype. Scaled gradients are stored again as they were."""
     fp8 = {id(m.weight) for m in model.modules() if isinstance(m, FP8TrainingLinear)}
     grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) in fp8]
     # O2 keeps scaled gradients only (`scaled_grad`): reduce their values, store the result as before.
