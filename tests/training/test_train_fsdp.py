@@ -86,6 +86,13 @@ def _initial_head(cfg) -> torch.Tensor:
     return model.reward_head.summary[0].weight.detach()
 
 
+def _moved_and_apart(start: dict, a: dict, b: dict, keys: list[str]) -> tuple[float, float]:
+    """Norms over `keys`: how far run `a` moved from `start`, and how far apart runs `a` and `b` ended."""
+    moved = torch.stack([(a[k] - start[k]).norm() for k in keys]).norm().item()
+    apart = torch.stack([(a[k] - b[k]).norm() for k in keys]).norm().item()
+    return moved, apart
+
+
 def test_two_process_fp8_o1_reduces_fp8_gradients_and_tracks_one_process(tmp_path):
     """fp8-o1 with two processes and plain data parallelism (`--dist.fsdp false`): the FP8 linears'
     weight gradients are averaged as FP8 bytes with a shared, pre-divided scale. The two runs differ
@@ -102,8 +109,7 @@ def test_two_process_fp8_o1_reduces_fp8_gradients_and_tracks_one_process(tmp_pat
 
     start = build_model(cfg)[0].state_dict()
     keys = [k for k in start if k.endswith("q_proj.weight") or k.endswith("mlp.up_proj.weight")]
-    moved = torch.stack([(a[k] - start[k]).norm() for k in keys]).norm().item()
-    apart = torch.stack([(a[k] - b[k]).norm() for k in keys]).norm().item()
+    moved, apart = _moved_and_apart(start, a, b, keys)
     assert moved > 0 and apart < 0.5 * moved, f"runs differ by {apart} (norm), parameters moved {moved}"
 
 
@@ -125,8 +131,7 @@ def test_two_process_fp8_o2_with_fp16_masters_tracks_one_process(tmp_path):
     a, b = (dequantize_fp16_masters(torch.load(latest_checkpoint(run / "checkpoints") / "trainer_state.pt",
                                                weights_only=True)["model"]) for run in (tmp_path / "single", two))
     start = build_model(cfg)[0].state_dict()
-    key = "lm.model.embed_tokens.weight"
-    moved, apart = (a[key] - start[key]).norm().item(), (a[key] - b[key]).norm().item()
+    moved, apart = _moved_and_apart(start, a, b, ["lm.model.embed_tokens.weight"])
     assert moved > 0 and apart < 0.5 * moved, f"runs differ by {apart} (norm), moved {moved}"
 
 
@@ -151,9 +156,7 @@ def test_two_process_fp8_o3_tracks_one_process_o2(tmp_path):
 
     start = build_model(cfg)[0].state_dict()
     for suffix in ("q_proj.weight", "up_proj.weight", "embed_tokens.weight"):
-        keys = [k for k in start if k.endswith(suffix)]
-        moved = torch.stack([(a["model"][k] - start[k]).norm() for k in keys]).norm().item()
-        apart = torch.stack([(a["model"][k] - b["model"][k]).norm() for k in keys]).norm().item()
+        moved, apart = _moved_and_apart(start, a["model"], b["model"], [k for k in start if k.endswith(suffix)])
         assert moved > 0 and apart < 0.5 * moved, f"{suffix}: runs differ by {apart} (norm), moved {moved}"
     # Resume the two-process run for one more step: each process gets its own optimizer shard back.
     assert run_torchrun(cmd + ["--resume", "--optim.max_steps", "4"], timeout=240)["step"] == 4
