@@ -392,8 +392,9 @@ class FP8TrainingLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor | None:
-        """(out, in) float32 weight gradient → FP8 E4M3 → dequantised in the weight's dtype for ``.grad``; with ``grad_storage="fp8"``, summed into ``weight.scaled_grad``
-        instead (None for autograd). Without `fp8_weight_grad`, just cast."""
+        """(out, in) float32 weight gradient → FP8 E4M3 → dequantised in the weight's dtype for ``.grad``;
+        with ``grad_storage="fp8"``, summed into ``weight.scaled_grad`` instead (None for autograd).
+        Without `fp8_weight_grad`, just cast."""
         if not self.fp8_weight_grad:
             return wgrad.to(self.weight.dtype)
         if self.grad_storage == "fp8":
