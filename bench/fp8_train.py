@@ -107,6 +107,7 @@ def run_mode(mode: str, args) -> dict:
         wire = _count_all_gathers()
     cfg.precision.mode = mode.removesuffix("-fp16")
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
+    cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
     lm, vocab, pad_id = _backbone(args.random_init)
@@ -122,6 +123,8 @@ def run_mode(mode: str, args) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(round(stats["loss"], 5))
     resident = _resident_mib(device)  # between steps: the stored state, plus what the allocator keeps
+    kernels = _profile_step(step, _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=98), device), mode, args) \
+        if args.profile else None
     if mode == "fp8-o3":
         return _o3_result(mode, args, wire, times, losses, info)
     # One more forward/backward without the optimizer step, so that the gradients exist when counting.
@@ -147,8 +150,27 @@ def run_mode(mode: str, args) -> dict:
             "bytes_per_param": per_param(params),
             "bytes_per_fp8_linear_param": per_param([p for p in params if id(p) in fp8_ids]) if fp8_ids else None,
             "peak_mib" if device.type == "cuda" else "peak_rss_mib": peak,
-            "resident_mib_between_steps": resident,
+            "resident_mib_between_steps": resident, "kernels_per_step": kernels, "fp8_fuse": args.fp8_fuse,
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
+
+
+def _profile_step(step, batch, mode: str, args) -> int | None:
+    """One more step under torch.profiler (not timed): the top operators and kernels go to
+    `<args.profile>/profile_<mode>.txt`; returns the number of CUDA kernels the step launched."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step([batch])
+    events = prof.key_averages()
+    os.makedirs(args.profile, exist_ok=True)
+    with open(os.path.join(args.profile, f"profile_{mode}_{args.fp8_fuse}.txt"), "w") as f:
+        f.write(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=50))
+    if not cuda:
+        return None
+    return sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def _resident_mib(device) -> float:
@@ -205,6 +227,9 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--device", default="cpu", help="cpu or cuda (the FP8 GEMMs then run torch._scaled_mm)")
     p.add_argument("--random_init", action="store_true", help="SmolLM2-135M's architecture, random weights")
+    p.add_argument("--fp8_fuse", default="auto", choices=("auto", "on", "off"),
+                   help="precision.fp8_fuse of the fp8 modes (auto: torch.compile'd FP8 passes on CUDA only)")
+    p.add_argument("--profile", default="", help="folder: profile one extra step per mode (top ops, CUDA kernel count)")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one mode, print its JSON
     args = p.parse_args()
     if args.one:
@@ -216,21 +241,27 @@ def main() -> None:
     for mode in args.modes.split(","):
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if mode == "fp8-o3" else []
         cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
-               "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device]
+               "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device,
+               "--fp8_fuse", args.fp8_fuse, "--profile", args.profile]
         cmd += ["--random_init"] if args.random_init else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"{mode}: done", file=sys.stderr)
-    by = {r["mode"]: r for r in results}
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:  # one failed mode does not lose the others' figures
+            print(f"{mode}: failed (exit {proc.returncode})\n{proc.stderr[-4000:]}", file=sys.stderr)
+            results.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or [""])[-1]})
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{mode}: done {json.dumps(results[-1])}", file=sys.stderr)  # kept if a later mode runs out of time
+    by = {r["mode"]: r for r in results if "error" not in r}
     o3 = by.pop("fp8-o3", None)
     results = [r for r in results if r["mode"] != "fp8-o3"]
     base, amp = by.get("fp32"), by.get("bf16")
-    for r in results:
+    for r in filter(lambda r: "error" not in r, results):
         if base:
             r["step_time_vs_fp32"] = round(r["step_s_median"] / base["step_s_median"], 2)
         if amp:
             r["memory_vs_bf16_amp"] = round(r["bytes_per_param"]["total"] / amp["bytes_per_param"]["total"], 3)
     print(json.dumps({"cpu": cpu_model(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
+                      "fp8_fuse": args.fp8_fuse,
                       "results": results, "fp8_o3": o3},
                      indent=1))
 

@@ -1,36 +1,60 @@
 #!/usr/bin/env bash
 # FP8 training checks on a CUDA GPU (compute capability >= 8.9), run with the machine's own Python and
-# torch, nothing installed: the GPU tests of tests/fp8 (`-m gpu`), the FP8 training linear against
-# bf16 and fp32 nn.Linear at three shapes, and bench/fp8_train.py on SmolLM2-135M's
-# architecture (random weights: no model files needed). Results go to $OUT (default /tmp/gpu-fp8).
+# torch, nothing installed, in order of importance, each stage under its own time limit:
+#   1. the GPU tests of tests/fp8 (`-m gpu`);
+#   2. bench/fp8_train.py on SmolLM2-135M's architecture (random weights: no model files needed) with
+#      the FP8 passes compiled (precision.fp8_fuse auto = on for CUDA), one extra profiled step per mode;
+#   3. the same with the eager FP8 passes (fp8_fuse off), fp32 again as the baseline of that run;
+#   4. the FP8 training linear against bf16 and fp32 nn.Linear at three shapes.
+# Results: $OUT (default /tmp/gpu-fp8): the two step-time JSONs, the pytest log, and gpu_fp8.tgz with
+# everything (profiles, linear benches, logs). A short table is printed last.
 #
 #   bash bench/gpu_fp8_check.sh            # PY=python3 by default
+#   STEPS=8 TESTS="fused or o2" FUSED_MODES=fp32,fp8-o1 EAGER_MODES=fp32,fp8-o1 LINEAR=0 bash bench/gpu_fp8_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-fp8}"
 PY="${PY:-python3}"
+STEPS="${STEPS:-10}"
+TESTS="${TESTS:-}"  # a pytest -k filter for the GPU tests
+FUSED_MODES="${FUSED_MODES:-fp32,bf16,fp8-o1,fp8-o2,fp8-o2-fp16}"
+EAGER_MODES="${EAGER_MODES:-fp32,fp8-o1,fp8-o2}"
+LINEAR="${LINEAR:-1}"
 mkdir -p "$OUT"
+work="$(mktemp -d)"
 ns="$(mktemp -d)"  # the four top-level folders as the `grmserve` namespace, without pip
 mkdir -p "$ns/grmserve"
 for d in server protos training clients; do ln -s "$PWD/$d" "$ns/grmserve/$d"; done
 export PYTHONPATH="$ns:$PWD/bench" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'capability', torch.cuda.get_device_capability())" | tee -a "$OUT/gpu.txt"
-# The GPU tests only: the CPU-side ones need the model files and this project's torch pin.
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/fp8 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -8
-for shape in "8192 4096 4096" "8192 4096 14336" "4096 576 1536"; do  # tokens, in, out
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$work/gpu.txt"
+"$PY" -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'capability', torch.cuda.get_device_capability())" | tee -a "$work/gpu.txt"
+
+echo "== 1. GPU tests"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu ${TESTS:+-k "$TESTS"} tests/fp8 > "$work/pytest_gpu.txt" 2>&1
+tail -12 "$work/pytest_gpu.txt"; cp "$work/pytest_gpu.txt" "$OUT/"
+
+train() {  # name, timeout, extra args
+  local name="$1" limit="$2"; shift 2
+  timeout "$limit" "$PY" bench/fp8_train.py --device cuda --random_init --steps "$STEPS" --pairs 16 --tokens 512 \
+    --profile "$work/profiles" "$@" > "$work/$name.json" 2> "$work/$name.err"
+  tail -3 "$work/$name.err"; cp "$work/$name.json" "$OUT/" 2>/dev/null
+}
+echo "== 2. SmolLM2-135M steps, FP8 passes compiled"
+train fp8_train_cuda 220 --modes "$FUSED_MODES" --fp8_fuse auto
+echo "== 3. SmolLM2-135M steps, FP8 passes eager"
+train fp8_train_cuda_unfused 150 --modes "$EAGER_MODES" --fp8_fuse off
+
+echo "== 4. one linear layer"
+[ "$LINEAR" = 1 ] && for shape in "8192 4096 4096" "8192 4096 14336" "16384 576 1536"; do  # tokens, in, out
   set -- $shape
-  "$PY" bench/fp8_train_linear.py --device cuda --tokens "$1" --in-features "$2" --out-features "$3" --runs 30 \
-    --recipes delayed block > "$OUT/linear_$1_$2_$3.json" 2> "$OUT/linear_$1_$2_$3.err" || tail -3 "$OUT/linear_$1_$2_$3.err"
+  timeout 30 "$PY" bench/fp8_train_linear.py --device cuda --tokens "$1" --in-features "$2" --out-features "$3" --runs 30 \
+    --recipes delayed > "$work/linear_$1_$2_$3.json" 2> "$work/linear_$1_$2_$3.err" || tail -3 "$work/linear_$1_$2_$3.err"
 done
-"$PY" bench/fp8_train.py --device cuda --random_init --steps 12 --pairs 16 --tokens 512 \
-  --modes fp32,bf16,fp8-o1,fp8-o2,fp8-o2-fp16 > "$OUT/fp8_train_cuda.json" \
-  2> "$OUT/fp8_train_cuda.err"; tail -3 "$OUT/fp8_train_cuda.err"
-"$PY" - "$OUT" <<'PYEOF'
-import json, sys
-out = sys.argv[1]
-import glob
-for path in sorted(glob.glob(f"{out}/*.json")):
+
+tar czf "$OUT/gpu_fp8.tgz" -C "$work" .
+"$PY" - "$work" <<'PYEOF'
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/*.json")):
     name = path.rsplit("/", 1)[-1][:-5]
     try:
         d = json.load(open(path))
@@ -38,7 +62,8 @@ for path in sorted(glob.glob(f"{out}/*.json")):
         print(name, "unreadable:", e); continue
     if "results" in d:
         for r in d["results"]:
-            print(name, r["mode"], r["step_s_median"], r.get("step_time_vs_fp32"), r.get("memory_vs_bf16_amp"), r.get("peak_mib"))
+            print(name, r["mode"], r.get("error") or (r["step_s_median"], r.get("step_time_vs_fp32"),
+                  r.get("memory_vs_bf16_amp"), r.get("peak_mib"), r.get("kernels_per_step")))
     else:
         print(name, json.dumps({k: v for k, v in d.items() if k in ("step_ms", "ratio_vs_bf16")}))
 PYEOF

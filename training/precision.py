@@ -94,7 +94,9 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
         raise ValueError("precision.mode=fp8-o3 all-gathers FP8 weights from fp32 master shards; pass "
                          "--precision.fp8_master fp32 (the FP16 master is an fp8-o2 option)")
     model = model.to(device=device, dtype=torch.float32)
-    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend, grad_storage="fp8" if o2 else "dequantized")
+    fuse = fp8_fused(cfg, device)
+    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend, grad_storage="fp8" if o2 else "dequantized",
+                                     fuse=fuse)
     log.info("%s", report.summary())
     if o2 and cfg.fp8_master == "fp16":
         for module in model.modules():
@@ -107,8 +109,17 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     model = shard(model)
     optimizer = optimizer_factory(model)
     if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
-        optimizer = fp8_adamw_like(optimizer, "fp32")
+        optimizer = fp8_adamw_like(optimizer, "fp32", fused=fuse)
     return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode, fp8=report)
+
+
+def fp8_fused(cfg: PrecisionConfig, device: torch.device) -> bool:
+    """Whether `precision.fp8_fuse` compiles the FP8 passes on `device` (auto: on CUDA only).
+
+    >>> fp8_fused(PrecisionConfig(mode="fp8-o2"), torch.device("cpu")), fp8_fused(PrecisionConfig(fp8_fuse="on"), torch.device("cpu"))
+    (False, True)
+    """
+    return cfg.fp8_fuse == "on" or (cfg.fp8_fuse == "auto" and device.type == "cuda")
 
 
 def release_precision(model: nn.Module) -> nn.Module:
@@ -123,11 +134,12 @@ def release_precision(model: nn.Module) -> nn.Module:
     return model
 
 
-def fp8_adamw_like(optimizer: torch.optim.Optimizer, master_weights: str) -> torch.optim.Optimizer:
-    """`FP8AdamW` over the same parameter groups, learning rates, betas, eps and weight decay."""
+def fp8_adamw_like(optimizer: torch.optim.Optimizer, master_weights: str, fused: bool = False) -> torch.optim.Optimizer:
+    """`FP8AdamW` over the same parameter groups, learning rates, betas, eps and weight decay (`fused`:
+    each parameter's update compiled)."""
     from .core.fp8.optim import FP8AdamW
 
     groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     d = optimizer.defaults
     return FP8AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
-                    master_weights=master_weights)
+                    master_weights=master_weights, fused=fused)

@@ -78,8 +78,9 @@ def test_fp8_o2_steps_on_gpu():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
 
 
-def train_tiny_grm_with_fp16_masters(device: torch.device, steps: int = 6) -> list[float]:
-    """A few fp8-o2 steps of a tiny tied GRM with FP16 masters on `device`; checks where everything lives."""
+def train_tiny_grm_with_fp16_masters(device: torch.device, steps: int = 6, fuse: str = "auto") -> list[float]:
+    """A few fp8-o2 steps of a tiny tied GRM with FP16 masters on `device` (`fuse`: precision.fp8_fuse);
+    checks where everything lives."""
     from grmserve.training.config import PrecisionConfig
     from grmserve.training.core.assets import tiny_llama_config
     from grmserve.training.core.model import GRMConfig, HeadConfig, init_grm
@@ -87,7 +88,7 @@ def train_tiny_grm_with_fp16_masters(device: torch.device, steps: int = 6) -> li
 
     model = init_grm(tiny_llama_config(hidden_size=64), seed=0, grm=GRMConfig(head=HeadConfig(dropout=0.0)))
     plan = apply_precision(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
-                           PrecisionConfig(mode="fp8-o2", fp8_master="fp16"), device=device)
+                           PrecisionConfig(mode="fp8-o2", fp8_master="fp16", fp8_fuse=fuse), device=device)
     embedding = plan.model.lm.get_input_embeddings()
     assert embedding.weight.dtype == torch.float16 and embedding.weight.device.type == device.type
     assert embedding.fp16_master is plan.model.lm.get_output_embeddings().fp16_master
@@ -111,3 +112,12 @@ def test_fp8_o2_fp16_masters_train_a_tied_grm_on_gpu():
     """The tied embedding's FP16 master and FP16 gradient on the GPU, beside scaled_mm FP8 linears."""
     losses = train_tiny_grm_with_fp16_masters(torch.device("cuda"))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_fused_fp8_passes_match_eager_ones_on_gpu():
+    """precision.fp8_fuse (auto: on for CUDA, Triton kernels from torch.compile) against the eager passes:
+    the first loss is the same forward; later ones differ only by the optimizer's float32 rounding."""
+    fused = train_tiny_grm_with_fp16_masters(torch.device("cuda"), fuse="on")
+    eager = train_tiny_grm_with_fp16_masters(torch.device("cuda"), fuse="off")
+    assert abs(fused[0] - eager[0]) <= 1e-6 * abs(eager[0]), (fused, eager)
+    assert max(abs(a - b) / abs(b) for a, b in zip(fused, eager)) < 1e-2, (fused, eager)

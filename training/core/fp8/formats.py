@@ -84,10 +84,12 @@ def compute_scale(amax: torch.Tensor | float, fmt: str | FP8Format = E4M3, margi
         raise FP8ScaleError(f"{bad} of {amax.numel()} amax values are inf or NaN; the tensor overflowed "
                             f"before FP8 ({fmt.name}) quantisation. Fix the source of the non-finite values "
                             "(or skip this step, as delayed scaling does)")
-    # ratio = m * 2**exp with m in [0.5, 1), so floor(log2(ratio)) = exp - 1; float64 keeps the
-    # ratio finite for the tiniest float32 amax.
-    _, exp = torch.frexp(fmt.max / amax.double())
-    exp = (exp - 1 - margin).clamp(_MIN_EXP, _MAX_EXP).to(torch.float32)
+    # floor(log2(ratio)) is the unbiased exponent field of the float64 ratio: float64 keeps the ratio of
+    # any finite float32 amax normal and never rounds it across a power of two. (Bits rather than
+    # torch.frexp, which inductor's CPU code generation fails to vectorise.)
+    ratio_bits = (fmt.max / amax.double()).view(torch.int64)
+    exp = ((ratio_bits >> 52) & 0x7FF) - 1023
+    exp = (exp - margin).clamp(_MIN_EXP, _MAX_EXP).to(torch.float32)
     scale = torch.exp2(exp)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     return torch.where(torch.isnan(amax) | torch.isinf(amax), torch.full_like(scale, math.nan), scale)

@@ -190,14 +190,84 @@ def quantize_and_count(x: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor,
     if not count:
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         return q, zero, zero
-    a = y.abs()
-    return q, (a > fmax).sum(), ((a > 0) & (a <= half_min)).sum()
+    # Counted per row, then over the rows: compiled with dynamic shapes, one flat reduction of a large
+    # tensor became a kernel running at 5 % of an H100's bandwidth; per row it runs in parallel.
+    a = y.abs().reshape(-1, x.shape[-1]) if x.ndim > 1 and x.shape[-1] else y.abs().reshape(1, -1)
+    return q, (a > fmax).sum(dim=1).sum(), ((a > 0) & (a <= half_min)).sum(dim=1).sum()
+
+
+def delayed_scale_of(history: torch.Tensor, last_scale: torch.Tensor, fmt: FP8Format, margin: int) -> torch.Tensor:
+    """Delayed scaling's scale: from the largest amax of the history, or `last_scale` while the history
+    holds nothing (every step so far overflowed)."""
+    hmax = history.max()
+    return torch.where(hmax > 0, compute_scale(hmax, fmt, margin, check_finite=False), last_scale)
+
+
+def current_scale_of(amax: torch.Tensor, last_scale: torch.Tensor, fmt: FP8Format, margin: int) -> torch.Tensor:
+    """Current scaling's scale from this tensor's `amax`; a zero or non-finite amax keeps `last_scale`."""
+    finite = torch.isfinite(amax)
+    cur = compute_scale(torch.where(finite, amax, 0.0), fmt, margin, check_finite=False)
+    cur = torch.where(amax > 0, cur, last_scale)  # an all-zero tensor keeps the last scale
+    return torch.where(finite, cur, last_scale)
+
+
+def record_amax(amax: torch.Tensor, scale: torch.Tensor | None, finite: torch.Tensor, history: torch.Tensor,
+                last_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The history and last good scale after a step: a finite `amax` enters the history (most recent
+    first); a finite, non-zero one makes `scale` the last good scale (None: per-tile / per-block steps
+    keep it)."""
+    rolled = torch.cat([amax.reshape(1).float(), history[:-1]])  # (history_len,)
+    history = torch.where(finite, rolled, history)
+    if scale is not None:
+        last_scale = torch.where(finite & (amax > 0), scale, last_scale)
+    return history, last_scale
+
+
+def per_tensor_step(x: torch.Tensor, amax: torch.Tensor, history: torch.Tensor, last_scale: torch.Tensor,
+                    counters: torch.Tensor, fmt: FP8Format, margin: int, *, delayed: bool, zero_nonfinite: bool,
+                    count: bool) -> tuple[torch.Tensor, ...]:
+    """One recorded per-tensor quantisation of `x` (amax `amax`) as a pure function of the scaling state.
+
+    Returns ``(q, scale_inv, history, last_scale, counters)``: the FP8 tensor, its dequant scale, and
+    the state after the step. The scale is delayed (`delayed_scale_of`) or current (`current_scale_of`);
+    counters add saturated and flushed elements (when `count`), the step if its amax is non-finite, and
+    the elements (when `count`). `ScalingState(fused=True)` runs it through `torch.compile`: a couple of
+    kernels in place of some sixty small ops, which is what a GPU step is made of at small widths.
+    """
+    finite = torch.isfinite(amax)
+    scale = (delayed_scale_of(history, last_scale, fmt, margin) if delayed
+             else current_scale_of(amax, last_scale, fmt, margin))
+    keep = finite if zero_nonfinite else torch.ones((), dtype=torch.bool, device=x.device)
+    q, over, under = quantize_and_count(x, scale, keep, fmt.max, min_subnormal(fmt) / 2, fmt.dtype, count)
+    history, last_scale = record_amax(amax, scale, finite, history, last_scale)
+    elements = torch.full((), x.numel() if count else 0, dtype=torch.int64, device=x.device)
+    counters = counters + torch.stack([over, under, (~finite).to(torch.int64), elements])
+    return q, 1.0 / scale, history, last_scale, counters
 
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn: Callable) -> Callable:
-    """`torch.compile(fn)`, built once per function (the first call of each shape compiles: ~20 s on 2 cores)."""
-    return torch.compile(fn, dynamic=True)
+    """`torch.compile(fn, dynamic=True)`, built once per function (the first call of each shape compiles:
+    ~20 s on 2 cores). Tensor sizes stay symbolic; Python ints and floats among the arguments (formats'
+    limits, block sizes, betas) are compiled in as constants: left symbolic, they cost 8x on CPU. What
+    changes every step (learning rate, bias corrections) must therefore come in tensors."""
+    import torch._dynamo.config as dynamo_config
+
+    compiled_fn = torch.compile(fn, dynamic=True)
+    keys = [k for k in ("specialize_int", "specialize_float") if hasattr(dynamo_config, k)]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        saved = [getattr(dynamo_config, k) for k in keys]  # (config.patch builds a class per call: too slow here)
+        for k in keys:
+            setattr(dynamo_config, k, True)
+        try:
+            return compiled_fn(*args, **kwargs)
+        finally:
+            for k, value in zip(keys, saved):
+                setattr(dynamo_config, k, value)
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +321,7 @@ class ScalingState:
     def delayed_scale(self) -> torch.Tensor:
         """The scale delayed scaling gives now: from the history max, or the last good scale when the
         history holds nothing yet (every step so far overflowed)."""
-        hmax = self.amax_history.max()
-        return torch.where(hmax > 0, compute_scale(hmax, self.fmt, self.margin, check_finite=False), self.last_scale)
+        return delayed_scale_of(self.amax_history, self.last_scale, self.fmt, self.margin)
 
     def next_scale(self, amax: torch.Tensor | None = None) -> torch.Tensor:
         """The quantisation scale this state would use now for a tensor of amax `amax` (no update).
@@ -261,14 +330,12 @@ class ScalingState:
             return self.delayed_scale()
         if amax is None:
             raise ValueError("current scaling needs the tensor's amax")
-        finite = torch.isfinite(amax)
-        cur = compute_scale(torch.where(finite, amax, 0.0), self.fmt, self.margin, check_finite=False)
-        cur = torch.where(amax > 0, cur, self.last_scale)  # an all-zero tensor keeps the last scale
-        return torch.where(finite, cur, self.last_scale)
+        return current_scale_of(amax, self.last_scale, self.fmt, self.margin)
 
     def amax(self, x: torch.Tensor) -> torch.Tensor:
         """Per-tensor amax of `x` (float32, 0-dim), all-reduced with MAX across ranks if enabled."""
-        a = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        a = (torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32) if x.numel()  # max |x|, one kernel
+             else torch.zeros((), device=x.device))
         return all_reduce_max_(a, self.group) if self.reduce_amax else a
 
     # -- quantise + record ---------------------------------------------------------------------
@@ -279,16 +346,20 @@ class ScalingState:
         Records the step (amax into the history, counters). ``record=False`` (evaluation) leaves the
         state as it is: delayed scaling then uses the scale training reached (what an exported
         checkpoint stores as its static activation scale); current scaling still measures `x`."""
-        if not record and not self.in_warmup:
-            scale = self.delayed_scale()
-            return self._quantize(x, scale, torch.ones((), dtype=torch.bool, device=x.device), record), 1.0 / scale
+        if not record:
+            if self.in_warmup:  # current scaling still measures x
+                amax = self.amax(x) if amax is None else amax
+                scale, finite = self.next_scale(amax), torch.isfinite(amax)
+            else:
+                scale, finite = self.delayed_scale(), torch.ones((), dtype=torch.bool, device=x.device)
+            return self._quantize(x, scale, finite, count=False), 1.0 / scale
         amax = self.amax(x) if amax is None else amax
-        scale = self.next_scale(amax)
-        finite = torch.isfinite(amax)
-        q = self._quantize(x, scale, finite, record)
-        if record:
-            self._record(amax, scale, finite)
-        return q, 1.0 / scale
+        step = compiled(per_tensor_step) if self.fused else per_tensor_step
+        q, scale_inv, self.amax_history, self.last_scale, self._counters = step(
+            x.detach(), amax, self.amax_history, self.last_scale, self._counters, self.fmt, self.margin,
+            delayed=not self.in_warmup, zero_nonfinite=self.zero_nonfinite, count=self.count)
+        self.steps += 1
+        return q, scale_inv
 
     def quantize_tiles(self, x2d: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, C) → e4m3/e5m2 (R, C) and dequant scales (R, ceil(C / tile)), current per 1×tile tile."""
@@ -335,10 +406,7 @@ class ScalingState:
         return q
 
     def _record(self, amax: torch.Tensor, scale: torch.Tensor | None, finite: torch.Tensor) -> None:
-        rolled = torch.cat([amax.reshape(1).float(), self.amax_history[:-1]])  # (history_len,)
-        self.amax_history = torch.where(finite, rolled, self.amax_history)
-        if scale is not None:
-            self.last_scale = torch.where(finite & (amax > 0), scale, self.last_scale)
+        self.amax_history, self.last_scale = record_amax(amax, scale, finite, self.amax_history, self.last_scale)
         self.steps += 1
         self._counters[2] += (~finite).to(torch.int64)
 

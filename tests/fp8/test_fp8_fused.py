@@ -1,0 +1,85 @@
+"""The torch.compile'd FP8 passes (`precision.fp8_fuse`, on by default on CUDA) compute what the eager
+ones do: the per-tensor scaling step bit for bit (scale, FP8 bytes, history, counters), FP8AdamW's
+update to float32 rounding, with this step's learning rate. Each first call compiles (~15-45 s here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grmserve.training.config import PrecisionConfig
+from grmserve.training.core.fp8.optim import FP8AdamW
+from grmserve.training.core.fp8.scaling import ScalingState
+from grmserve.training.core.fp8.training_linear import FP8TrainingLinear
+from grmserve.training.precision import fp8_fused
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt,zero_nonfinite", [("e4m3", False), ("e5m2", True)])
+def test_fused_scaling_step_is_the_eager_step_bit_for_bit(fmt, zero_nonfinite):
+    eager, fused = (ScalingState(fmt, mode="delayed", history_len=4, warmup_steps=1, zero_nonfinite=zero_nonfinite,
+                                 fused=f) for f in (False, True))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(6):  # warm-up, then delayed; growing amax (overflows), an inf step, an all-zero step
+        x = torch.randn(40 + 16 * i, 48, generator=gen) * 10.0 ** (i - 2)
+        if i == 3:
+            x[0, 0] = float("inf")
+        if i == 5:
+            x.zero_()
+        (qa, sa), (qb, sb) = eager.quantize(x), fused.quantize(x)
+        assert torch.equal(_bits(qa), _bits(qb)) and torch.equal(sa, sb), i
+        for name in ("amax_history", "last_scale", "_counters"):
+            assert torch.equal(getattr(eager, name), getattr(fused, name)), (i, name)
+    assert eager.stats() == fused.stats() and fused.stats()["nonfinite_steps"] == 1
+    assert fused.stats()["overflow"] > 0  # delayed scaling lagged behind the growing amax
+
+
+def test_fused_training_linear_matches_eager_forward_and_backward():
+    torch.manual_seed(0)
+    x, g = torch.randn(32, 64), torch.randn(32, 48)
+    outs = []
+    for fuse in (False, True):
+        torch.manual_seed(1)
+        layer = FP8TrainingLinear(64, 48, recipe="delayed", grad_storage="fp8", fuse=fuse, compute_dtype=torch.float32)
+        for _ in range(2):  # a warm-up step, then a delayed one
+            xr = x.clone().requires_grad_(True)
+            y = layer(xr)
+            y.backward(g)
+        outs.append((y.detach(), xr.grad, layer.weight.scaled_grad))
+    (y0, dx0, w0), (y1, dx1, w1) = outs
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+    assert torch.equal(_bits(w0.q), _bits(w1.q)) and torch.equal(w0.scale_inv, w1.scale_inv)
+
+
+@pytest.mark.parametrize("master", ["fp32", "fp16"])
+def test_fused_fp8_adamw_tracks_eager_with_a_changing_learning_rate(master):
+    """A compiled update that baked in the first step's learning rate would drift at once."""
+    shapes = [(300, 64), (1000,)]  # one divides the 128-element blocks, one does not
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        runs.append((params, FP8AdamW(params, lr=1e-2, weight_decay=0.1, master_weights=master, fused=fused)))
+    for step in range(4):
+        grads = [torch.randn(s, generator=gen) * 10.0 ** -step for s in shapes]
+        for params, opt in runs:
+            opt.param_groups[0]["lr"] = 1e-2 * 0.5 ** step
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+    (eager, eager_opt), (fused, fused_opt) = runs
+    for a, b, w0 in zip(eager, fused, start):
+        moved = (a - w0).norm()
+        assert (a - b).norm() <= 1e-4 * moved, ((a - b).norm(), moved)
+        m_a, m_b = eager_opt.state[a]["exp_avg"], fused_opt.state[b]["exp_avg"]
+        assert m_b.dtype == torch.float8_e4m3fn and (_bits(m_a) != _bits(m_b)).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("setting,device,expected", [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda", False)])
+def test_fp8_fuse_setting(setting, device, expected):
+    assert fp8_fused(PrecisionConfig(mode="fp8-o2", fp8_fuse=setting), torch.device(device)) is expected
