@@ -121,11 +121,8 @@ def adamw_coefficients(*, step: float, lr: float, beta1: float, beta2: float, we
         >>> [round(c, 4) for c in adamw_coefficients(step=1.0, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.5).tolist()]
         [0.95, -1.0, 0.1]
     """
-    values = torch.tensor([1 - lr * weight_decay, -lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)],
-                          dtype=torch.float32)
-    if device is None or torch.device(device).type == "cpu":
-        return values
-    return values.pin_memory().to(device, non_blocking=True)  # from pageable memory the copy would sync the stream
+    return torch.tensor([1 - lr * weight_decay, -lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)],
+                        dtype=torch.float32, device=device)
 
 
 def adamw_update_(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v_sqrt: torch.Tensor, coef: torch.Tensor, *,
@@ -322,7 +319,9 @@ class FP8AdamW(torch.optim.Optimizer):
         if self._nonfinite_grads():
             self.skipped_steps += 1
             return loss
-        coefficients: dict[tuple, torch.Tensor] = {}  # one per group and step count, not one per parameter
+        # One coefficient tensor per group and step count, not per parameter: on CUDA each is a copy
+        # from pageable host memory, which waits for the stream.
+        coefficients: dict[tuple, torch.Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None or getattr(p, "scaled_grad", None) is not None:
