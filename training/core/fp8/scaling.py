@@ -302,7 +302,8 @@ class ScalingState:
         self.mode, self.history_len, self.warmup_steps, self.margin = mode, history_len, warmup_steps, margin
         self.zero_nonfinite, self.reduce_amax, self.count, self.group = zero_nonfinite, reduce_amax, count, group
         self.fused = fused
-        """Run the quantise-and-count pass through `torch.compile` (one fused kernel)."""
+        """Run each recorded per-tensor step (`per_tensor_step`) and the per-tile / per-block
+        quantise-and-count passes through `torch.compile` (bit-identical to eager)."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.amax_history = torch.zeros(history_len, dtype=torch.float32, device=device)
         """Most recent first; only finite amaxes enter."""

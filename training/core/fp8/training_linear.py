@@ -304,8 +304,8 @@ class FP8TrainingLinear(nn.Module):
     (a `ScaledGrad`, summed over micro-batches), and leaves ``weight.grad`` None: `FP8AdamW` and
     `clip_grad_norm_` read it. `keep_fp16_master()` then stores the weight itself as the FP16 master
     with a per-tensor scale (2 bytes per weight; `FP8AdamW` updates it in place).
-    `fuse`: run the quantise / dequantise passes through `torch.compile` (one kernel each; the first
-    call per shape compiles, ~20 s on 2 cores; it pays in long runs on CPU, see DESIGN.md).
+    `fuse`: run the quantise / dequantise passes through `torch.compile` (a few kernels each, same
+    bytes; `precision.fp8_fuse` turns it on for CUDA; on CPU the first call compiles, ~20 s on 2 cores).
     Scaling states travel in ``state_dict()`` (as extra state), so a resumed run is bit-identical.
 
         >>> import torch
