@@ -4,6 +4,10 @@ grm-train's precision plan and training step. Prints one JSON object; not a test
 
     $ .venv/bin/python bench/fp8_train.py --steps 8 --pairs 4 --tokens 128
     $ python bench/fp8_train.py --device cuda --random_init --pairs 16 --tokens 512   # GPU: torch._scaled_mm
+    $ .venv/bin/python bench/fp8_train.py --modes fp32,fp8-o1,fp8-o2 --fp8_fuse on --profile /tmp/prof
+
+`--fp8_fuse` sets precision.fp8_fuse (auto: the FP8 passes compiled on CUDA only); `--profile` runs one
+more step per mode under torch.profiler and reports its CUDA kernel count.
 
 Each mode runs in its own process (so peak RSS is its own). Bytes are counted from the real tensors
 after a forward/backward: the parameters, their gradients (``.grad``, or the E4M3 ``scaled_grad`` that O2
@@ -156,7 +160,7 @@ def run_mode(mode: str, args) -> dict:
 
 def _profile_step(step, batch, mode: str, args) -> int | None:
     """One more step under torch.profiler (not timed): the top operators and kernels go to
-    `<args.profile>/profile_<mode>.txt`; returns the number of CUDA kernels the step launched."""
+    `<args.profile>/profile_<mode>_<fp8_fuse>.txt`; returns the number of CUDA kernels the step launched."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,6 +1,7 @@
 """FP8 training on a CUDA GPU (sm89+): the `scaled_mm` backend of FP8TrainingLinear against fp32 and
 against the CPU emulation of the same FP8 operands, FP8AdamW with FP16 masters on the GPU, and a few
-FP8-O2 steps of a tiny GRM through the precision plan. Skipped without a GPU (CPU-side numerics of the
+FP8-O2 steps of a tiny GRM through the precision plan, with the FP8 passes compiled (precision.fp8_fuse)
+and eager. Skipped without a GPU (CPU-side numerics of the
 same GEMMs: test_fp8_training_linear.py::test_scaled_mm_on_cpu_matches_emulated)."""
 
 from __future__ import annotations
