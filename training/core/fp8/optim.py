@@ -150,9 +150,10 @@ def adamw_state_update(w: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, 
     dequantised from their blocks, updated (`adamw_update_`), stored again. Returns ``(w, exp_avg,
     exp_avg_scale_inv, exp_avg_sq, exp_avg_sq_scale_inv)``. Pure but for `w`, so `FP8AdamW(fused=True)`
     runs it through `torch.compile` (a few kernels in place of some fifty small ops per parameter)."""
-    # Fresh tensors, not views of the blocks: updated in place, views compile to slow scatters.
-    m = block_dequantize(exp_avg, exp_avg_scale_inv, block).clone()
-    v_sqrt = block_dequantize(exp_avg_sq, exp_avg_sq_scale_inv, block).clone()
+    m = block_dequantize(exp_avg, exp_avg_scale_inv, block)
+    v_sqrt = block_dequantize(exp_avg_sq, exp_avg_sq_scale_inv, block)
+    if torch.compiler.is_compiling():  # compiled, in-place updates of these views become slow scatters
+        m, v_sqrt = m.clone(), v_sqrt.clone()  # (inductor fuses the copies away; eager they would be real)
     adamw_update_(w, g, m, v_sqrt, coef, beta1=beta1, beta2=beta2, eps=eps)
     return (w, *block_quantize(m, block, m_format), *block_quantize(v_sqrt, block, FP16))
 
