@@ -54,7 +54,7 @@ class _MasterValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, master: "FP16Master") -> torch.Tensor:
         ctx.master = master
-        return weight.float() * master.weight_scale_inv
+        return master.value()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
