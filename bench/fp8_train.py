@@ -41,6 +41,10 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2)
 
+NARROW = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+"""`--narrow`: SmolLM2-135M's depth and parameter list (30 layers, 272 tensors) at widths where the
+arithmetic is negligible, so the step time is the host's: dispatching the ops (on CUDA, launching them)."""
+
 
 def _batch(vocab: int, pad_id: int, pairs: int, tokens: int, seed: int):
     import torch
@@ -65,8 +69,8 @@ def _to(batch, device):
                                          if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
-def _backbone(random_init: bool):
-    if not random_init:
+def _backbone(random_init: bool, narrow: bool = False):
+    if not random_init and not narrow:
         from grmserve.training.components import load_backbone
 
         lm, tok = load_backbone("smollm2", seed=0)
@@ -75,7 +79,8 @@ def _backbone(random_init: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), SMOLLM2_135M["vocab_size"], SMOLLM2_135M["pad_token_id"]
+    arch = {**SMOLLM2_135M, **NARROW} if narrow else SMOLLM2_135M
+    return LlamaForCausalLM(LlamaConfig(**arch)), arch["vocab_size"], arch["pad_token_id"]
 
 
 def _nbytes(tensors) -> int:
@@ -114,7 +119,7 @@ def run_mode(mode: str, args) -> dict:
     cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
-    lm, vocab, pad_id = _backbone(args.random_init)
+    lm, vocab, pad_id = _backbone(args.random_init, args.narrow)
     model = init_grm(lm, grm=GRMConfig(head=HeadConfig(dropout=0.0)))
     plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=device, shard=shard)
     step = TrainStep(plan.model, plan.optimizer, build_scheduler(plan.optimizer, cfg.optim, total_steps=args.steps),
@@ -231,6 +236,8 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--device", default="cpu", help="cpu or cuda (the FP8 GEMMs then run torch._scaled_mm)")
     p.add_argument("--random_init", action="store_true", help="SmolLM2-135M's architecture, random weights")
+    p.add_argument("--narrow", action="store_true",
+                   help="SmolLM2-135M's depth at tiny widths (random weights): a proxy for host-bound steps")
     p.add_argument("--fp8_fuse", default="auto", choices=("auto", "on", "off"),
                    help="precision.fp8_fuse of the fp8 modes (auto: torch.compile'd FP8 passes on CUDA only)")
     p.add_argument("--profile", default="", help="folder: profile one extra step per mode (top ops, CUDA kernel count)")
@@ -248,6 +255,7 @@ def main() -> None:
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device,
                "--fp8_fuse", args.fp8_fuse, "--profile", args.profile]
         cmd += ["--random_init"] if args.random_init else []
+        cmd += ["--narrow"] if args.narrow else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:  # one failed mode does not lose the others' figures
             print(f"{mode}: failed (exit {proc.returncode})\n{proc.stderr[-4000:]}", file=sys.stderr)
@@ -265,7 +273,7 @@ def main() -> None:
         if amp:
             r["memory_vs_bf16_amp"] = round(r["bytes_per_param"]["total"] / amp["bytes_per_param"]["total"], 3)
     print(json.dumps({"cpu": cpu_model(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
-                      "fp8_fuse": args.fp8_fuse,
+                      "fp8_fuse": args.fp8_fuse, "narrow": args.narrow,
                       "results": results, "fp8_o3": o3},
                      indent=1))
 

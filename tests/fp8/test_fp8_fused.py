@@ -37,13 +37,17 @@ def test_fused_scaling_step_is_the_eager_step_bit_for_bit(fmt, zero_nonfinite):
     assert fused.stats()["overflow"] > 0  # delayed scaling lagged behind the growing amax
 
 
-def test_fused_training_linear_matches_eager_forward_and_backward():
+@pytest.mark.parametrize("backend", ["emulated", "scaled_mm"])
+def test_fused_training_linear_matches_eager_forward_and_backward(backend):
+    """Both GEMM backends: the emulated one takes dequantised operands from the compiled passes,
+    `torch._scaled_mm` (on CPU here, as on a GPU) the FP8 bytes and their contiguous transposes."""
     torch.manual_seed(0)
     x, g = torch.randn(32, 64), torch.randn(32, 48)
     outs = []
     for fuse in (False, True):
         torch.manual_seed(1)
-        layer = FP8TrainingLinear(64, 48, recipe="delayed", grad_storage="fp8", fuse=fuse, compute_dtype=torch.float32)
+        layer = FP8TrainingLinear(64, 48, recipe="delayed", grad_storage="fp8", fuse=fuse, compute_dtype=torch.float32,
+                                  backend=backend, allow_cpu_scaled_mm=True)
         for _ in range(2):  # a warm-up step, then a delayed one
             xr = x.clone().requires_grad_(True)
             y = layer(xr)
@@ -75,6 +79,9 @@ def test_fused_fp8_adamw_tracks_eager_with_a_changing_learning_rate(master):
     for a, b, w0 in zip(eager, fused, start):
         moved = (a - w0).norm()
         assert (a - b).norm() <= 1e-4 * moved, ((a - b).norm(), moved)
+        if master == "fp16":  # the parameter is its master's value exactly (a fused kernel once kept float32)
+            st = fused_opt.state[b]
+            assert torch.equal(b.detach().reshape(-1), st["master"].float() * st["master_scale_inv"])
         m_a, m_b = eager_opt.state[a]["exp_avg"], fused_opt.state[b]["exp_avg"]
         assert m_b.dtype == torch.float8_e4m3fn and (_bits(m_a) != _bits(m_b)).float().mean() < 0.01
 

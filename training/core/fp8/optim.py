@@ -106,6 +106,11 @@ def stored_to_float32(q: torch.Tensor) -> torch.Tensor:
     return fp8_to_float32(q) if q.element_size() == 1 else q.float()
 
 
+def dequantize_scaled(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """float32 value of FP8 or float16 storage times its dequant scale(s) (broadcasting)."""
+    return stored_to_float32(q) * scale_inv
+
+
 def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of `block_quantize`: (n,) stored values, (nb,) dequant scales → (n,) float32."""
     vals = stored_to_float32(q)
@@ -158,6 +163,45 @@ def adamw_state_update(w: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, 
     return (w, *block_quantize(m, block, m_format), *block_quantize(v_sqrt, block, FP16))
 
 
+MasterKind = Literal["param", "own_fp16", "fp16"]
+"""Where a parameter's master weight lives: ``param`` (the float32 parameter itself), ``own_fp16`` (the
+parameter is float16 with its own scale tensor, updated in place), ``fp16`` (FP16 + scale in the
+optimizer state; the parameter is a working copy)."""
+
+
+def param_update(local: torch.Tensor, grad: torch.Tensor, grad_scale_inv: torch.Tensor | None,
+                 master: torch.Tensor | None, master_scale_inv: torch.Tensor | None, exp_avg: torch.Tensor,
+                 exp_avg_scale_inv: torch.Tensor, exp_avg_sq: torch.Tensor, exp_avg_sq_scale_inv: torch.Tensor,
+                 coef: torch.Tensor, *, master_kind: MasterKind, block: int, m_format: FP8Format, beta1: float,
+                 beta2: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """One parameter's whole O2 step: its gradient (`grad`, dequantised with `grad_scale_inv` when it is
+    a scaled one), its float32 master value (`master_kind`), `adamw_state_update`, and the new weight
+    written back: into `local` (this process's shard of the parameter, in place) and, for FP16
+    masters, into `master_scale_inv` (own) or the returned master. Returns ``(exp_avg, exp_avg_scale_inv,
+    exp_avg_sq, exp_avg_sq_scale_inv, master, master_scale_inv)`` (the last two None unless ``fp16``).
+    `FP8AdamW(fused=True)` compiles it: one call per parameter, all of its small ops inside."""
+    flat = local.reshape(-1)
+    g = grad.reshape(-1).float() if grad_scale_inv is None else dequantize_scaled(grad.reshape(-1), grad_scale_inv)
+    in_place = master_kind == "param" and local.is_contiguous() and not torch.compiler.is_compiling()
+    if master_kind == "param":
+        w = flat if in_place else flat.clone()  # eager: AdamW on the parameter itself, as torch's does
+    else:
+        w = dequantize_scaled(flat if master_kind == "own_fp16" else master, master_scale_inv)
+    w, *moments = adamw_state_update(w, g, exp_avg, exp_avg_scale_inv, exp_avg_sq, exp_avg_sq_scale_inv, coef,
+                                     block=block, m_format=m_format, beta1=beta1, beta2=beta2, eps=eps)
+    if master_kind == "own_fp16":
+        q, scale_inv = tensor_quantize(w, FP16)
+        local.copy_(q.view_as(local))
+        master_scale_inv.copy_(scale_inv)
+        return (*moments, None, None)
+    if master_kind == "fp16":
+        master, master_scale_inv = block_quantize(w, max(w.numel(), 1), FP16)
+        w = dequantize_scaled(master, master_scale_inv)
+    if not in_place:
+        local.copy_(w.view_as(local))
+    return (*moments, master, master_scale_inv)
+
+
 class ScaledGrad(NamedTuple):
     """A gradient kept in low precision with a 0-dim float32 power-of-two dequant scale, on the parameter
     as ``p.scaled_grad`` in place of ``p.grad`` (O2): E4M3 bytes for FP8 training linears (1 byte per
@@ -172,7 +216,7 @@ class ScaledGrad(NamedTuple):
     scale_inv: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
-        return stored_to_float32(self.q) * self.scale_inv
+        return dequantize_scaled(self.q, self.scale_inv)
 
     def all_finite(self) -> torch.Tensor:
         """Whether every value is finite (0-dim bool), read from the stored values without dequantising:
@@ -238,7 +282,7 @@ class FP8AdamW(torch.optim.Optimizer):
     """Drop-in `torch.optim.AdamW` (param groups, lr, betas, eps, weight_decay, decoupled decay) with
     FP8-LM O2 state: m in E4M3 with per-block scales, sqrt(v) in FP16 with per-block scales, master
     weights in the fp32 parameter or in FP16 + a per-tensor scale (see the module docstring).
-    `fused`: run each parameter's update through `torch.compile` (`adamw_state_update`): the same
+    `fused`: run each parameter's update through `torch.compile` (`param_update`): the same
     numbers, far fewer kernel launches (on CUDA); the first step compiles.
 
         >>> import torch
@@ -298,7 +342,7 @@ class FP8AdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _master_value(state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return state["master"].float() * state["master_scale_inv"]
+        return dequantize_scaled(state["master"], state["master_scale_inv"])
 
     def _nonfinite_grads(self) -> bool:
         flags = []
@@ -336,34 +380,31 @@ class FP8AdamW(torch.optim.Optimizer):
         if not state:
             state.update(self._init_state(p))
         state["step"] += 1
-        block, beta1, beta2 = self._block(p), *group["betas"]
-        own_master = _holds_own_master(p)
+        beta1, beta2 = group["betas"]
         local = local_shard(p.detach())  # FSDP2: this process's shard; the state is sharded alike
-        if own_master:
-            w = local.reshape(-1).float() * p.master_scale_inv
+        if _holds_own_master(p):
+            kind, master, master_scale_inv = "own_fp16", None, p.master_scale_inv
         elif self.master_weights == "fp16":
-            w = self._master_value(state)
+            kind, master, master_scale_inv = "fp16", state["master"], state["master_scale_inv"]
         else:
-            w = local.reshape(-1).clone()
-        update = compiled(adamw_state_update) if self.fused else adamw_state_update
-        keys = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
-        key = (float(state["step"]), group["lr"], beta1, beta2, group["weight_decay"], w.device)
+            kind, master, master_scale_inv = "param", None, None
+        key = (float(state["step"]), group["lr"], beta1, beta2, group["weight_decay"], local.device)
         if key not in coefficients:
             coefficients[key] = adamw_coefficients(step=key[0], lr=key[1], beta1=beta1, beta2=beta2,
-                                                   weight_decay=key[4], device=w.device)
-        coef = coefficients[key]
-        w, *stored = update(w, gradient(p).detach().reshape(-1).float(), *(state[k] for k in keys), coef,
-                            block=block, m_format=self.m_format, beta1=beta1, beta2=beta2, eps=group["eps"])
-        state.update(zip(keys, stored))
-        if own_master:
-            q, scale_inv = (compiled(tensor_quantize) if self.fused else tensor_quantize)(w, FP16)
-            local.copy_(q.view_as(local))
-            p.master_scale_inv.copy_(scale_inv)
-            return
-        if self.master_weights == "fp16":
-            state["master"], state["master_scale_inv"] = block_quantize(w, max(w.numel(), 1), FP16)
-            w = self._master_value(state)
-        local.copy_(w.view_as(local))
+                                                   weight_decay=key[4], device=local.device)
+        if p.grad is not None:
+            grad, grad_scale_inv = local_shard(p.grad).detach(), None
+        else:
+            grad, grad_scale_inv = p.scaled_grad
+        keys = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
+        update = compiled(param_update) if self.fused else param_update
+        *moments, master, master_scale_inv = update(
+            local, grad, grad_scale_inv, master, master_scale_inv, *(state[k] for k in keys), coefficients[key],
+            master_kind=kind, block=self._block(p), m_format=self.m_format, beta1=beta1, beta2=beta2,
+            eps=group["eps"])
+        state.update(zip(keys, moments))
+        if kind == "fp16":
+            state["master"], state["master_scale_inv"] = master, master_scale_inv
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -223,10 +223,18 @@ def record_amax(amax: torch.Tensor, scale: torch.Tensor | None, finite: torch.Te
     return history, last_scale
 
 
-def per_tensor_step(x: torch.Tensor, amax: torch.Tensor, history: torch.Tensor, last_scale: torch.Tensor,
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-dim float32 tensor (0 for an empty tensor), one kernel."""
+    if not x.numel():
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32)
+
+
+def per_tensor_step(x: torch.Tensor, amax: torch.Tensor | None, history: torch.Tensor, last_scale: torch.Tensor,
                     counters: torch.Tensor, fmt: FP8Format, margin: int, *, delayed: bool, zero_nonfinite: bool,
                     count: bool) -> tuple[torch.Tensor, ...]:
-    """One recorded per-tensor quantisation of `x` (amax `amax`) as a pure function of the scaling state.
+    """One recorded per-tensor quantisation of `x` (amax `amax`, or None: computed here, so that a
+    compiled step fuses it) as a pure function of the scaling state.
 
     Returns ``(q, scale_inv, history, last_scale, counters)``: the FP8 tensor, its dequant scale, and
     the state after the step. The scale is delayed (`delayed_scale_of`) or current (`current_scale_of`);
@@ -234,6 +242,7 @@ def per_tensor_step(x: torch.Tensor, amax: torch.Tensor, history: torch.Tensor, 
     the elements (when `count`). `ScalingState(fused=True)` runs it through `torch.compile`: a couple of
     kernels in place of some sixty small ops, which is what a GPU step is made of at small widths.
     """
+    amax = tensor_amax(x) if amax is None else amax
     finite = torch.isfinite(amax)
     scale = (delayed_scale_of(history, last_scale, fmt, margin) if delayed
              else current_scale_of(amax, last_scale, fmt, margin))
@@ -250,10 +259,13 @@ def compiled(fn: Callable) -> Callable:
     """`torch.compile(fn, dynamic=True)`, built once per function (the first call of each shape compiles:
     ~20 s on 2 cores). Tensor sizes stay symbolic; Python ints and floats among the arguments (formats'
     limits, block sizes, betas) are compiled in as constants: left symbolic, they cost 8x on CPU. What
-    changes every step (learning rate, bias corrections) must therefore come in tensors."""
+    changes every step (learning rate, bias corrections) must therefore come in tensors. Casts are
+    rounded as eager rounds them (inductor's ``emulate_precision_casts``): by default a fused kernel
+    keeps ``x.to(float16).float()`` in float32, which made an FP16 master's copy in the parameter
+    differ from the master itself."""
     import torch._dynamo.config as dynamo_config
 
-    compiled_fn = torch.compile(fn, dynamic=True)
+    compiled_fn = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
     keys = [k for k in ("specialize_int", "specialize_float") if hasattr(dynamo_config, k)]
 
     @functools.wraps(fn)
@@ -335,9 +347,12 @@ class ScalingState:
 
     def amax(self, x: torch.Tensor) -> torch.Tensor:
         """Per-tensor amax of `x` (float32, 0-dim), all-reduced with MAX across ranks if enabled."""
-        a = (torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32) if x.numel()  # max |x|, one kernel
-             else torch.zeros((), device=x.device))
+        a = tensor_amax(x)
         return all_reduce_max_(a, self.group) if self.reduce_amax else a
+
+    def amax_is_local(self) -> bool:
+        """Whether this process's amax is the one to use (no MAX all-reduce across ranks to wait for)."""
+        return not (self.reduce_amax and dist.is_available() and dist.is_initialized())
 
     # -- quantise + record ---------------------------------------------------------------------
 
@@ -354,13 +369,26 @@ class ScalingState:
             else:
                 scale, finite = self.delayed_scale(), torch.ones((), dtype=torch.bool, device=x.device)
             return self._quantize(x, scale, finite, count=False), 1.0 / scale
-        amax = self.amax(x) if amax is None else amax
+        if amax is None and not self.amax_is_local():
+            amax = self.amax(x)  # else the step computes it (inside the compiled step, when fused)
+        state, constants = self.step_args(amax)
         step = compiled(per_tensor_step) if self.fused else per_tensor_step
-        q, scale_inv, self.amax_history, self.last_scale, self._counters = step(
-            x.detach(), amax, self.amax_history, self.last_scale, self._counters, self.fmt, self.margin,
-            delayed=not self.in_warmup, zero_nonfinite=self.zero_nonfinite, count=self.count)
-        self.steps += 1
+        q, scale_inv, *after = step(x.detach(), *state, **constants)
+        self.commit(*after)
         return q, scale_inv
+
+    def step_args(self, amax: torch.Tensor | None = None) -> tuple[tuple, dict[str, Any]]:
+        """`per_tensor_step`'s arguments after the tensor, for recording a step now: ``(amax, history,
+        last_scale, counters)`` (amax None: the step measures the tensor) and the constants (format,
+        margin, delayed or current, zero_nonfinite, count). `commit` takes the state the step returns."""
+        return ((amax, self.amax_history, self.last_scale, self._counters),
+                dict(fmt=self.fmt, margin=self.margin, delayed=not self.in_warmup,
+                     zero_nonfinite=self.zero_nonfinite, count=self.count))
+
+    def commit(self, history: torch.Tensor, last_scale: torch.Tensor, counters: torch.Tensor) -> None:
+        """Take the state after a recorded step (the last three outputs of `per_tensor_step`)."""
+        self.amax_history, self.last_scale, self._counters = history, last_scale, counters
+        self.steps += 1
 
     def quantize_tiles(self, x2d: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, C) → e4m3/e5m2 (R, C) and dequant scales (R, ceil(C / tile)), current per 1×tile tile."""

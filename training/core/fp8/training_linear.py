@@ -46,7 +46,7 @@ from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .fsdp import FP8AllGatherWeight, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
-from .optim import FP16, ScaledGrad, tensor_quantize
+from .optim import FP16, ScaledGrad, dequantize_scaled, tensor_quantize
 from .scaling import (
     FP8TrainingRecipe,
     RoleStates,
@@ -57,6 +57,7 @@ from .scaling import (
     expand_blocks,
     expand_tiles,
     get_training_recipe,
+    per_tensor_step,
     quantize_scaled,
 )
 
@@ -203,29 +204,116 @@ def quantize_weight_operand(state: ScalingState, recipe: FP8TrainingRecipe, w: t
     return FP8Operand(*state.quantize(w, record=record), "tensor")
 
 
-def quantize_grad_output(states: RoleStates, recipe: FP8TrainingRecipe, g2d: torch.Tensor
-                         ) -> tuple[FP8Operand, FP8Operand]:
-    """(M, N) output gradient → E5M2 operands for dgrad (along N) and wgrad (transposed, along M)."""
-    if recipe.granularity == "block":
-        g_rows = FP8Operand(*states.grad_output.quantize_tiles(g2d, recipe.tile), "tile", recipe.tile)
-        g_cols = FP8Operand(*states.grad_output.quantize_tiles(g2d.t(), recipe.tile), "tile", recipe.tile)  # (N, M)
-        return g_rows, g_cols
-    g = FP8Operand(*states.grad_output.quantize(g2d), "tensor")
-    return g, transpose_operand(g)
+def quantize_grad_output_tiles(states: RoleStates, recipe: FP8TrainingRecipe, g2d: torch.Tensor
+                               ) -> tuple[FP8Operand, FP8Operand]:
+    """``block`` recipe: (M, N) output gradient → E5M2 1×tile operands for dgrad (along N) and wgrad
+    (transposed, along M). Per-tensor recipes quantise it in `backward_pass`."""
+    g_rows = FP8Operand(*states.grad_output.quantize_tiles(g2d, recipe.tile), "tile", recipe.tile)
+    g_cols = FP8Operand(*states.grad_output.quantize_tiles(g2d.t(), recipe.tile), "tile", recipe.tile)  # (N, M)
+    return g_rows, g_cols
 
 
 def retile_input_for_wgrad(states: RoleStates, recipe: FP8TrainingRecipe, xq: FP8Operand,
                            fused: bool = False) -> FP8Operand:
-    """The saved (M, K) FP8 input as the (K, M) operand of wgrad (contraction over tokens M)."""
-    if recipe.granularity == "block":
-        xt = dequantize_operand(xq, fused=fused).t()  # (K, M), exact
-        return FP8Operand(*states.input.quantize_tiles(xt, recipe.tile), "tile", recipe.tile)
-    return transpose_operand(xq)
+    """``block`` recipe: the saved (M, K) FP8 input as the (K, M) operand of wgrad (contraction over
+    tokens M), re-tiled along M."""
+    xt = dequantize_operand(xq, fused=fused).t()  # (K, M), exact
+    return FP8Operand(*states.input.quantize_tiles(xt, recipe.tile), "tile", recipe.tile)
 
 
 def weight_for_dgrad(wq: FP8Operand) -> FP8Operand:
     """The (N, K) FP8 weight as the (K, N) operand of dgrad (``g @ w = g @ (w.T).T``)."""
     return transpose_operand(wq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tensor training passes: all the work between the GEMMs, one pure function each way
+
+
+def fp16_master_value(weight: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
+    """A weight's value: itself, or (an FP16 master, `keep_fp16_master`) float32 times its scale."""
+    return weight if scale_inv is None else dequantize_scaled(weight, scale_inv)
+
+
+def forward_pass(x2d: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor | None,
+                 x_step: tuple, w_step: tuple, x_constants: dict[str, Any], w_constants: dict[str, Any],
+                 upcast: torch.dtype | None) -> tuple:
+    """The forward of a per-tensor recipe up to its GEMM: records the input's and the weight's steps
+    (`per_tensor_step` with each role's `ScalingState.step_args`) and, for the emulated GEMM (`upcast`:
+    its dtype), dequantises both operands. Returns ``(xq, x_scale_inv, wq, w_scale_inv, x_state (3),
+    w_state (3), x value, w value)`` (values None without `upcast`). `FP8TrainingLinear(fuse=True)`
+    compiles it: one call where each role's step was a call of its own, and the amaxes inside."""
+    w = fp16_master_value(weight, weight_scale_inv)
+    xq, xs, *x_state = per_tensor_step(x2d, *x_step, **x_constants)
+    wq, ws, *w_state = per_tensor_step(w, *w_step, **w_constants)
+    xv = wv = None
+    if upcast is not None:
+        xv, wv = _scaled_upcast(xq, xs, upcast), _scaled_upcast(wq, ws, upcast)
+    return xq, xs, wq, ws, *x_state, *w_state, xv, wv
+
+
+def backward_pass(g2d: torch.Tensor, g_step: tuple, g_constants: dict[str, Any], xq: torch.Tensor,
+                  xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, upcast: torch.dtype | None) -> tuple:
+    """The backward of a per-tensor recipe up to its GEMMs: records the output gradient's step (E5M2)
+    and lays out the operands of dgrad (``g @ w``) and wgrad (``g.T @ x``). For the emulated GEMM
+    (`upcast`) those are the dequantised g, x and w; for `torch._scaled_mm`, the contiguous transposes
+    it needs (g.T, x.T, w.T: its second operand is column-major). Returns ``(gq, g_scale_inv,
+    g_state (3), three operands)``."""
+    gq, gs, *g_state = per_tensor_step(g2d, *g_step, **g_constants)
+    if upcast is not None:
+        operands = (_scaled_upcast(gq, gs, upcast), _scaled_upcast(xq, xs, upcast), _scaled_upcast(wq, ws, upcast))
+    else:
+        operands = (gq.t().contiguous(), xq.t().contiguous(), wq.t().contiguous())
+    return gq, gs, *g_state, *operands
+
+
+def weight_grad_pass(wgrad: torch.Tensor, previous_q: torch.Tensor | None, previous_scale_inv: torch.Tensor | None,
+                     step: tuple, constants: dict[str, Any], upcast: torch.dtype | None) -> tuple:
+    """The FP8 weight gradient (FP8-LM O1): `wgrad` (plus the stored FP8 gradient of an earlier
+    micro-batch, summed in float32: one rounding per micro-batch) recorded in the ``weight_grad`` role
+    (`per_tensor_step`). Returns ``(q, scale_inv, state (3), value)``: value dequantised to `upcast`
+    (for ``weight.grad``), or None."""
+    if previous_q is not None:
+        wgrad = wgrad.float() + ScaledGrad(previous_q, previous_scale_inv).dequantize()
+    q, s, *state = per_tensor_step(wgrad, *step, **constants)
+    return q, s, *state, (_scaled_upcast(q, s, upcast) if upcast is not None else None)
+
+
+def _per_tensor_forward(layer: "FP8TrainingLinear", x2d: torch.Tensor, weight: torch.Tensor, backend: str,
+                        cdt: torch.dtype) -> tuple[torch.Tensor, FP8Operand, FP8Operand]:
+    """``(y, xq, wq)`` of a recording forward with a per-tensor recipe, through `forward_pass`."""
+    states, scale_inv = layer.states, getattr(layer, "weight_scale_inv", None)
+    x_amax = None if states.input.amax_is_local() else states.input.amax(x2d)
+    w_amax = None if states.weight.amax_is_local() else states.weight.amax(fp16_master_value(weight, scale_inv))
+    (x_step, x_constants), (w_step, w_constants) = states.input.step_args(x_amax), states.weight.step_args(w_amax)
+    upcast = cdt if backend == "emulated" else None
+    run = compiled(forward_pass) if layer.fuse else forward_pass
+    xq, xs, wq, ws, *rest = run(x2d.detach(), weight.detach(), scale_inv, x_step, w_step, x_constants, w_constants,
+                                upcast)
+    states.input.commit(*rest[:3])
+    states.weight.commit(*rest[3:6])
+    xv, wv = rest[6:]
+    a, b = FP8Operand(xq, xs, "tensor"), FP8Operand(wq, ws, "tensor")
+    return (F.linear(xv, wv) if upcast is not None else fp8_gemm(a, b, backend, cdt)), a, b
+
+
+def _per_tensor_backward(layer: "FP8TrainingLinear", g2d: torch.Tensor, xq: FP8Operand, wq: FP8Operand, backend: str,
+                         cdt: torch.dtype, need: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dgrad (M, K), wgrad (N, K))`` of a per-tensor recipe, through `backward_pass`; `need` says
+    which of the two to compute."""
+    st = layer.states.grad_output
+    g_step, g_constants = st.step_args(None if st.amax_is_local() else st.amax(g2d))
+    upcast = cdt if backend == "emulated" else None
+    run = compiled(backward_pass) if layer.fuse else backward_pass
+    gq, gs, *rest = run(g2d.detach(), g_step, g_constants, xq.q, xq.scale_inv, wq.q, wq.scale_inv, upcast)
+    st.commit(*rest[:3])
+    g_op, x_op, w_op = rest[3:]
+    if upcast is not None:  # dequantised operands: dgrad = g @ w, wgrad = g.T @ x
+        dgrad = F.linear(g_op, w_op.t()) if need[0] else None
+        return dgrad, (F.linear(g_op.t(), x_op.t()) if need[1] else None)
+    dgrad = gemm_scaled_mm(FP8Operand(gq, gs), FP8Operand(w_op, wq.scale_inv)) if need[0] else None  # w_op: (K, N)
+    wgrad = gemm_scaled_mm(FP8Operand(g_op, gs), FP8Operand(x_op, xq.scale_inv)) if need[1] else None  # (N, M) × (K, M)
+    return dgrad, wgrad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,16 +329,19 @@ class _FP8LinearFunction(torch.autograd.Function):
         backend, cdt = layer.resolved_backend(x.device), layer.resolved_compute_dtype(x.device)
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
         record = layer.training  # evaluation leaves the scaling state (and so the next training step) alone
-        xq = quantize_input(states, recipe, x2d, record)
         gathered = gathered_weight_operand(weight)
-        if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
-            q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
-            wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
-            if record:
-                states.weight.record_quantized(amax, scale_inv)
+        if record and recipe.granularity == "tensor" and gathered is None:  # training's common case: one pass
+            y, xq, wq = _per_tensor_forward(layer, x2d, weight, backend, cdt)
         else:
-            wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight), record)
-        y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
+            xq = quantize_input(states, recipe, x2d, record)
+            if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
+                q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
+                wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
+                if record:
+                    states.weight.record_quantized(amax, scale_inv)
+            else:
+                wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight), record)
+            y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.layer, ctx.backend, ctx.cdt = layer, backend, cdt
@@ -266,14 +357,20 @@ class _FP8LinearFunction(torch.autograd.Function):
         xq_q, xq_s, wq_q, wq_s = ctx.saved_tensors
         xq, wq = FP8Operand(xq_q, xq_s, xkind, xsize), FP8Operand(wq_q, wq_s, wkind, wsize)
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        g_rows, g_cols = quantize_grad_output(states, recipe, g2d)
         dgrad = wgrad = None
+        if recipe.granularity == "tensor":
+            dgrad, wgrad = _per_tensor_backward(layer, g2d, xq, wq, backend, cdt, ctx.needs_input_grad[:2])
+        else:
+            g_rows, g_cols = quantize_grad_output_tiles(states, recipe, g2d)
+            if ctx.needs_input_grad[0]:
+                dgrad = fp8_gemm(g_rows, weight_for_dgrad(wq), backend, cdt, layer.fuse)  # (M, K)
+            if ctx.needs_input_grad[1]:
+                xt = retile_input_for_wgrad(states, recipe, xq, layer.fuse)  # (K, M)
+                wgrad = fp8_gemm(g_cols, xt, backend, cdt, layer.fuse)  # (N, K)
         if ctx.needs_input_grad[0]:
-            dgrad = fp8_gemm(g_rows, weight_for_dgrad(wq), backend, cdt, layer.fuse)  # (M, K)
             dgrad = dgrad.to(xdtype).reshape(xshape)
         if ctx.needs_input_grad[1]:
-            xt = retile_input_for_wgrad(states, recipe, xq, layer.fuse)  # (K, M)
-            wgrad = layer.finish_weight_grad(fp8_gemm(g_cols, xt, backend, cdt, layer.fuse))  # (N, K) or None
+            wgrad = layer.finish_weight_grad(wgrad)  # (N, K) or None
         dbias = g2d.float().sum(0).to(grad_out.dtype) if has_bias and ctx.needs_input_grad[2] else None
         return dgrad, wgrad, dbias, None
 
@@ -366,9 +463,7 @@ class FP8TrainingLinear(nn.Module):
 
     def effective_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The weight's value: the parameter, or the FP16 master times its scale (`keep_fp16_master`)."""
-        weight = self.weight if weight is None else weight
-        scale_inv = getattr(self, "weight_scale_inv", None)
-        return weight if scale_inv is None else weight.float() * scale_inv
+        return fp16_master_value(self.weight if weight is None else weight, getattr(self, "weight_scale_inv", None))
 
     @torch.no_grad()
     def keep_fp16_master(self) -> None:
@@ -397,15 +492,19 @@ class FP8TrainingLinear(nn.Module):
         Without `fp8_weight_grad`, just cast."""
         if not self.fp8_weight_grad:
             return wgrad.to(self.weight.dtype)
-        if self.grad_storage == "fp8":
-            previous = getattr(self.weight, "scaled_grad", None)
-            if previous is not None:  # gradient accumulation: sum in float32, one rounding per micro-batch
-                wgrad = wgrad.float() + previous.dequantize()
-        q, s_inv = self.states.weight_grad.quantize(wgrad)
-        if self.grad_storage == "fp8":
+        st, keep_fp8 = self.states.weight_grad, self.grad_storage == "fp8"
+        previous = getattr(self.weight, "scaled_grad", None) if keep_fp8 else None
+        if previous is not None and not st.amax_is_local():  # the shared amax is the sum's
+            wgrad, previous = wgrad.float() + previous.dequantize(), None
+        step, constants = st.step_args(None if st.amax_is_local() else st.amax(wgrad))
+        run = compiled(weight_grad_pass) if self.fuse else weight_grad_pass
+        q, s_inv, *rest = run(wgrad, *(previous or (None, None)), step, constants,
+                              None if keep_fp8 else self.weight.dtype)
+        st.commit(*rest[:3])
+        if keep_fp8:
             self.weight.scaled_grad = ScaledGrad(q, s_inv)
             return None
-        return dequantize_operand(FP8Operand(q, s_inv), self.weight.dtype, self.fuse)
+        return rest[3]
 
     # -- checkpoints and reporting ---------------------------------------------------------------
 
