@@ -58,16 +58,18 @@ def test_fused_training_linear_matches_eager_forward_and_backward(backend):
     assert torch.equal(_bits(w0.q), _bits(w1.q)) and torch.equal(w0.scale_inv, w1.scale_inv)
 
 
-@pytest.mark.parametrize("master", ["fp32", "fp16"])
-def test_fused_fp8_adamw_tracks_eager_with_a_changing_learning_rate(master):
-    """A compiled update that baked in the first step's learning rate would drift at once."""
+@pytest.mark.parametrize("master,foreach", [("fp32", True), ("fp16", True), ("fp16", False)])
+def test_fused_fp8_adamw_tracks_eager_with_a_changing_learning_rate(master, foreach):
+    """A compiled update that baked in the first step's learning rate would drift at once. Both the
+    bucketed update (`foreach`) and the one-parameter one."""
     shapes = [(300, 64), (1000,)]  # one divides the 128-element blocks, one does not
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=gen) for s in shapes]
     runs = []
     for fused in (False, True):
         params = [torch.nn.Parameter(w.clone()) for w in start]
-        runs.append((params, FP8AdamW(params, lr=1e-2, weight_decay=0.1, master_weights=master, fused=fused)))
+        runs.append((params, FP8AdamW(params, lr=1e-2, weight_decay=0.1, master_weights=master, fused=fused,
+                                                foreach=foreach)))
     for step in range(4):
         grads = [torch.randn(s, generator=gen) * 10.0 ** -step for s in shapes]
         for params, opt in runs:

@@ -7,7 +7,14 @@ import io
 import pytest
 import torch
 
-from grmserve.training.core.fp8.optim import FP16, FP8AdamW, ScaledGrad, block_dequantize, block_quantize
+from grmserve.training.core.fp8.optim import (
+    FP16,
+    FP8AdamW,
+    ScaledGrad,
+    block_dequantize,
+    block_quantize,
+    tensor_quantize,
+)
 
 
 def _problem(seed: int = 0):
@@ -158,3 +165,51 @@ def test_second_moment_survives_tiny_gradients():
 def test_fp32_master_refuses_low_precision_params():
     with pytest.raises(ValueError, match="master_weights='fp16'"):
         FP8AdamW([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))])
+
+
+def _param_kinds(kind: str, seed: int) -> list[torch.nn.Parameter]:
+    """Parameters of one master kind, sizes that do and do not fill 128-element blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(48, 40), (64, 32), (300,), (7,), (130,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    if kind == "own_fp16":  # the FP16 master is the parameter itself (FP8 training linears, embeddings)
+        for p in params:
+            q, scale_inv = tensor_quantize(p.detach(), FP16)
+            p.data = q
+            p.master_scale_inv = scale_inv
+    return params
+
+
+@pytest.mark.parametrize("kind,master", [("param", "fp32"), ("fp16", "fp16"), ("own_fp16", "fp32")])
+@pytest.mark.parametrize("grads", ["dense", "e4m3", "fp16"])
+def test_buckets_update_exactly_as_one_parameter_at_a_time(kind, master, grads):
+    """`foreach` (flat buffers, one update for many parameters) gives the bytes of the per-parameter
+    update: parameters, FP16 masters and their scales, moments and their block scales, over steps
+    with a changing learning rate."""
+    runs = []
+    for foreach in (False, True):
+        params = _param_kinds(kind, seed=0)
+        runs.append((params, FP8AdamW(params, lr=1e-2, weight_decay=0.1, master_weights=master, foreach=foreach)))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        values = [torch.randn(p.shape, generator=gen) * 10.0 ** -step for p in runs[0][0]]
+        for params, opt in runs:
+            opt.param_groups[0]["lr"] = 1e-2 * 0.7 ** step
+            for p, v in zip(params, values):
+                if grads == "dense":
+                    p.grad = v.to(p.dtype)
+                else:
+                    p.scaled_grad = ScaledGrad.quantize(v, torch.float8_e4m3fn if grads == "e4m3" else torch.float16)
+            if opt.foreach:
+                assert len(opt._buckets(params)) == 1  # all five in one bucket
+            opt.step()
+            opt.zero_grad()
+    (one, one_opt), (many, many_opt) = runs
+    for a, b in zip(one, many):
+        assert _same_bits(a.detach(), b.detach())
+        if kind == "own_fp16":
+            assert torch.equal(a.master_scale_inv, b.master_scale_inv)
+        sa, sb = one_opt.state[a], many_opt.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert _same_bits(sa[key], sb[key]), key

@@ -202,6 +202,43 @@ def param_update(local: torch.Tensor, grad: torch.Tensor, grad_scale_inv: torch.
     return (*moments, master, master_scale_inv)
 
 
+def bucket_update(w: torch.Tensor, w_block_scale_inv: torch.Tensor | None, g: torch.Tensor,
+                  g_block_scale_inv: torch.Tensor | None, exp_avg: torch.Tensor, exp_avg_scale_inv: torch.Tensor,
+                  exp_avg_sq: torch.Tensor, exp_avg_sq_scale_inv: torch.Tensor, coef: torch.Tensor,
+                  owner: torch.Tensor, param_amax: torch.Tensor, *, master_kind: MasterKind, block: int,
+                  m_format: FP8Format, beta1: float, beta2: float, eps: float) -> tuple[torch.Tensor | None, ...]:
+    """`param_update` for many parameters at once, on flat buffers where each parameter starts on a
+    block boundary (zero padding between them): `w` its masters (float32, or FP16 with per-block
+    copies of each parameter's scale), `g` the gradients (dense, or stored with per-block scales), the
+    moments as `FP8AdamW` keeps them. Each block belongs to one parameter (`owner`: its index per
+    block), so the moments' block scales are those of the parameter-by-parameter update, and FP16
+    masters get one scale per parameter from the parameter's amax (`param_amax`: zeros, one per
+    parameter). Returns ``(w, master_scale_inv, value, exp_avg, exp_avg_scale_inv, exp_avg_sq,
+    exp_avg_sq_scale_inv)``: for ``param`` the new float32 masters; for FP16 masters the new FP16
+    values, their scale per parameter and (``fp16``, where the parameter is a working copy) their
+    float32 value. Same numbers as `param_update`, parameter by parameter."""
+    def scaled(values: torch.Tensor, block_scale_inv: torch.Tensor | None) -> torch.Tensor:
+        if block_scale_inv is None:
+            return values.float()
+        return (_blocks(stored_to_float32(values), block) * block_scale_inv.unsqueeze(1)).reshape(-1)
+
+    w = scaled(w, w_block_scale_inv)
+    if torch.compiler.is_compiling():
+        w = w.clone()
+    w, *moments = adamw_state_update(w, scaled(g, g_block_scale_inv), exp_avg, exp_avg_scale_inv, exp_avg_sq,
+                                     exp_avg_sq_scale_inv, coef, block=block, m_format=m_format, beta1=beta1,
+                                     beta2=beta2, eps=eps)
+    if master_kind == "param":
+        return (w, None, None, *moments)
+    amax = param_amax.scatter_reduce(0, owner, _blocks(w.abs(), block).amax(dim=1), "amax", include_self=True)
+    scale = torch.where(amax > 0, compute_scale(torch.where(amax > 0, amax, 1.0), FP16, 0, check_finite=False),
+                        torch.ones_like(amax))  # (P,): tensor_quantize's scale of each parameter
+    scale_inv = 1.0 / scale
+    q = (_blocks(w, block) * scale[owner].unsqueeze(1)).clamp_(-FP16.max, FP16.max).to(torch.float16)
+    value = scaled(q.reshape(-1), scale_inv[owner]) if master_kind == "fp16" else None
+    return (q.reshape(-1), scale_inv, value, *moments)
+
+
 class ScaledGrad(NamedTuple):
     """A gradient kept in low precision with a 0-dim float32 power-of-two dequant scale, on the parameter
     as ``p.scaled_grad`` in place of ``p.grad`` (O2): E4M3 bytes for FP8 training linears (1 byte per
@@ -278,6 +315,48 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
 # The optimizer
 
 
+class _BucketLayout(NamedTuple):
+    """Where each parameter of a bucket lives in its flat buffers: from a block boundary, zero padding
+    to the next one. `split`: the buffer's split sizes (elements, padding, elements, ...); `blocks`:
+    blocks per parameter; `owner`: the parameter index of each block (on the device)."""
+
+    split: list[int]
+    blocks: list[int]
+    owner: torch.Tensor
+
+    @staticmethod
+    def of(numels: list[int], block: int, device: torch.device) -> "_BucketLayout":
+        blocks = [-(-n // block) for n in numels]
+        split = [size for n, nb in zip(numels, blocks) for size in (n, nb * block - n)]
+        owner = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(blocks)).to(device)
+        return _BucketLayout(split, blocks, owner)
+
+    def per_block(self, per_param: torch.Tensor) -> torch.Tensor:
+        """(P,) values → (blocks,): each block gets its parameter's."""
+        return per_param[self.owner]
+
+    def gather(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One flat buffer holding `tensors` (same dtype) at their places, zeros between them."""
+        flat = torch.zeros(sum(self.split), dtype=tensors[0].dtype, device=tensors[0].device)
+        torch._foreach_copy_(self._pieces(flat), [_bytes(t.reshape(-1)) for t in tensors])
+        return flat
+
+    def scatter(self, flat: torch.Tensor, targets: list[torch.Tensor]) -> None:
+        """Copy each parameter's piece of `flat` into `targets` (contiguous; cast to their dtype)."""
+        if flat.dtype == targets[0].dtype:
+            torch._foreach_copy_([_bytes(t.reshape(-1)) for t in targets], self._pieces(flat))
+        else:
+            torch._foreach_copy_([t.reshape(-1) for t in targets], list(flat.split(self.split)[::2]))
+
+    def _pieces(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(_bytes(flat).split(self.split)[::2])
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """1-byte dtypes as uint8 (multi-tensor copies of float8 are not implemented everywhere)."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
 class FP8AdamW(torch.optim.Optimizer):
     """Drop-in `torch.optim.AdamW` (param groups, lr, betas, eps, weight_decay, decoupled decay) with
     FP8-LM O2 state: m in E4M3 with per-block scales, sqrt(v) in FP16 with per-block scales, master
@@ -295,7 +374,8 @@ class FP8AdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, master_weights: str = "fp32",
-                 block_size: int | None = 128, m_format: str = "e4m3", fused: bool = False):
+                 block_size: int | None = 128, m_format: str = "e4m3", fused: bool = False, foreach: bool = True,
+                 bucket_elements: int = 2**25):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
@@ -305,7 +385,8 @@ class FP8AdamW(torch.optim.Optimizer):
             raise ValueError(f"block_size must be positive or None (per tensor), got {block_size}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.master_weights, self.block_size, self.m_format = master_weights, block_size, get_format(m_format)
-        self.fused = fused
+        self.fused, self.foreach, self.bucket_elements = fused, foreach, bucket_elements
+        self._layouts: dict[tuple, _BucketLayout] = {}
         self.skipped_steps = 0
         if master_weights == "fp32":
             for group in self.param_groups:
@@ -368,43 +449,138 @@ class FP8AdamW(torch.optim.Optimizer):
         # from pageable host memory, which waits for the stream.
         coefficients: dict[tuple, torch.Tensor] = {}
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None or getattr(p, "scaled_grad", None) is not None:
-                    self._step_param(p, group, coefficients)
+            todo = [p for p in group["params"] if p.grad is not None or getattr(p, "scaled_grad", None) is not None]
+            for bucket in self._buckets(todo):
+                if len(bucket) == 1:
+                    self._step_param(bucket[0], group, coefficients)
+                else:
+                    self._step_bucket(bucket, group, coefficients)
         return loss
 
-    def _step_param(self, p: torch.Tensor, group: dict[str, Any], coefficients: dict[tuple, torch.Tensor]) -> None:
+    # -- one parameter at a time ---------------------------------------------------------------
+
+    def _state_of(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         if p.grad is not None and p.grad.is_sparse:
             raise RuntimeError("FP8AdamW does not support sparse gradients")
         state = self.state[p]
         if not state:
             state.update(self._init_state(p))
+        return state
+
+    def _master_of(self, p: torch.Tensor) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+        """``(master_kind, FP16 master or None, its scale or None)`` of `p` (see `MasterKind`)."""
+        if _holds_own_master(p):
+            return "own_fp16", None, p.master_scale_inv
+        if self.master_weights == "fp16":
+            state = self.state[p]
+            return "fp16", state["master"], state["master_scale_inv"]
+        return "param", None, None
+
+    @staticmethod
+    def _grad_of(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(stored gradient, its scale or None)``: the local ``.grad``, or the scaled gradient's parts."""
+        if p.grad is not None:
+            return local_shard(p.grad).detach(), None
+        return p.scaled_grad.q, p.scaled_grad.scale_inv
+
+    def _coefficients(self, state: dict[str, torch.Tensor], group: dict[str, Any], device: torch.device,
+                      cache: dict[tuple, torch.Tensor]) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        key = (float(state["step"]), group["lr"], beta1, beta2, group["weight_decay"], device)
+        if key not in cache:
+            cache[key] = adamw_coefficients(step=key[0], lr=key[1], beta1=beta1, beta2=beta2,
+                                            weight_decay=key[4], device=device)
+        return cache[key]
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any], coefficients: dict[tuple, torch.Tensor]) -> None:
+        state = self._state_of(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         local = local_shard(p.detach())  # FSDP2: this process's shard; the state is sharded alike
-        if _holds_own_master(p):
-            kind, master, master_scale_inv = "own_fp16", None, p.master_scale_inv
-        elif self.master_weights == "fp16":
-            kind, master, master_scale_inv = "fp16", state["master"], state["master_scale_inv"]
-        else:
-            kind, master, master_scale_inv = "param", None, None
-        key = (float(state["step"]), group["lr"], beta1, beta2, group["weight_decay"], local.device)
-        if key not in coefficients:
-            coefficients[key] = adamw_coefficients(step=key[0], lr=key[1], beta1=beta1, beta2=beta2,
-                                                   weight_decay=key[4], device=local.device)
-        if p.grad is not None:
-            grad, grad_scale_inv = local_shard(p.grad).detach(), None
-        else:
-            grad, grad_scale_inv = p.scaled_grad
+        kind, master, master_scale_inv = self._master_of(p)
         keys = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
         update = compiled(param_update) if self.fused else param_update
         *moments, master, master_scale_inv = update(
-            local, grad, grad_scale_inv, master, master_scale_inv, *(state[k] for k in keys), coefficients[key],
+            local, *self._grad_of(p), master, master_scale_inv, *(state[k] for k in keys),
+            self._coefficients(state, group, local.device, coefficients),
             master_kind=kind, block=self._block(p), m_format=self.m_format, beta1=beta1, beta2=beta2,
             eps=group["eps"])
         state.update(zip(keys, moments))
         if kind == "fp16":
             state["master"], state["master_scale_inv"] = master, master_scale_inv
+
+    # -- many parameters at a time (foreach) -----------------------------------------------------
+
+    def _buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """`params` in buckets updated together (`bucket_update`): same master kind, gradient storage,
+        dtype, device and step, contiguous, at most `bucket_elements` elements; the rest alone."""
+        if not self.foreach or self.block_size is None:
+            return [[p] for p in params]
+        groups: dict[tuple, list[list[torch.Tensor]]] = {}
+        filled: dict[tuple, int] = {}  # elements in each key's last bucket
+        alone = []
+        for p in params:
+            state, local = self._state_of(p), local_shard(p.detach())
+            grad, grad_scale = self._grad_of(p)
+            if not local.is_contiguous() or not local.numel() or not grad.is_contiguous():
+                alone.append([p])
+                continue
+            key = (self._master_of(p)[0], grad.dtype, grad_scale is None, local.dtype, local.device,
+                   float(state["step"]))
+            chunks = groups.setdefault(key, [[]])
+            if chunks[-1] and filled[key] + local.numel() > self.bucket_elements:
+                chunks.append([])
+                filled[key] = 0
+            chunks[-1].append(p)
+            filled[key] = filled.get(key, 0) + local.numel()
+        return [chunk for chunks in groups.values() for chunk in chunks] + alone
+
+    def _layout(self, params: list[torch.Tensor], device: torch.device) -> "_BucketLayout":
+        key = (tuple(id(p) for p in params), device)
+        if key not in self._layouts:
+            self._layouts[key] = _BucketLayout.of([local_shard(p).numel() for p in params], self.block_size, device)
+        return self._layouts[key]
+
+    def _step_bucket(self, params: list[torch.Tensor], group: dict[str, Any],
+                     coefficients: dict[tuple, torch.Tensor]) -> None:
+        """One AdamW step of a bucket (`_buckets`): gather into flat buffers, `bucket_update`, scatter."""
+        states = [self.state[p] for p in params]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        locals_ = [local_shard(p.detach()) for p in params]
+        layout = self._layout(params, locals_[0].device)
+        kind = self._master_of(params[0])[0]
+        grads = [self._grad_of(p) for p in params]
+        g_scale = None if grads[0][1] is None else layout.per_block(torch.stack([s.reshape(()) for _, s in grads]))
+        if kind == "param":
+            w, w_scale = layout.gather(locals_), None
+        elif kind == "own_fp16":
+            w, w_scale = layout.gather(locals_), layout.per_block(torch.stack([p.master_scale_inv.reshape(()) for p in params]))
+        else:
+            w = layout.gather([st["master"] for st in states])
+            w_scale = layout.per_block(torch.cat([st["master_scale_inv"] for st in states]))
+        keys = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
+        moments = [layout.gather([st[keys[0]] for st in states]), torch.cat([st[keys[1]] for st in states]),
+                   layout.gather([st[keys[2]] for st in states]), torch.cat([st[keys[3]] for st in states])]
+        beta1, beta2 = group["betas"]
+        update = compiled(bucket_update) if self.fused else bucket_update
+        w, scale_inv, value, *moments = update(
+            w, w_scale, layout.gather([g for g, _ in grads]), g_scale, *moments,
+            self._coefficients(states[0], group, w.device, coefficients), layout.owner,
+            torch.zeros(len(params), dtype=torch.float32, device=w.device), master_kind=kind, block=self.block_size,
+            m_format=self.m_format, beta1=beta1, beta2=beta2, eps=group["eps"])
+        for key, flat in zip(keys, moments):
+            targets = [st[key] for st in states]
+            if key.endswith("scale_inv"):
+                torch._foreach_copy_(targets, list(flat.split(layout.blocks)))
+            else:
+                layout.scatter(flat, targets)
+        if kind == "own_fp16":
+            torch._foreach_copy_([p.master_scale_inv for p in params], list(scale_inv.unbind()))
+        elif kind == "fp16":
+            layout.scatter(w, [st["master"] for st in states])
+            torch._foreach_copy_([st["master_scale_inv"] for st in states], list(scale_inv.split(1)))
+            w = value
+        layout.scatter(w, locals_)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
