@@ -34,9 +34,10 @@ import time
 
 from machine import cpu_model
 
-MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3")
+MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3", "fp8-o3-bf16")
 """fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights). fp8-o3: two
-processes under torchrun (FSDP2; gloo on CPU), reporting all-gather bytes per step."""
+processes under torchrun (FSDP2; gloo on CPU), reporting all-gather bytes per step; fp8-o3-bf16: the
+same with ``--precision.fp8_embedding_gather bf16``."""
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2)
@@ -107,14 +108,15 @@ def run_mode(mode: str, args) -> dict:
     cfg = TrainConfig()
     cfg.device = args.device
     shard, info = (lambda m: m), None
-    if mode == "fp8-o3":  # under torchrun: FSDP2 as grm-train shards, all-gather payloads counted
+    if mode.startswith("fp8-o3"):  # under torchrun: FSDP2 as grm-train shards, all-gather payloads counted
         from grmserve.training.trainer import build_sharder, init_distributed
 
         info = init_distributed(cfg)
         torch.set_num_threads(max(1, args.threads // info.world_size))
         shard, device = build_sharder(info, cfg), info.device
         wire = _count_all_gathers()
-    cfg.precision.mode = mode.removesuffix("-fp16")
+    cfg.precision.mode = mode.removesuffix("-fp16").removesuffix("-bf16")
+    cfg.precision.fp8_embedding_gather = "bf16" if mode.endswith("-bf16") else "fp32"
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
     cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
@@ -134,7 +136,7 @@ def run_mode(mode: str, args) -> dict:
     resident = _resident_mib(device)  # between steps: the stored state, plus what the allocator keeps
     kernels = _profile_step(step, _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=98), device), mode, args) \
         if args.profile else None
-    if mode == "fp8-o3":
+    if mode.startswith("fp8-o3"):
         return _o3_result(mode, args, wire, times, losses, info)
     # One more forward/backward without the optimizer step, so that the gradients exist when counting.
     with plan.autocast():
@@ -210,20 +212,21 @@ def _count_all_gathers() -> dict:
 
 
 def _o3_result(mode, args, wire, times, losses, info) -> dict:
-    """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears, fp32 for the
-    rest), against the same elements gathered in bf16 (FSDP2 with param_dtype=bf16) and fp32."""
-    from grmserve.training.core.fp8.fsdp import fp8_all_gather_bytes
+    """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears, bf16
+    embedding and LM head, fp32 for the rest), against the same elements gathered in bf16 (FSDP2 with
+    param_dtype=bf16) and fp32."""
+    from grmserve.training.core.fp8.fsdp import bf16_all_gather_bytes, fp8_all_gather_bytes
 
-    fp8 = fp8_all_gather_bytes()
-    other_elements = (wire["bytes"] - fp8) / 4  # every other parameter is gathered in fp32
+    fp8, bf16 = fp8_all_gather_bytes(), bf16_all_gather_bytes()
+    elements = fp8 + bf16 / 2 + (wire["bytes"] - fp8 - bf16) / 4  # the rest is gathered in fp32
     steps = args.steps
-    per_step = {"fp8_o3": wire["bytes"] / steps, "bf16": 2 * (fp8 + other_elements) / steps,
-                "fp32": 4 * (fp8 + other_elements) / steps}
+    per_step = {"fp8_o3": wire["bytes"] / steps, "bf16": 2 * elements / steps, "fp32": 4 * elements / steps}
     return {"mode": mode, "processes": info.world_size, "all_gather_calls": wire["calls"],
             "all_gather_mib_per_step": {k: round(v / 2**20, 2) for k, v in per_step.items()},
             "all_gather_vs_bf16": round(per_step["fp8_o3"] / per_step["bf16"], 3),
             "fp8_linears_all_gather_vs_bf16": 0.5 if fp8 else None,
-            "fp8_share_of_gathered_elements": round(fp8 / (fp8 + other_elements), 3),
+            "fp8_share_of_gathered_elements": round(fp8 / elements, 3),
+            "bf16_share_of_gathered_elements": round(bf16 / 2 / elements, 3),
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
 
 
@@ -250,7 +253,7 @@ def main() -> None:
         return
     results = []
     for mode in args.modes.split(","):
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if mode == "fp8-o3" else []
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if mode.startswith("fp8-o3") else []
         cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device,
                "--fp8_fuse", args.fp8_fuse, "--profile", args.profile]
@@ -264,8 +267,8 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"{mode}: done {json.dumps(results[-1])}", file=sys.stderr)  # kept if a later mode runs out of time
     by = {r["mode"]: r for r in results if "error" not in r}
-    o3 = by.pop("fp8-o3", None)
-    results = [r for r in results if r["mode"] != "fp8-o3"]
+    o3 = [r for r in results if r["mode"].startswith("fp8-o3")]
+    results = [r for r in results if not r["mode"].startswith("fp8-o3")]
     base, amp = by.get("fp32"), by.get("bf16")
     for r in filter(lambda r: "error" not in r, results):
         if base:

@@ -65,6 +65,9 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels (`_apply_fp8`; o3 needs `shard` to be FSDP2).
     """
     cfg = dataclasses.replace(cfg, mode=resolve_mode(cfg.mode, device))
+    if cfg.fp8_embedding_gather != "fp32" and cfg.mode != "fp8-o3":
+        raise ValueError(f"precision.fp8_embedding_gather={cfg.fp8_embedding_gather} sets how fp8-o3 all-gathers "
+                         f"the embedding; precision.mode is {cfg.mode}")
     if cfg.fp8:
         return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
     model = shard(model.to(device=device, dtype=torch.float32))
@@ -85,8 +88,10 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     their weights stored as the FP16 master + scale (no fp32 copy), and the trained embeddings and LM
     head too, with FP16 gradients (core/fp8/fp16_master.py); other parameters keep fp32 masters.
     O3: O2's optimizer on FSDP2 shards (`shard`), the FP8 linears' weights all-gathered as E4M3 bytes
-    (core/fp8/fsdp.py); their gradients stay high precision for FSDP's reduce-scatter."""
+    and, with ``fp8_embedding_gather=bf16``, the embedding and LM head as bf16 (core/fp8/fsdp.py);
+    gradients stay float32 for FSDP's reduce-scatter."""
     from .core.fp8.fp16_master import keep_fp16_master_embeddings
+    from .core.fp8.fsdp import gather_embeddings_in_bf16
     from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
 
     o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
@@ -106,6 +111,8 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
         log.info("FP16 master weights (with their FP16 gradients) for: %s", ", ".join(embeddings) or "no trained embeddings")
     if o3:
         shard_fp8_weights(model)
+        if cfg.fp8_embedding_gather == "bf16":
+            log.info("all-gathered in bf16: %s", ", ".join(gather_embeddings_in_bf16(model)) or "nothing")
     model = shard(model)
     optimizer = optimizer_factory(model)
     if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master

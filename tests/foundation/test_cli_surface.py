@@ -48,7 +48,7 @@ FLAGS = {
                 "--ppo.entropy_coef", "--ppo.whiten_advantages", "--optim.lr", "--optim.value_lr",
                 "--optim.warmup_steps", "--optim.min_lr_ratio", "--optim.weight_decay", "--optim.betas", "--optim.eps",
                 "--optim.grad_clip", "--precision.mode", "--precision.fp8_recipe", "--precision.fp8_backend",
-                "--precision.fp8_master", "--precision.fp8_fuse", "--eval.every", "--eval.split", "--eval.prompts", "--eval.samples",
+                "--precision.fp8_master", "--precision.fp8_fuse", "--precision.fp8_embedding_gather", "--eval.every", "--eval.split", "--eval.prompts", "--eval.samples",
                 "--eval.batch_size", "--eval.seed", "--checkpoint.every", "--checkpoint.keep",
                 "--checkpoint.export_policy", "--log.progress"],
 }

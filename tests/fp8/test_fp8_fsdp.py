@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from grmserve.training.core.fp8.fsdp import FP8AllGatherWeight, fp8_all_gather_bytes
+from grmserve.training.core.fp8.fsdp import (
+    BF16AllGatherWeight,
+    FP8AllGatherWeight,
+    bf16_all_gather_bytes,
+    fp8_all_gather_bytes,
+    gather_embeddings_in_bf16,
+)
 from grmserve.training.core.fp8.optim import FP8AdamW
 from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
 
@@ -70,3 +76,37 @@ def test_block_recipe_and_fp16_master_are_refused_with_the_reason():
     net[0].keep_fp16_master()
     with pytest.raises(ValueError, match="fp32 master"):
         shard_fp8_weights(net)
+
+
+class _TiedLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 32)
+        self.lm_head = torch.nn.Linear(32, 64, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.embed(ids))
+
+
+def test_embeddings_are_gathered_in_bf16_and_stay_tied(one_rank_group):
+    """O3 sends the token embedding / LM head as bf16: the model computes in float32 from the bf16
+    values, the tie survives the wrapping, and the gradient lands in float32 on the shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _TiedLM()
+    w = model.embed.weight.detach().to(torch.bfloat16).float().requires_grad_(True)  # what the gather delivers
+    assert gather_embeddings_in_bf16(model) == ["embed.weight", "lm_head.weight"]
+    assert model.lm_head.weight is model.embed.weight and isinstance(model.embed.weight.data, BF16AllGatherWeight)
+    fully_shard(model)
+    ids = torch.randint(0, 64, (4, 8))
+    before = bf16_all_gather_bytes()
+    y = model(ids)
+    assert bf16_all_gather_bytes() - before == 64 * 32 * 2  # one gather of the tied weight, 2 bytes each
+    expected = torch.nn.functional.linear(torch.nn.functional.embedding(ids, w), w)
+    assert torch.allclose(y, expected, rtol=1e-6, atol=1e-7)
+    y.square().mean().backward()
+    expected.square().mean().backward()
+    grad = model.embed.weight.grad.full_tensor()
+    assert grad.dtype == torch.float32 and torch.allclose(grad, w.grad, rtol=1e-5, atol=1e-8)

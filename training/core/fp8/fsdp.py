@@ -10,11 +10,15 @@ subclasses use it for `FP8TrainingLinear` weights:
   the all-gather it computes the scale the layer's weight `ScalingState` gives now from the amax of
   the whole weight (local amaxes all-reduced with MAX over the FSDP mesh, so every process uses one
   scale) and sends its shard quantised to E4M3: 1 byte per element instead of 4 (fp32) or 2 (bf16).
-- `FP8GatheredWeight` is the unsharded weight after the all-gather: the E4M3 bytes and their
+- `GatheredWeight` is the unsharded weight after the all-gather: the E4M3 bytes and their
   dequant scale, shaped like the weight. `FP8TrainingLinear` uses them as its FP8 weight operand
   as they are (no second quantisation) and records the step in its scaling state once per forward;
   any other use sees the dequantised values. The weight gradient stays high precision, so FSDP's
   reduce-scatter and the sharded optimizer state (`FP8AdamW` on each process's shard) work unchanged.
+
+`BF16AllGatherWeight` does the same for the token embedding and LM head (`gather_embeddings_in_bf16`):
+they travel as bf16 (2 bytes per element instead of 4) and compute in float32 from the bf16 values,
+as bf16 mixed precision would; the float32 shards stay the masters.
 
 Per-tensor recipes only (``delayed``, ``current``): 128×128 weight blocks would straddle shard
 boundaries. `training_linear.shard_fp8_weights(model)` wraps the weights; call it after
@@ -41,7 +45,7 @@ VIEW_OPS = {_aten.view.default, _aten.as_strided.default, _aten.detach.default, 
             _aten.slice.Tensor, _aten._unsafe_view.default, _aten.reshape.default}
 
 
-_SENT = {"fp8_bytes": 0}
+_SENT = {"fp8_bytes": 0, "bf16_bytes": 0}
 
 
 def fp8_all_gather_bytes() -> int:
@@ -49,8 +53,15 @@ def fp8_all_gather_bytes() -> int:
     return _SENT["fp8_bytes"]
 
 
-class FP8AllGatherWeight(torch.Tensor):
-    """A high-precision weight (shard) that FSDP2 all-gathers as E4M3 bytes; see the module docstring."""
+def bf16_all_gather_bytes() -> int:
+    """bf16 bytes this process has sent into FSDP2 all-gathers so far (`BF16AllGatherWeight` shards)."""
+    return _SENT["bf16_bytes"]
+
+
+class _AllGatherWrapper(torch.Tensor):
+    """A float32 parameter shard `_hp` that FSDP2 all-gathers in a narrower form (the subclass's
+    ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``). FSDP's sharding ops (chunk, view, copy,
+    padding) keep the wrapper; everything else sees the plain tensor."""
 
     _hp: torch.Tensor
 
@@ -64,22 +75,43 @@ class FP8AllGatherWeight(torch.Tensor):
         self._hp = hp
 
     def __repr__(self) -> str:
-        return f"FP8AllGatherWeight({self._hp!r})"
+        return f"{type(self).__name__}({self._hp!r})"
 
     def __tensor_flatten__(self):
         return ["_hp"], None
 
-    @staticmethod
-    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        return FP8AllGatherWeight(inner["_hp"])
+    @classmethod
+    def __tensor_unflatten__(cls, inner, meta, outer_size, outer_stride):
+        return cls(inner["_hp"])
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        args, kwargs = tree_map_only(FP8AllGatherWeight, lambda t: t._hp, (args, kwargs or {}))
+        args, kwargs = tree_map_only(_AllGatherWrapper, lambda t: t._hp, (args, kwargs or {}))
         out = func(*args, **kwargs)
         if func not in SHARDING_OPS:
             return out
-        return tree_map_only(torch.Tensor, FP8AllGatherWeight, out)
+        return tree_map_only(torch.Tensor, cls, out)
+
+
+class BF16AllGatherWeight(_AllGatherWrapper):
+    """A float32 weight shard that FSDP2 all-gathers as bf16 (2 bytes per element instead of 4): O3's
+    embeddings and untied LM head, which compute in float32 from the gathered bf16 values (as bf16
+    mixed precision rounds them). The float32 shard stays the master."""
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
+        data = self._hp.detach().to(torch.bfloat16)
+        _SENT["bf16_bytes"] += data.numel() * 2
+        return (data,), None
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        (data,) = all_gather_outputs
+        if out is not None:  # FSDP reuses the unsharded parameter, whose payload is `data` itself
+            return
+        return GatheredWeight(data, torch.ones((), device=data.device), None, param_dtype), (data,)
+
+
+class FP8AllGatherWeight(_AllGatherWrapper):
+    """A high-precision weight (shard) that FSDP2 all-gathers as E4M3 bytes; see the module docstring."""
 
     # -- FSDP2 all-gather extension ----------------------------------------------------------------
 
@@ -101,12 +133,13 @@ class FP8AllGatherWeight(torch.Tensor):
             out._scale_inv.copy_(1.0 / scale)
             out._amax.copy_(amax)
             return
-        return FP8GatheredWeight(q, 1.0 / scale, amax, param_dtype), (data,)
+        return GatheredWeight(q, 1.0 / scale, amax, param_dtype), (data,)
 
 
-class FP8GatheredWeight(torch.Tensor):
-    """An all-gathered FP8 weight: E4M3 bytes `_q`, 0-dim dequant scale `_scale_inv`, the whole
-    weight's `_amax`; it presents itself as a `dtype` tensor (views stay FP8, any other op dequantises)."""
+class GatheredWeight(torch.Tensor):
+    """An all-gathered weight in its narrow form: E4M3 bytes `_q` with a 0-dim dequant scale
+    `_scale_inv` and the whole weight's `_amax`, or bf16 values (scale 1, no amax). It presents itself
+    as a `dtype` tensor: views stay narrow, any other op sees the dequantised (upcast) values."""
 
     @staticmethod
     def __new__(cls, q: torch.Tensor, scale_inv: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
@@ -117,37 +150,57 @@ class FP8GatheredWeight(torch.Tensor):
         self._q, self._scale_inv, self._amax = q, scale_inv, amax
 
     def __repr__(self) -> str:
-        return f"FP8GatheredWeight(shape={tuple(self.shape)}, scale_inv={float(self._scale_inv):g})"
+        return f"GatheredWeight({self._q.dtype}, shape={tuple(self.shape)}, scale_inv={float(self._scale_inv):g})"
 
     def __tensor_flatten__(self):
-        return ["_q", "_scale_inv", "_amax"], self.dtype
+        return ["_q", "_scale_inv"] + (["_amax"] if self._amax is not None else []), self.dtype
 
     @staticmethod
     def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
-        return FP8GatheredWeight(inner["_q"], inner["_scale_inv"], inner["_amax"], dtype)
+        return GatheredWeight(inner["_q"], inner["_scale_inv"], inner.get("_amax"), dtype)
 
     def dequantize(self) -> torch.Tensor:
+        if self._q.element_size() != 1:  # bf16 values
+            return self._q.to(self.dtype)
         return (fp8_to_float32(self._q) * self._scale_inv).to(self.dtype)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in VIEW_OPS and isinstance(args[0], FP8GatheredWeight):
+        if func in VIEW_OPS and isinstance(args[0], GatheredWeight):
             w = args[0]
-            return FP8GatheredWeight(func(w._q, *args[1:], **kwargs), w._scale_inv, w._amax, w.dtype)
-        args, kwargs = tree_map_only(FP8GatheredWeight, lambda t: t.dequantize(), (args, kwargs))
+            return GatheredWeight(func(w._q, *args[1:], **kwargs), w._scale_inv, w._amax, w.dtype)
+        args, kwargs = tree_map_only(GatheredWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
 
 
 def gathered_weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(E4M3 bytes, dequant scale, amax)`` of an all-gathered FP8 weight, or None for any other tensor."""
-    if isinstance(weight, FP8GatheredWeight):
+    if isinstance(weight, GatheredWeight) and weight._amax is not None:
         return weight._q, weight._scale_inv, weight._amax
     return None
+
+
+def gather_embeddings_in_bf16(model: nn.Module) -> list[str]:
+    """Wrap the token embedding and the LM head of `model` (float32; tied or not) as
+    `BF16AllGatherWeight`s, in place and before `fully_shard`, keeping ties; returns the wrapped
+    parameter names. O3 gathers them in bf16: with the decoder's linears in E4M3, they would otherwise
+    be most of the bytes gathered."""
+    wanted = [m.weight for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) or (name.split(".")[-1] == "lm_head" and isinstance(m, nn.Linear))]
+    new = {id(p): nn.Parameter(BF16AllGatherWeight(p.data), requires_grad=p.requires_grad)
+           for p in wanted if p.dtype == torch.float32 and not isinstance(p.data, _AllGatherWrapper)}
+    names = []
+    for module_name, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in new:
+                setattr(module, name, new[id(p)])
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """The plain local tensor behind a (possibly sharded, possibly wrapped) parameter or gradient."""
     if hasattr(t, "to_local"):
         t = t.to_local()
-    return t._hp if isinstance(t, FP8AllGatherWeight) else t
+    return t._hp if isinstance(t, _AllGatherWrapper) else t
