@@ -5,9 +5,13 @@ grm-train's precision plan and training step. Prints one JSON object; not a test
     $ .venv/bin/python bench/fp8_train.py --steps 8 --pairs 4 --tokens 128
     $ python bench/fp8_train.py --device cuda --random_init --pairs 16 --tokens 512   # GPU: torch._scaled_mm
     $ .venv/bin/python bench/fp8_train.py --modes fp32,fp8-o1,fp8-o2 --fp8_fuse on --profile /tmp/prof
+    $ .venv/bin/python bench/fp8_train.py --narrow --interleave --pairs 2 --tokens 64 --steps 12 --fp8_fuse on \
+          --modes fp32,fp8-o1,fp8-o2,fp8-o2-fp16     # host-bound proxy: what a GPU step of this model waits on
 
 `--fp8_fuse` sets precision.fp8_fuse (auto: the FP8 passes compiled on CUDA only); `--profile` runs one
-more step per mode under torch.profiler and reports its CUDA kernel count.
+more step per mode under torch.profiler and reports its CUDA kernel count. `--narrow` keeps SmolLM2's
+30 layers and 272 tensors at tiny widths, so the step is the host's work (dispatching ops; on a GPU,
+launching them); `--interleave` steps all modes in turn in one process, for steadier ratios.
 
 Each mode runs in its own process (so peak RSS is its own). Bytes are counted from the real tensors
 after a forward/backward: the parameters, their gradients (``.grad``, or the E4M3 ``scaled_grad`` that O2
@@ -96,6 +100,31 @@ def _nbytes(tensors) -> int:
 
 def run_mode(mode: str, args) -> dict:
     """One mode in this process: build, train `args.steps` steps, count bytes."""
+    return _train_and_count(mode, args, *_build(mode, args))
+
+
+def run_interleaved(modes: list[str], args) -> dict:
+    """Step times of `modes` built side by side in this process and stepped in turn: a drift of the
+    machine's speed hits every mode alike, so the ratios are steadier than with one process per mode.
+    Times only (the modes share the process, so no memory figures); medians after three steps."""
+    if any(m.startswith("fp8-o3") for m in modes):
+        raise SystemExit("--interleave runs single-process modes; fp8-o3 needs torchrun")
+    built = {mode: _build(mode, args) for mode in modes}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for i in range(args.steps):
+        for mode, (step, _plan, _cfg, vocab, pad_id, device, *_) in built.items():
+            batch = _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=i), device)
+            start = time.perf_counter()
+            step([batch])
+            times[mode].append(time.perf_counter() - start)
+    median = {mode: statistics.median(t[3:] or t) for mode, t in times.items()}
+    base = median.get("fp32")
+    return {"step_s_median": {m: round(v, 4) for m, v in median.items()},
+            "step_time_vs_fp32": {m: round(v / base, 2) for m, v in median.items()} if base else None}
+
+
+def _build(mode: str, args):
+    """The model, precision plan and training step of one mode, as grm-train builds them."""
     import torch
 
     from grmserve.training.components import TrainStep, adamw_factory, build_scheduler, compute_loss
@@ -107,7 +136,7 @@ def run_mode(mode: str, args) -> dict:
     device = torch.device(args.device)
     cfg = TrainConfig()
     cfg.device = args.device
-    shard, info = (lambda m: m), None
+    shard, info, wire = (lambda m: m), None, None
     if mode.startswith("fp8-o3"):  # under torchrun: FSDP2 as grm-train shards, all-gather payloads counted
         from grmserve.training.trainer import build_sharder, init_distributed
 
@@ -126,6 +155,14 @@ def run_mode(mode: str, args) -> dict:
     plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=device, shard=shard)
     step = TrainStep(plan.model, plan.optimizer, build_scheduler(plan.optimizer, cfg.optim, total_steps=args.steps),
                      loss_fn=lambda m, b: compute_loss(m, b, cfg), grad_clip=1.0, autocast=plan.autocast)
+    return step, plan, cfg, vocab, pad_id, device, info, wire
+
+
+def _train_and_count(mode, args, step, plan, cfg, vocab, pad_id, device, info, wire) -> dict:
+    import torch
+
+    from grmserve.training.components import compute_loss
+
     losses, times = [], []
     for i in range(args.steps):
         batch = _to(_batch(vocab, pad_id, args.pairs, args.tokens, seed=i), device)
@@ -244,8 +281,15 @@ def main() -> None:
     p.add_argument("--fp8_fuse", default="auto", choices=("auto", "on", "off"),
                    help="precision.fp8_fuse of the fp8 modes (auto: torch.compile'd FP8 passes on CUDA only)")
     p.add_argument("--profile", default="", help="folder: profile one extra step per mode (top ops, CUDA kernel count)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build the modes side by side in one process and step them in turn (step times only)")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one mode, print its JSON
     args = p.parse_args()
+    if args.interleave:
+        print(json.dumps({"cpu": cpu_model(), "device": args.device, "steps": args.steps, "pairs": args.pairs,
+                          "tokens": args.tokens, "fp8_fuse": args.fp8_fuse, "narrow": args.narrow, "interleaved": True,
+                          **run_interleaved(args.modes.split(","), args)}, indent=1))
+        return
     if args.one:
         result = run_mode(args.one, args)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -110,11 +110,15 @@ def test_clip_grad_norm_covers_fp8_and_dense_gradients():
     values = [gradient(p).clone() for p in params]
     want = torch.linalg.vector_norm(torch.cat([v.reshape(-1) for v in values]))
     q_before = layer.weight.scaled_grad.q.view(torch.uint8).clone()
+    stored = layer.weight.scaled_grad  # its norm came with it from the weight-gradient pass
+    assert stored.l2 is not None and torch.allclose(stored.l2, torch.linalg.vector_norm(stored.dequantize()))
     total = clip_grad_norm_(params, 1.0)
     assert torch.allclose(total, want, rtol=1e-5)
     after = torch.linalg.vector_norm(torch.cat([gradient(p).reshape(-1) for p in params]))
     assert torch.allclose(after, torch.tensor(1.0), rtol=1e-4)
     assert torch.equal(layer.weight.scaled_grad.q.view(torch.uint8), q_before)  # only the scale moved
+    clipped = layer.weight.scaled_grad
+    assert torch.allclose(clipped.norm(), torch.linalg.vector_norm(clipped.dequantize()), rtol=1e-5)  # l2 followed
 
 
 def _bytes_per_param(model: torch.nn.Module, optimizer) -> dict[str, float]:

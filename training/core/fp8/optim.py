@@ -28,6 +28,8 @@ State per parameter (flattened; blocks of `block_size` consecutive elements):
 The update is AdamW's (decoupled weight decay, bias corrections), computed in float32 from the
 dequantised state: ``w ← w·(1 − lr·wd) − lr/(1 − β1^t) · m / (sqrt(v)/sqrt(1 − β2^t) + eps)``.
 A step with a non-finite gradient anywhere is skipped whole (counted in `skipped_steps`).
+`foreach=True` (the default) updates parameters of one kind together on flat, block-aligned buffers
+(`bucket_update`): the same bytes as one at a time, one call per bucket instead of one per parameter.
 `state_dict()` / `load_state_dict()` keep every dtype, so a resumed run is bit-identical.
 
     >>> import torch
@@ -251,6 +253,9 @@ class ScaledGrad(NamedTuple):
 
     q: torch.Tensor
     scale_inv: torch.Tensor
+    l2: torch.Tensor | None = None
+    """The 2-norm of the value when whoever stored it computed it alongside (the FP8 weight gradient's
+    compiled pass does), so clipping and the optimizer's finiteness check launch nothing per tensor."""
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_scaled(self.q, self.scale_inv)
@@ -262,7 +267,9 @@ class ScaledGrad(NamedTuple):
         return stored & torch.isfinite(self.scale_inv)
 
     def norm(self) -> torch.Tensor:
-        """The 2-norm of the gradient's value (float32, 0-dim)."""
+        """The 2-norm of the gradient's value (float32, 0-dim); non-finite when any value is."""
+        if self.l2 is not None:
+            return self.l2
         return torch.linalg.vector_norm(stored_to_float32(self.q)) * self.scale_inv
 
     @staticmethod
@@ -299,16 +306,28 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     scaled = [p for p in params if p.grad is None and getattr(p, "scaled_grad", None) is not None]
     if not scaled:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    dense = [p.grad for p in params if p.grad is not None]
-    squares = [torch.linalg.vector_norm(g.float()) ** 2 for g in dense]
-    squares += [p.scaled_grad.norm() ** 2 for p in scaled]
-    total = torch.stack(squares).sum().sqrt()
+    total = gradient_norms(params).norm()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in dense:
-        g.mul_(coef.to(g.dtype))
-    for p in scaled:
-        p.scaled_grad = p.scaled_grad._replace(scale_inv=p.scaled_grad.scale_inv * coef)
+    dense = [p.grad for p in params if p.grad is not None]
+    if dense:
+        torch._foreach_mul_(dense, coef)
+    stored = [p.scaled_grad for p in scaled]
+    scales = torch._foreach_mul([g.scale_inv for g in stored], coef)
+    norms = torch._foreach_mul([g.norm() for g in stored], coef)
+    for p, g, scale_inv, l2 in zip(scaled, stored, scales, norms):
+        p.scaled_grad = g._replace(scale_inv=scale_inv, l2=l2)
     return total
+
+
+def gradient_norms(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """(n,) float32: the 2-norm of each gradient of `params` (``.grad`` or ``scaled_grad``; none: left
+    out), a few multi-tensor calls in all: dense ones through `torch._foreach_norm`, scaled ones as
+    stored with them (`ScaledGrad.l2`) or computed. Non-finite wherever a gradient holds inf or NaN."""
+    params = list(params)
+    dense = [local_shard(p.grad) for p in params if p.grad is not None]
+    norms = [n.float() for n in torch._foreach_norm(dense)] if dense else []
+    norms += [p.scaled_grad.norm() for p in params if p.grad is None and getattr(p, "scaled_grad", None) is not None]
+    return torch.stack(norms) if norms else torch.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,14 +445,9 @@ class FP8AdamW(torch.optim.Optimizer):
         return dequantize_scaled(state["master"], state["master_scale_inv"])
 
     def _nonfinite_grads(self) -> bool:
-        flags = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    flags.append(torch.isfinite(local_shard(p.grad)).all())
-                elif getattr(p, "scaled_grad", None) is not None:
-                    flags.append(p.scaled_grad.all_finite())
-        return bool(flags) and not bool(torch.stack(flags).all())
+        """Whether any gradient holds inf or NaN (one host sync; the norms are multi-tensor calls)."""
+        norms = gradient_norms(p for group in self.param_groups for p in group["params"])
+        return bool(norms.numel()) and not bool(torch.isfinite(norms).all())
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -10,6 +10,10 @@ states (scaling.py). One autograd function does the work:
   weight gradient). Its dequantised value goes to ``weight.grad`` (what optimizers read), or, with
   ``grad_storage="fp8"`` (O2), its bytes and scale go to ``weight.scaled_grad`` instead.
 
+For per-tensor recipes the work between the GEMMs is three pure functions of the scaling states,
+`forward_pass`, `backward_pass` and `weight_grad_pass`, which ``fuse=True`` runs through
+`torch.compile` (one call each, amaxes inside).
+
 GEMM backends (pure functions on `FP8Operand`s computing ``a @ b.T``):
 
 - ``emulated``: dequantise both operands to `compute_dtype` and run one matmul. On CPUs without
@@ -271,12 +275,15 @@ def weight_grad_pass(wgrad: torch.Tensor, previous_q: torch.Tensor | None, previ
                      step: tuple, constants: dict[str, Any], upcast: torch.dtype | None) -> tuple:
     """The FP8 weight gradient (FP8-LM O1): `wgrad` (plus the stored FP8 gradient of an earlier
     micro-batch, summed in float32: one rounding per micro-batch) recorded in the ``weight_grad`` role
-    (`per_tensor_step`). Returns ``(q, scale_inv, state (3), value)``: value dequantised to `upcast`
-    (for ``weight.grad``), or None."""
+    (`per_tensor_step`). Returns ``(q, scale_inv, state (3), value, l2)``: with `upcast` the value
+    dequantised to it (for ``weight.grad``), else the stored gradient's 2-norm (`ScaledGrad.l2`, for
+    clipping and the optimizer's finiteness check)."""
     if previous_q is not None:
         wgrad = wgrad.float() + ScaledGrad(previous_q, previous_scale_inv).dequantize()
     q, s, *state = per_tensor_step(wgrad, *step, **constants)
-    return q, s, *state, (_scaled_upcast(q, s, upcast) if upcast is not None else None)
+    if upcast is not None:
+        return q, s, *state, _scaled_upcast(q, s, upcast), None
+    return q, s, *state, None, ScaledGrad(q, s).norm()
 
 
 def _per_tensor_forward(layer: "FP8TrainingLinear", x2d: torch.Tensor, weight: torch.Tensor, backend: str,
@@ -498,13 +505,14 @@ class FP8TrainingLinear(nn.Module):
             wgrad, previous = wgrad.float() + previous.dequantize(), None
         step, constants = st.step_args(None if st.amax_is_local() else st.amax(wgrad))
         run = compiled(weight_grad_pass) if self.fuse else weight_grad_pass
-        q, s_inv, *rest = run(wgrad, *(previous or (None, None)), step, constants,
+        q, s_inv, *rest = run(wgrad, *((previous.q, previous.scale_inv) if previous else (None, None)), step, constants,
                               None if keep_fp8 else self.weight.dtype)
         st.commit(*rest[:3])
+        value, l2 = rest[3:]
         if keep_fp8:
-            self.weight.scaled_grad = ScaledGrad(q, s_inv)
+            self.weight.scaled_grad = ScaledGrad(q, s_inv, l2)
             return None
-        return rest[3]
+        return value
 
     # -- checkpoints and reporting ---------------------------------------------------------------
 
