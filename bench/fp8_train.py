@@ -297,7 +297,8 @@ def main() -> None:
         return
     results = []
     for mode in args.modes.split(","):
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if mode.startswith("fp8-o3") else []
+        two = mode.startswith("fp8-o3")
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if two else []
         cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device,
                "--fp8_fuse", args.fp8_fuse, "--profile", args.profile]

@@ -568,7 +568,8 @@ class FP8AdamW(torch.optim.Optimizer):
         if kind == "param":
             w, w_scale = layout.gather(locals_), None
         elif kind == "own_fp16":
-            w, w_scale = layout.gather(locals_), layout.per_block(torch.stack([p.master_scale_inv.reshape(()) for p in params]))
+            w = layout.gather(locals_)
+            w_scale = layout.per_block(torch.stack([p.master_scale_inv.reshape(()) for p in params]))
         else:
             w = layout.gather([st["master"] for st in states])
             w_scale = layout.per_block(torch.cat([st["master_scale_inv"] for st in states]))

@@ -369,18 +369,21 @@ class ScalingState:
             else:
                 scale, finite = self.delayed_scale(), torch.ones((), dtype=torch.bool, device=x.device)
             return self._quantize(x, scale, finite, count=False), 1.0 / scale
-        if amax is None and not self.amax_is_local():
-            amax = self.amax(x)  # else the step computes it (inside the compiled step, when fused)
-        state, constants = self.step_args(amax)
+        state, constants = self.step_args(x, amax)
         step = compiled(per_tensor_step) if self.fused else per_tensor_step
         q, scale_inv, *after = step(x.detach(), *state, **constants)
         self.commit(*after)
         return q, scale_inv
 
-    def step_args(self, amax: torch.Tensor | None = None) -> tuple[tuple, dict[str, Any]]:
-        """`per_tensor_step`'s arguments after the tensor, for recording a step now: ``(amax, history,
-        last_scale, counters)`` (amax None: the step measures the tensor) and the constants (format,
-        margin, delayed or current, zero_nonfinite, count). `commit` takes the state the step returns."""
+    def step_args(self, x: torch.Tensor | Callable[[], torch.Tensor],
+                  amax: torch.Tensor | None = None) -> tuple[tuple, dict[str, Any]]:
+        """`per_tensor_step`'s arguments after the tensor `x`, for recording its step now: ``(amax,
+        history, last_scale, counters)`` and the constants (format, margin, delayed or current,
+        zero_nonfinite, count). The amax is `amax` if given; else, when it must be all-reduced across
+        ranks, measured here (`x` may be a function giving the tensor, called only then); else None, and
+        the step measures `x` itself (inside the compiled step). `commit` takes the state it returns."""
+        if amax is None and not self.amax_is_local():
+            amax = self.amax(x() if callable(x) else x)
         return ((amax, self.amax_history, self.last_scale, self._counters),
                 dict(fmt=self.fmt, margin=self.margin, delayed=not self.in_warmup,
                      zero_nonfinite=self.zero_nonfinite, count=self.count))

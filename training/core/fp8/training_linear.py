@@ -290,9 +290,8 @@ def _per_tensor_forward(layer: "FP8TrainingLinear", x2d: torch.Tensor, weight: t
                         cdt: torch.dtype) -> tuple[torch.Tensor, FP8Operand, FP8Operand]:
     """``(y, xq, wq)`` of a recording forward with a per-tensor recipe, through `forward_pass`."""
     states, scale_inv = layer.states, getattr(layer, "weight_scale_inv", None)
-    x_amax = None if states.input.amax_is_local() else states.input.amax(x2d)
-    w_amax = None if states.weight.amax_is_local() else states.weight.amax(fp16_master_value(weight, scale_inv))
-    (x_step, x_constants), (w_step, w_constants) = states.input.step_args(x_amax), states.weight.step_args(w_amax)
+    x_step, x_constants = states.input.step_args(x2d)
+    w_step, w_constants = states.weight.step_args(lambda: fp16_master_value(weight, scale_inv))
     upcast = cdt if backend == "emulated" else None
     run = compiled(forward_pass) if layer.fuse else forward_pass
     xq, xs, wq, ws, *rest = run(x2d.detach(), weight.detach(), scale_inv, x_step, w_step, x_constants, w_constants,
@@ -309,7 +308,7 @@ def _per_tensor_backward(layer: "FP8TrainingLinear", g2d: torch.Tensor, xq: FP8O
     """``(dgrad (M, K), wgrad (N, K))`` of a per-tensor recipe, through `backward_pass`; `need` says
     which of the two to compute."""
     st = layer.states.grad_output
-    g_step, g_constants = st.step_args(None if st.amax_is_local() else st.amax(g2d))
+    g_step, g_constants = st.step_args(g2d)
     upcast = cdt if backend == "emulated" else None
     run = compiled(backward_pass) if layer.fuse else backward_pass
     gq, gs, *rest = run(g2d.detach(), g_step, g_constants, xq.q, xq.scale_inv, wq.q, wq.scale_inv, upcast)
@@ -318,8 +317,9 @@ def _per_tensor_backward(layer: "FP8TrainingLinear", g2d: torch.Tensor, xq: FP8O
     if upcast is not None:  # dequantised operands: dgrad = g @ w, wgrad = g.T @ x
         dgrad = F.linear(g_op, w_op.t()) if need[0] else None
         return dgrad, (F.linear(g_op.t(), x_op.t()) if need[1] else None)
-    dgrad = gemm_scaled_mm(FP8Operand(gq, gs), FP8Operand(w_op, wq.scale_inv)) if need[0] else None  # w_op: (K, N)
-    wgrad = gemm_scaled_mm(FP8Operand(g_op, gs), FP8Operand(x_op, xq.scale_inv)) if need[1] else None  # (N, M) × (K, M)
+    # scaled_mm: the FP8 bytes, and the contiguous transposes w.T (K, N), g.T (N, M), x.T (K, M)
+    dgrad = gemm_scaled_mm(FP8Operand(gq, gs), FP8Operand(w_op, wq.scale_inv)) if need[0] else None
+    wgrad = gemm_scaled_mm(FP8Operand(g_op, gs), FP8Operand(x_op, xq.scale_inv)) if need[1] else None
     return dgrad, wgrad
 
 
@@ -503,10 +503,10 @@ class FP8TrainingLinear(nn.Module):
         previous = getattr(self.weight, "scaled_grad", None) if keep_fp8 else None
         if previous is not None and not st.amax_is_local():  # the shared amax is the sum's
             wgrad, previous = wgrad.float() + previous.dequantize(), None
-        step, constants = st.step_args(None if st.amax_is_local() else st.amax(wgrad))
+        step, constants = st.step_args(wgrad)
         run = compiled(weight_grad_pass) if self.fuse else weight_grad_pass
-        q, s_inv, *rest = run(wgrad, *((previous.q, previous.scale_inv) if previous else (None, None)), step, constants,
-                              None if keep_fp8 else self.weight.dtype)
+        earlier = (None, None) if previous is None else (previous.q, previous.scale_inv)
+        q, s_inv, *rest = run(wgrad, *earlier, step, constants, None if keep_fp8 else self.weight.dtype)
         st.commit(*rest[:3])
         value, l2 = rest[3:]
         if keep_fp8:
