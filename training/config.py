@@ -159,7 +159,7 @@ class PrecisionConfig:
     """fp8-o2/o3 master weights of the FP8 linear layers: fp32, or fp16 with a per-tensor scale stored in
     the weight itself (FP8-LM's precision decoupling: 2 bytes per weight); other parameters stay fp32."""
     fp8_fuse: Literal["auto", "on", "off"] = "auto"
-    """Run the FP8 quantise passes and FP8AdamW's per-parameter update through torch.compile (a few fused
+    """Run the FP8 quantise passes and FP8AdamW's update through torch.compile (a few fused
     kernels in place of dozens of small ops; the same numbers, up to float32 summation order in the
     optimizer). auto: on for CUDA, where each small op is a kernel launch; off on CPU, where each
     first compile takes ~20 s on 2 cores."""

@@ -143,7 +143,7 @@ def release_precision(model: nn.Module) -> nn.Module:
 
 def fp8_adamw_like(optimizer: torch.optim.Optimizer, master_weights: str, fused: bool = False) -> torch.optim.Optimizer:
     """`FP8AdamW` over the same parameter groups, learning rates, betas, eps and weight decay (`fused`:
-    each parameter's update compiled)."""
+    its update compiled)."""
     from .core.fp8.optim import FP8AdamW
 
     groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from .formats import fp8_to_float32
-from .scaling import all_reduce_max_, quantize_scaled
+from .scaling import all_reduce_max_, quantize_scaled, tensor_amax
 
 _aten = torch.ops.aten
 SHARDING_OPS = {  # the ops FSDP2 applies to a parameter while sharding it: they keep the wrapper
@@ -118,8 +118,7 @@ class FP8AllGatherWeight(_AllGatherWrapper):
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
         """Quantise this shard with the scale of the whole weight; send its E4M3 bytes."""
         state = module.states.weight
-        amax = self._hp.detach().abs().amax().float() if self._hp.numel() else self._hp.new_zeros((), dtype=torch.float32)
-        amax = all_reduce_max_(amax, mesh.get_group())
+        amax = all_reduce_max_(tensor_amax(self._hp), mesh.get_group())
         scale = state.next_scale(amax)
         q = quantize_scaled(self._hp.detach(), scale, state.fmt)
         _SENT["fp8_bytes"] += q.numel()

@@ -60,6 +60,8 @@ FP16 = FP8Format("fp16", torch.float16, 65504.0)
 """float16 described like an FP8 format, so `compute_scale` gives it power-of-two scales."""
 MasterWeights = Literal["fp32", "fp16"]
 MASTER_WEIGHTS: tuple[str, ...] = get_args(MasterWeights)
+MOMENT_KEYS = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
+"""The optimizer state of the moments, in the order `adamw_state_update` takes and returns them."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +76,13 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(x, (0, nb * block - x.numel())).view(nb, block)
 
 
+def scales_of(amax: torch.Tensor, fmt: FP8Format, margin: int = 0) -> torch.Tensor:
+    """Power-of-two quantisation scales for finite amaxes (`compute_scale`); 1 where the amax is 0."""
+    nonzero = amax > 0
+    return torch.where(nonzero, compute_scale(torch.where(nonzero, amax, 1.0), fmt, margin, check_finite=False),
+                       torch.ones_like(amax))
+
+
 def block_quantize(x: torch.Tensor, block: int, fmt: FP8Format, margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) float32 → (n,) in `fmt` and (nb,) float32 dequant scales, one power-of-two scale per block.
 
@@ -84,9 +93,7 @@ def block_quantize(x: torch.Tensor, block: int, fmt: FP8Format, margin: int = 0)
         ([0.0078125, 3.725290298461914e-09], True)
     """
     xb = _blocks(x, block)  # (nb, block)
-    amax = xb.abs().amax(dim=1, keepdim=True)  # (nb, 1)
-    scale = torch.where(amax > 0, compute_scale(torch.where(amax > 0, amax, 1.0), fmt, margin, check_finite=False),
-                        torch.ones_like(amax))  # (nb, 1)
+    scale = scales_of(xb.abs().amax(dim=1, keepdim=True), fmt, margin)  # (nb, 1)
     scaled = (xb * scale).clamp_(-fmt.max, fmt.max)  # the one float32 temporary
     q = scaled.to(fmt.dtype)
     return q.reshape(-1)[: x.numel()], (1.0 / scale).reshape(-1)
@@ -235,8 +242,7 @@ def bucket_update(w: torch.Tensor, w_block_scale_inv: torch.Tensor | None, g: to
     if master_kind == "param":
         return (w, None, None, *moments)
     amax = param_amax.scatter_reduce(0, owner, _blocks(w.abs(), block).amax(dim=1), "amax", include_self=True)
-    scale = torch.where(amax > 0, compute_scale(torch.where(amax > 0, amax, 1.0), FP16, 0, check_finite=False),
-                        torch.ones_like(amax))  # (P,): tensor_quantize's scale of each parameter
+    scale = scales_of(amax, FP16)  # (P,): tensor_quantize's scale of each parameter
     scale_inv = 1.0 / scale
     q = (_blocks(w, block) * scale[owner].unsqueeze(1)).clamp_(-FP16.max, FP16.max).to(torch.float16)
     value = scaled(q.reshape(-1), scale_inv[owner]) if master_kind == "fp16" else None
@@ -382,8 +388,9 @@ class FP8AdamW(torch.optim.Optimizer):
     """Drop-in `torch.optim.AdamW` (param groups, lr, betas, eps, weight_decay, decoupled decay) with
     FP8-LM O2 state: m in E4M3 with per-block scales, sqrt(v) in FP16 with per-block scales, master
     weights in the fp32 parameter or in FP16 + a per-tensor scale (see the module docstring).
-    `fused`: run each parameter's update through `torch.compile` (`param_update`): the same
-    numbers, far fewer kernel launches (on CUDA); the first step compiles.
+    `fused`: run the update through `torch.compile` (`bucket_update` per bucket, `param_update` per
+    parameter updated alone): the same numbers, far fewer kernel launches (on CUDA); the first step
+    compiles. `foreach` (None: on CUDA): update parameters of one kind in buckets.
 
         >>> import torch
         >>> model = torch.nn.Linear(64, 64)
@@ -514,14 +521,13 @@ class FP8AdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         local = local_shard(p.detach())  # FSDP2: this process's shard; the state is sharded alike
         kind, master, master_scale_inv = self._master_of(p)
-        keys = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
         update = compiled(param_update) if self.fused else param_update
         *moments, master, master_scale_inv = update(
-            local, *self._grad_of(p), master, master_scale_inv, *(state[k] for k in keys),
+            local, *self._grad_of(p), master, master_scale_inv, *(state[k] for k in MOMENT_KEYS),
             self._coefficients(state, group, local.device, coefficients),
             master_kind=kind, block=self._block(p), m_format=self.m_format, beta1=beta1, beta2=beta2,
             eps=group["eps"])
-        state.update(zip(keys, moments))
+        state.update(zip(MOMENT_KEYS, moments))
         if kind == "fp16":
             state["master"], state["master_scale_inv"] = master, master_scale_inv
 
@@ -576,9 +582,8 @@ class FP8AdamW(torch.optim.Optimizer):
         else:
             w = layout.gather([st["master"] for st in states])
             w_scale = layout.per_block(torch.cat([st["master_scale_inv"] for st in states]))
-        keys = ("exp_avg", "exp_avg_scale_inv", "exp_avg_sq", "exp_avg_sq_scale_inv")
-        moments = [layout.gather([st[keys[0]] for st in states]), torch.cat([st[keys[1]] for st in states]),
-                   layout.gather([st[keys[2]] for st in states]), torch.cat([st[keys[3]] for st in states])]
+        moments = [layout.gather([st[key] for st in states]) if not key.endswith("scale_inv")
+                   else torch.cat([st[key] for st in states]) for key in MOMENT_KEYS]
         beta1, beta2 = group["betas"]
         update = compiled(bucket_update) if self.fused else bucket_update
         w, scale_inv, value, *moments = update(
@@ -586,7 +591,7 @@ class FP8AdamW(torch.optim.Optimizer):
             self._coefficients(states[0], group, w.device, coefficients), layout.owner,
             torch.zeros(len(params), dtype=torch.float32, device=w.device), master_kind=kind, block=self.block_size,
             m_format=self.m_format, beta1=beta1, beta2=beta2, eps=group["eps"])
-        for key, flat in zip(keys, moments):
+        for key, flat in zip(MOMENT_KEYS, moments):
             targets = [st[key] for st in states]
             if key.endswith("scale_inv"):
                 torch._foreach_copy_(targets, list(flat.split(layout.blocks)))
