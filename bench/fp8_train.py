@@ -38,10 +38,10 @@ import time
 
 from machine import cpu_model
 
-MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3", "fp8-o3-bf16")
+MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3", "fp8-o3-bf16", "fp8-o3-e4m3")
 """fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights). fp8-o3: two
-processes under torchrun (FSDP2; gloo on CPU), reporting all-gather bytes per step; fp8-o3-bf16: the
-same with ``--precision.fp8_embedding_gather bf16``."""
+processes under torchrun (FSDP2; gloo on CPU), reporting all-gather bytes per step; fp8-o3-bf16 and
+fp8-o3-e4m3: the same with ``--precision.fp8_embedding_gather bf16`` or ``e4m3``."""
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2)
@@ -144,8 +144,8 @@ def _build(mode: str, args):
         torch.set_num_threads(max(1, args.threads // info.world_size))
         shard, device = build_sharder(info, cfg), info.device
         wire = _count_all_gathers()
-    cfg.precision.mode = mode.removesuffix("-fp16").removesuffix("-bf16")
-    cfg.precision.fp8_embedding_gather = "bf16" if mode.endswith("-bf16") else "fp32"
+    cfg.precision.mode = mode.removesuffix("-fp16").removesuffix("-bf16").removesuffix("-e4m3")
+    cfg.precision.fp8_embedding_gather = mode.removeprefix("fp8-o3-") if mode.startswith("fp8-o3-") else "fp32"
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
     cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
@@ -249,13 +249,14 @@ def _count_all_gathers() -> dict:
 
 
 def _o3_result(mode, args, wire, times, losses, info) -> dict:
-    """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears, bf16
-    embedding and LM head, fp32 for the rest), against the same elements gathered in bf16 (FSDP2 with
-    param_dtype=bf16) and fp32."""
-    from grmserve.training.core.fp8.fsdp import bf16_all_gather_bytes, fp8_all_gather_bytes
+    """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears; the
+    embedding and LM head in fp32, bf16 or E4M3; fp32 for the rest), against the same elements
+    gathered in bf16 (FSDP2 with param_dtype=bf16) and fp32."""
+    from grmserve.training.core.fp8.fsdp import all_gather_bytes
 
-    fp8, bf16 = fp8_all_gather_bytes(), bf16_all_gather_bytes()
-    elements = fp8 + bf16 / 2 + (wire["bytes"] - fp8 - bf16) / 4  # the rest is gathered in fp32
+    sent = all_gather_bytes()
+    fp8, bf16, e4m3 = sent["fp8_linears"], sent["bf16_embeddings"], sent["e4m3_embeddings"]
+    elements = fp8 + e4m3 + bf16 / 2 + (wire["bytes"] - fp8 - e4m3 - bf16) / 4  # the rest is gathered in fp32
     steps = args.steps
     per_step = {"fp8_o3": wire["bytes"] / steps, "bf16": 2 * elements / steps, "fp32": 4 * elements / steps}
     return {"mode": mode, "processes": info.world_size, "all_gather_calls": wire["calls"],
@@ -264,6 +265,7 @@ def _o3_result(mode, args, wire, times, losses, info) -> dict:
             "fp8_linears_all_gather_vs_bf16": 0.5 if fp8 else None,
             "fp8_share_of_gathered_elements": round(fp8 / elements, 3),
             "bf16_share_of_gathered_elements": round(bf16 / 2 / elements, 3),
+            "e4m3_embedding_share_of_gathered_elements": round(e4m3 / elements, 3),
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
 
 

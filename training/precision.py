@@ -88,10 +88,10 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     their weights stored as the FP16 master + scale (no fp32 copy), and the trained embeddings and LM
     head too, with FP16 gradients (core/fp8/fp16_master.py); other parameters keep fp32 masters.
     O3: O2's optimizer on FSDP2 shards (`shard`), the FP8 linears' weights all-gathered as E4M3 bytes
-    and, with ``fp8_embedding_gather=bf16``, the embedding and LM head as bf16 (core/fp8/fsdp.py);
-    gradients stay float32 for FSDP's reduce-scatter."""
+    and, with ``fp8_embedding_gather=bf16|e4m3``, the embedding and LM head as bf16 or E4M3 with one
+    current scale (core/fp8/fsdp.py); gradients stay float32 for FSDP's reduce-scatter."""
     from .core.fp8.fp16_master import keep_fp16_master_embeddings
-    from .core.fp8.fsdp import gather_embeddings_in_bf16
+    from .core.fp8.fsdp import gather_embeddings_in
     from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
 
     o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
@@ -111,8 +111,9 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
         log.info("FP16 master weights (with their FP16 gradients) for: %s", ", ".join(embeddings) or "no trained embeddings")
     if o3:
         shard_fp8_weights(model)
-        if cfg.fp8_embedding_gather == "bf16":
-            log.info("all-gathered in bf16: %s", ", ".join(gather_embeddings_in_bf16(model)) or "nothing")
+        if cfg.fp8_embedding_gather != "fp32":
+            wrapped = gather_embeddings_in(model, cfg.fp8_embedding_gather)
+            log.info("all-gathered in %s: %s", cfg.fp8_embedding_gather, ", ".join(wrapped) or "nothing")
     model = shard(model)
     optimizer = optimizer_factory(model)
     if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master

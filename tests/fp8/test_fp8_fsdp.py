@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from grmserve.training.core.fp8.formats import fp8_to_float32, quantize_per_tensor
 from grmserve.training.core.fp8.fsdp import (
-    BF16AllGatherWeight,
+    EMBEDDING_GATHERS,
     FP8AllGatherWeight,
-    bf16_all_gather_bytes,
-    fp8_all_gather_bytes,
-    gather_embeddings_in_bf16,
+    all_gather_bytes,
+    gather_embeddings_in,
 )
 from grmserve.training.core.fp8.optim import FP8AdamW
 from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
@@ -40,14 +40,14 @@ def test_fsdp2_gathers_e4m3_and_computes_like_the_plain_fp8_linear(one_rank_grou
     plain, sharded = _net(), _net()
     assert shard_fp8_weights(sharded) == 2 and isinstance(sharded[0].weight.data, FP8AllGatherWeight)
     fully_shard(sharded)
-    before = fp8_all_gather_bytes()
+    before = all_gather_bytes()["fp8_linears"]
     x = torch.randn(16, 64)
     for step in range(3):
         y_plain, y_sharded = plain(x), sharded(x)
         assert torch.equal(y_plain, y_sharded), step  # the gathered E4M3 bytes are the bytes the plain layer uses
         y_plain.square().mean().backward()
         y_sharded.square().mean().backward()
-    assert fp8_all_gather_bytes() - before >= 3 * (64 * 128 + 128 * 32)  # every forward sent the weights in E4M3
+    assert all_gather_bytes()["fp8_linears"] - before >= 3 * (64 * 128 + 128 * 32)  # every forward sent the weights in E4M3
     assert sharded[0].states.weight.steps == plain[0].states.weight.steps == 3  # one record per forward
     assert torch.allclose(sharded[0].weight.grad.full_tensor(), plain[0].weight.grad, rtol=1e-5, atol=1e-7)
 
@@ -89,24 +89,47 @@ class _TiedLM(torch.nn.Module):
         return self.lm_head(self.embed(ids))
 
 
-def test_embeddings_are_gathered_in_bf16_and_stay_tied(one_rank_group):
-    """O3 sends the token embedding / LM head as bf16: the model computes in float32 from the bf16
-    values, the tie survives the wrapping, and the gradient lands in float32 on the shard."""
+def _as_gathered(w: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What the all-gather delivers of the float32 weight `w`: bf16-rounded values, or E4M3 values with
+    one power-of-two scale for the whole weight (FP8-LM's, from its amax)."""
+    if dtype == "bf16":
+        return w.to(torch.bfloat16).float()
+    q, scale_inv = quantize_per_tensor(w)
+    return fp8_to_float32(q) * scale_inv
+
+
+@pytest.mark.parametrize("dtype,bytes_per_element", [("bf16", 2), ("e4m3", 1)])
+def test_embeddings_are_gathered_narrow_and_stay_tied(one_rank_group, dtype, bytes_per_element):
+    """O3 can send the token embedding / LM head as bf16 or E4M3: the model computes in float32 from
+    the gathered values, the tie survives the wrapping, and the gradient lands in float32 on the shard."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = _TiedLM()
-    w = model.embed.weight.detach().to(torch.bfloat16).float().requires_grad_(True)  # what the gather delivers
-    assert gather_embeddings_in_bf16(model) == ["embed.weight", "lm_head.weight"]
-    assert model.lm_head.weight is model.embed.weight and isinstance(model.embed.weight.data, BF16AllGatherWeight)
+    with torch.no_grad():
+        model.embed.weight[3] *= 40  # an outlier row: one scale must cover it
+    w = _as_gathered(model.embed.weight.detach(), dtype).requires_grad_(True)
+    assert not torch.equal(w, model.embed.weight)  # the narrow form differs from the master
+    assert gather_embeddings_in(model, dtype) == ["embed.weight", "lm_head.weight"]
+    assert model.lm_head.weight is model.embed.weight and isinstance(model.embed.weight.data, EMBEDDING_GATHERS[dtype])
     fully_shard(model)
     ids = torch.randint(0, 64, (4, 8))
-    before = bf16_all_gather_bytes()
-    y = model(ids)
-    assert bf16_all_gather_bytes() - before == 64 * 32 * 2  # one gather of the tied weight, 2 bytes each
-    expected = torch.nn.functional.linear(torch.nn.functional.embedding(ids, w), w)
-    assert torch.allclose(y, expected, rtol=1e-6, atol=1e-7)
-    y.square().mean().backward()
-    expected.square().mean().backward()
-    grad = model.embed.weight.grad.full_tensor()
-    assert grad.dtype == torch.float32 and torch.allclose(grad, w.grad, rtol=1e-5, atol=1e-8)
+    before = all_gather_bytes()[f"{dtype}_embeddings"]
+    for step in range(2):  # the second step refills FSDP's unsharded parameter (`out=`)
+        y = model(ids)
+        expected = torch.nn.functional.linear(torch.nn.functional.embedding(ids, w), w)
+        assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6), step
+        y.square().mean().backward()
+        expected.square().mean().backward()
+        grad = model.embed.weight.grad.full_tensor()
+        assert grad.dtype == torch.float32 and torch.allclose(grad, w.grad, rtol=1e-5, atol=1e-7), step
+        model.zero_grad()
+        with torch.no_grad():  # a new master: the next gather must carry its values and scale
+            model.embed.weight.mul_(3.0)
+        w = _as_gathered(model.embed.weight.full_tensor().detach(), dtype).requires_grad_(True)
+    assert all_gather_bytes()[f"{dtype}_embeddings"] - before == 2 * 64 * 32 * bytes_per_element  # tied: once a step
+
+
+def test_embedding_gather_names_the_choices():
+    with pytest.raises(ValueError, match="one of \\['bf16', 'e4m3'\\], not 'fp16'"):
+        gather_embeddings_in(_TiedLM(), "fp16")

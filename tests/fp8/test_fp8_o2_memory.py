@@ -75,6 +75,21 @@ def test_fp16_master_in_place_trains_like_the_fp32_master():
     assert drift < 2e-3, drift  # FP16's 11 significant bits against fp32's
 
 
+def test_fp16_master_scale_link_follows_a_move():
+    """Moving a module (`.to(device)`) replaces its buffers and keeps its parameters: the weight's link
+    to its scale must follow, or `FP8AdamW` would update a scale the layer no longer reads."""
+    _, layer = _pair(grad_storage="fp8")
+    layer.keep_fp16_master()
+    old = layer.weight_scale_inv
+    layer._apply(lambda t: t.clone())  # what a move to another device does to each tensor
+    assert layer.weight_scale_inv is not old and layer.weight.master_scale_inv is layer.weight_scale_inv
+    opt = FP8AdamW(layer.parameters(), lr=1e-2)
+    layer(torch.randn(M, K)).square().mean().backward()
+    before = layer.effective_weight().clone()
+    opt.step()
+    assert not torch.equal(layer.effective_weight(), before) and torch.isfinite(layer.effective_weight()).all()
+
+
 def test_fp16_master_resumes_bit_identically_through_state_dict():
     def build():
         _, layer = _pair(seed=7, grad_storage="fp8")

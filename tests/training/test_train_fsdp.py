@@ -160,3 +160,10 @@ def test_two_process_fp8_o3_tracks_one_process_o2(tmp_path):
         assert moved > 0 and apart < 0.5 * moved, f"{suffix}: runs differ by {apart} (norm), moved {moved}"
     # Resume the two-process run for one more step: each process gets its own optimizer shard back.
     assert run_torchrun(cmd + ["--resume", "--optim.max_steps", "4"], timeout=240)["step"] == 4
+    # The same run sending the (tied) embedding as E4M3 too: each process adds its shard's bytes,
+    # once per step (the root module's weights stay gathered from forward to backward).
+    e4m3 = run_torchrun(torchrun_command(tmp_path / "e4m3", "--precision.mode", "fp8-o3",
+                                         "--precision.fp8_embedding_gather", "e4m3"), timeout=240)
+    shard_mib = start["lm.model.embed_tokens.weight"].numel() / 2 / 2**20
+    added = (e4m3["fp8_all_gather_mib"] - reported["fp8_all_gather_mib"]) / shard_mib
+    assert e4m3["step"] == 3 and abs(added - 3) < 0.01, added

@@ -62,7 +62,26 @@ class _MasterValue(torch.autograd.Function):
         return None, None
 
 
-class FP16Master(nn.Module):
+class FP16MasterLayout(nn.Module):
+    """A module whose ``weight`` may be held as FP8-LM's FP16 master: float16 values (the parameter)
+    times a per-tensor power-of-two dequant scale (buffer ``weight_scale_inv``), linked as
+    ``weight.master_scale_inv``, where `FP8AdamW` finds the scale and updates it in place. No float32
+    copy of the weight exists. `FP16Master` and the FP8 training linear (`keep_fp16_master`) use it."""
+
+    def _hold_fp16_master(self, values: torch.Tensor, scale_inv: torch.Tensor, requires_grad: bool) -> None:
+        """`values` (float16) become the ``weight`` parameter, `scale_inv` its buffer and link."""
+        self.weight = nn.Parameter(values, requires_grad=requires_grad)
+        self.register_buffer("weight_scale_inv", scale_inv)
+        self.weight.master_scale_inv = self.weight_scale_inv
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if getattr(self, "weight_scale_inv", None) is not None:  # buffers are replaced, the parameter kept
+            self.weight.master_scale_inv = self.weight_scale_inv
+        return self
+
+
+class FP16Master(FP16MasterLayout):
     """A weight stored as float16 values times a per-tensor power-of-two scale; calling the module
     returns its float32 value (see the module docstring).
 
@@ -74,10 +93,7 @@ class FP16Master(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        values, scale_inv = tensor_quantize(weight, FP16)
-        self.weight = nn.Parameter(values, requires_grad=weight.requires_grad)
-        self.register_buffer("weight_scale_inv", scale_inv)
-        self.weight.master_scale_inv = self.weight_scale_inv
+        self._hold_fp16_master(*tensor_quantize(weight, FP16), requires_grad=weight.requires_grad)
         self._pending: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self) -> torch.Tensor:
@@ -110,7 +126,6 @@ class FP16Master(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.weight.master_scale_inv = self.weight_scale_inv  # buffers are replaced, the parameter kept
         self._pending = None
         return self
 
@@ -235,5 +250,5 @@ def dequantize_fp16_masters(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-__all__ = ["FP16Master", "MasterEmbedding", "MasterHead", "dequantize_fp16_masters", "keep_fp16_master_embeddings",
+__all__ = ["FP16Master", "FP16MasterLayout", "MasterEmbedding", "MasterHead", "dequantize_fp16_masters", "keep_fp16_master_embeddings",
            "release_fp16_masters"]

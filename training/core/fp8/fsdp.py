@@ -16,9 +16,12 @@ subclasses use it for `FP8TrainingLinear` weights:
   any other use sees the dequantised values. The weight gradient stays high precision, so FSDP's
   reduce-scatter and the sharded optimizer state (`FP8AdamW` on each process's shard) work unchanged.
 
-`BF16AllGatherWeight` does the same for the token embedding and LM head (`gather_embeddings_in_bf16`):
-they travel as bf16 (2 bytes per element instead of 4) and compute in float32 from the bf16 values,
-as bf16 mixed precision would; the float32 shards stay the masters.
+The token embedding and LM head (tied or not) can travel narrow too (`gather_embeddings_in`, O3's
+``fp8_embedding_gather``): `BF16AllGatherWeight` sends them as bf16 (2 bytes per element instead of
+4), `E4M3AllGatherWeight` as E4M3 bytes with one current scale for the whole weight (1 byte; the
+scale comes from the weight's amax now, all-reduced with MAX, since these weights have no FP8 layer
+and so no scaling state). Either way the model computes in float32 from the gathered values, and the
+float32 shards stay the masters.
 
 Per-tensor recipes only (``delayed``, ``current``): 128×128 weight blocks would straddle shard
 boundaries. `training_linear.shard_fp8_weights(model)` wraps the weights; call it after
@@ -31,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .formats import fp8_to_float32
-from .scaling import all_reduce_max_, quantize_scaled, tensor_amax
+from .formats import E4M3, compute_scale, fp8_to_float32
+from .scaling import ScalingState, all_reduce_max_, quantize_scaled, tensor_amax
 
 _aten = torch.ops.aten
 SHARDING_OPS = {  # the ops FSDP2 applies to a parameter while sharding it: they keep the wrapper
@@ -45,17 +48,14 @@ VIEW_OPS = {_aten.view.default, _aten.as_strided.default, _aten.detach.default, 
             _aten.slice.Tensor, _aten._unsafe_view.default, _aten.reshape.default}
 
 
-_SENT = {"fp8_bytes": 0, "bf16_bytes": 0}
+_SENT = {"fp8_linears": 0, "bf16_embeddings": 0, "e4m3_embeddings": 0}
 
 
-def fp8_all_gather_bytes() -> int:
-    """E4M3 bytes this process has sent into FSDP2 all-gathers so far (its shards, every gather)."""
-    return _SENT["fp8_bytes"]
-
-
-def bf16_all_gather_bytes() -> int:
-    """bf16 bytes this process has sent into FSDP2 all-gathers so far (`BF16AllGatherWeight` shards)."""
-    return _SENT["bf16_bytes"]
+def all_gather_bytes() -> dict[str, int]:
+    """Bytes this process has sent into FSDP2 all-gathers so far through the narrow wrappers (its
+    shards, every gather): ``fp8_linears`` (`FP8AllGatherWeight`, E4M3), ``bf16_embeddings`` and
+    ``e4m3_embeddings`` (`gather_embeddings_in`). Anything else FSDP2 gathers goes as it is stored."""
+    return dict(_SENT)
 
 
 class _AllGatherWrapper(torch.Tensor):
@@ -100,7 +100,7 @@ class BF16AllGatherWeight(_AllGatherWrapper):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
         data = self._hp.detach().to(torch.bfloat16)
-        _SENT["bf16_bytes"] += data.numel() * 2
+        _SENT["bf16_embeddings"] += data.numel() * 2
         return (data,), None
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
@@ -113,16 +113,22 @@ class BF16AllGatherWeight(_AllGatherWrapper):
 class FP8AllGatherWeight(_AllGatherWrapper):
     """A high-precision weight (shard) that FSDP2 all-gathers as E4M3 bytes; see the module docstring."""
 
+    _counter = "fp8_linears"  # its key in `all_gather_bytes`
+
     # -- FSDP2 all-gather extension ----------------------------------------------------------------
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
         """Quantise this shard with the scale of the whole weight; send its E4M3 bytes."""
-        state = module.states.weight
         amax = all_reduce_max_(tensor_amax(self._hp), mesh.get_group())
-        scale = state.next_scale(amax)
-        q = quantize_scaled(self._hp.detach(), scale, state.fmt)
-        _SENT["fp8_bytes"] += q.numel()
+        scale = self._scale(amax, module)
+        q = quantize_scaled(self._hp.detach(), scale, E4M3)
+        _SENT[self._counter] += q.numel()
         return (q.view(torch.uint8),), (scale, amax)
+
+    def _scale(self, amax: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """The scale the FP8 layer's weight `ScalingState` gives now (delayed or current)."""
+        state: ScalingState = module.states.weight
+        return state.next_scale(amax)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         (data,) = all_gather_outputs
@@ -133,6 +139,18 @@ class FP8AllGatherWeight(_AllGatherWrapper):
             out._amax.copy_(amax)
             return
         return GatheredWeight(q, 1.0 / scale, amax, param_dtype), (data,)
+
+
+class E4M3AllGatherWeight(FP8AllGatherWeight):
+    """A float32 embedding or LM head shard that FSDP2 all-gathers as E4M3 bytes (1 byte per element
+    instead of 4) with one current power-of-two scale for the whole weight (its amax now; these
+    weights have no FP8 layer, so no delayed scaling state). The model computes in float32 from the
+    dequantised values; the float32 shard stays the master and its gradient stays float32."""
+
+    _counter = "e4m3_embeddings"
+
+    def _scale(self, amax: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return compute_scale(amax, E4M3, check_finite=False)  # a non-finite weight shows as NaN, not hidden
 
 
 class GatheredWeight(torch.Tensor):
@@ -180,14 +198,21 @@ def gathered_weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return None
 
 
-def gather_embeddings_in_bf16(model: nn.Module) -> list[str]:
-    """Wrap the token embedding and the LM head of `model` (float32; tied or not) as
-    `BF16AllGatherWeight`s, in place and before `fully_shard`, keeping ties; returns the wrapped
-    parameter names. O3 gathers them in bf16: with the decoder's linears in E4M3, they would otherwise
-    be most of the bytes gathered."""
+EMBEDDING_GATHERS: dict[str, type[_AllGatherWrapper]] = {"bf16": BF16AllGatherWeight, "e4m3": E4M3AllGatherWeight}
+
+
+def gather_embeddings_in(model: nn.Module, dtype: str) -> list[str]:
+    """Wrap the token embedding and the LM head of `model` (float32; tied or not) so that FSDP2
+    all-gathers them as `dtype` (``bf16`` or ``e4m3``: `EMBEDDING_GATHERS`), in place and before
+    `fully_shard`, keeping ties; returns the wrapped parameter names. With the decoder's linears in
+    E4M3, these weights would otherwise be most of the bytes O3 gathers."""
+    try:
+        wrapper = EMBEDDING_GATHERS[dtype]
+    except KeyError:
+        raise ValueError(f"embeddings are all-gathered as one of {sorted(EMBEDDING_GATHERS)}, not {dtype!r}") from None
     wanted = [m.weight for name, m in model.named_modules()
               if isinstance(m, nn.Embedding) or (name.split(".")[-1] == "lm_head" and isinstance(m, nn.Linear))]
-    new = {id(p): nn.Parameter(BF16AllGatherWeight(p.data), requires_grad=p.requires_grad)
+    new = {id(p): nn.Parameter(wrapper(p.data), requires_grad=p.requires_grad)
            for p in wanted if p.dtype == torch.float32 and not isinstance(p.data, _AllGatherWrapper)}
     names = []
     for module_name, module in model.named_modules():

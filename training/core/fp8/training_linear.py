@@ -48,6 +48,7 @@ from torch import nn
 from ..devices import fast_dtype
 from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
+from .fp16_master import FP16MasterLayout
 from .fsdp import FP8AllGatherWeight, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
 from .optim import FP16, ScaledGrad, dequantize_scaled, tensor_quantize
@@ -395,7 +396,7 @@ def default_compute_dtype(device: torch.device | str | None = None) -> torch.dty
     return fast_dtype(torch.device(device if device is not None else "cpu"))
 
 
-class FP8TrainingLinear(nn.Module):
+class FP8TrainingLinear(FP16MasterLayout):
     """`nn.Linear` trained with FP8 GEMMs (FP8-LM O1): master weight in `weight.dtype`, FP8 compute.
 
     `recipe`: ``"delayed"`` / ``"current"`` / ``"block"`` or an `FP8TrainingRecipe`. `backend`:
@@ -477,20 +478,14 @@ class FP8TrainingLinear(nn.Module):
         """Store the weight as FP16 times a per-tensor power-of-two dequant scale (`weight_scale_inv`,
         a buffer, also reachable as ``weight.master_scale_inv`` for `FP8AdamW`): FP8-LM's FP16 master,
         kept in the parameter itself, so no FP32 copy of the weight exists."""
-        self._hold_fp16_master(*tensor_quantize(self.effective_weight(), FP16))
-
-    def _hold_fp16_master(self, values: torch.Tensor, scale_inv: torch.Tensor) -> None:
-        """The FP16-master layout: `values` (float16) as the parameter, `scale_inv` as its buffer and link."""
-        self.weight = nn.Parameter(values, requires_grad=self.weight.requires_grad)
-        self.register_buffer("weight_scale_inv", scale_inv)
-        self.weight.master_scale_inv = self.weight_scale_inv
+        self._hold_fp16_master(*tensor_quantize(self.effective_weight(), FP16), self.weight.requires_grad)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state saved with the FP16 master (a `weight_scale_inv` entry) loads into a module built
         # without it: take the same layout first (export and evaluation rebuild models that way).
         if prefix + "weight_scale_inv" in state_dict and getattr(self, "weight_scale_inv", None) is None:
             self._hold_fp16_master(torch.empty_like(self.weight, dtype=torch.float16),
-                                   torch.ones((), device=self.weight.device))
+                                   torch.ones((), device=self.weight.device), self.weight.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def finish_weight_grad(self, wgrad: torch.Tensor) -> torch.Tensor | None:
@@ -528,9 +523,7 @@ class FP8TrainingLinear(nn.Module):
             getattr(self.states, role).load_state_dict(state[role])
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if getattr(self, "weight_scale_inv", None) is not None:  # buffers are replaced, parameters kept
-            self.weight.master_scale_inv = self.weight_scale_inv
+        super()._apply(fn, recurse)  # FP16MasterLayout keeps the FP16 master's scale linked
         if self.weight.device.type != "meta":
             for st in self.states:
                 st.to(self.weight.device)
