@@ -250,5 +250,5 @@ def dequantize_fp16_masters(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-__all__ = ["FP16Master", "FP16MasterLayout", "MasterEmbedding", "MasterHead", "dequantize_fp16_masters", "keep_fp16_master_embeddings",
-           "release_fp16_masters"]
+__all__ = ["FP16Master", "FP16MasterLayout", "MasterEmbedding", "MasterHead", "dequantize_fp16_masters",
+           "keep_fp16_master_embeddings", "release_fp16_masters"]
