@@ -37,6 +37,29 @@ def test_fused_scaling_step_is_the_eager_step_bit_for_bit(fmt, zero_nonfinite):
     assert fused.stats()["overflow"] > 0  # delayed scaling lagged behind the growing amax
 
 
+@pytest.mark.parametrize("backend,fuse", [("emulated", False), ("scaled_mm", False), ("emulated", True)])
+def test_backward_skips_the_gemm_nobody_needs_and_keeps_the_other(backend, fuse):
+    """A frozen weight needs no wgrad, an input without gradient no dgrad: the backward pass then lays
+    out only the operands of the GEMM that is needed, which gives the same bytes as the full backward."""
+    torch.manual_seed(0)
+    x, g = torch.randn(32, 64), torch.randn(32, 48)
+
+    def backward(input_grad: bool, weight_grad: bool):
+        torch.manual_seed(1)
+        layer = FP8TrainingLinear(64, 48, recipe="delayed", fuse=fuse, compute_dtype=torch.float32, backend=backend,
+                                  allow_cpu_scaled_mm=True)
+        layer.weight.requires_grad_(weight_grad)
+        xr = x.clone().requires_grad_(input_grad)
+        layer(xr).backward(g)
+        return xr.grad, layer.weight.grad
+
+    dx, dw = backward(True, True)
+    dx_only, no_dw = backward(True, False)
+    no_dx, dw_only = backward(False, True)
+    assert no_dw is None and no_dx is None
+    assert torch.equal(dx_only, dx) and torch.equal(dw_only, dw)
+
+
 @pytest.mark.parametrize("backend", ["emulated", "scaled_mm"])
 def test_fused_training_linear_matches_eager_forward_and_backward(backend):
     """Both GEMM backends: the emulated one takes dequantised operands from the compiled passes,

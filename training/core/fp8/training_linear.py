@@ -258,18 +258,24 @@ def forward_pass(x2d: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torc
 
 
 def backward_pass(g2d: torch.Tensor, g_step: tuple, g_constants: dict[str, Any], xq: torch.Tensor,
-                  xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, upcast: torch.dtype | None) -> tuple:
+                  xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, upcast: torch.dtype | None,
+                  need_dgrad: bool = True, need_wgrad: bool = True) -> tuple:
     """The backward of a per-tensor recipe up to its GEMMs: records the output gradient's step (E5M2)
     and lays out the operands of dgrad (``g @ w``) and wgrad (``g.T @ x``). For the emulated GEMM
     (`upcast`) those are the dequantised g, x and w; for `torch._scaled_mm`, the contiguous transposes
-    it needs (g.T, x.T, w.T: its second operand is column-major). Returns ``(gq, g_scale_inv,
-    g_state (3), three operands)``."""
+    it needs (g.T, x.T, w.T: its second operand is column-major). An operand only the GEMM that is not
+    needed uses is None (a frozen weight needs no wgrad, an input without gradient no dgrad).
+    Returns ``(gq, g_scale_inv, g_state (3), g operand, x operand, w operand)``."""
     gq, gs, *g_state = per_tensor_step(g2d, *g_step, **g_constants)
     if upcast is not None:
-        operands = (_scaled_upcast(gq, gs, upcast), _scaled_upcast(xq, xs, upcast), _scaled_upcast(wq, ws, upcast))
+        g_op = _scaled_upcast(gq, gs, upcast)
+        x_op = _scaled_upcast(xq, xs, upcast) if need_wgrad else None
+        w_op = _scaled_upcast(wq, ws, upcast) if need_dgrad else None
     else:
-        operands = (gq.t().contiguous(), xq.t().contiguous(), wq.t().contiguous())
-    return gq, gs, *g_state, *operands
+        g_op = gq.t().contiguous() if need_wgrad else None
+        x_op = xq.t().contiguous() if need_wgrad else None
+        w_op = wq.t().contiguous() if need_dgrad else None
+    return gq, gs, *g_state, g_op, x_op, w_op
 
 
 def weight_grad_pass(wgrad: torch.Tensor, previous_q: torch.Tensor | None, previous_scale_inv: torch.Tensor | None,
@@ -312,7 +318,7 @@ def _per_tensor_backward(layer: "FP8TrainingLinear", g2d: torch.Tensor, xq: FP8O
     g_step, g_constants = st.step_args(g2d)
     upcast = cdt if backend == "emulated" else None
     run = compiled(backward_pass) if layer.fuse else backward_pass
-    gq, gs, *rest = run(g2d.detach(), g_step, g_constants, xq.q, xq.scale_inv, wq.q, wq.scale_inv, upcast)
+    gq, gs, *rest = run(g2d.detach(), g_step, g_constants, xq.q, xq.scale_inv, wq.q, wq.scale_inv, upcast, *need)
     st.commit(*rest[:3])
     g_op, x_op, w_op = rest[3:]
     if upcast is not None:  # dequantised operands: dgrad = g @ w, wgrad = g.T @ x
