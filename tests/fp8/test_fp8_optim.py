@@ -145,7 +145,7 @@ def test_a_nonfinite_scaled_gradient_skips_the_step(dtype, bad):
     q = w.scaled_grad.q.float()
     q[1, 2] = bad
     w.scaled_grad = w.scaled_grad._replace(q=q.to(dtype))
-    assert not bool(w.scaled_grad.all_finite())
+    assert not bool(torch.isfinite(w.scaled_grad.norm()))  # what the optimizer's check reads
     opt.step()
     assert opt.skipped_steps == 1 and torch.equal(w, moved)
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import FP16, ScaledGrad, tensor_quantize
+from .optim import FP16, ScaledGrad, dequantize_scaled, tensor_quantize
 
 _MASTER_KEY = re.compile(r"^(?:(.*)\.)?fp16_master\.weight$")
 
@@ -60,6 +60,12 @@ class _MasterValue(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         ctx.master.accumulate_grad(grad)
         return None, None
+
+
+def fp16_master_value(weight: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
+    """A weight's value: itself, or (an FP16 master: `scale_inv` given) its float16 values in float32
+    times the scale."""
+    return weight if scale_inv is None else dequantize_scaled(weight, scale_inv)
 
 
 class FP16MasterLayout(nn.Module):
@@ -114,7 +120,7 @@ class FP16Master(FP16MasterLayout):
     @torch.no_grad()
     def value(self) -> torch.Tensor:
         """The float32 weight, outside autograd."""
-        return self.weight.float() * self.weight_scale_inv
+        return fp16_master_value(self.weight, self.weight_scale_inv)
 
     def accumulate_grad(self, grad: torch.Tensor) -> None:
         """Add `grad` (float) to ``weight.scaled_grad``: dequantise, add in float32, store as float16
@@ -251,4 +257,4 @@ def dequantize_fp16_masters(state_dict: dict[str, torch.Tensor]) -> dict[str, to
 
 
 __all__ = ["FP16Master", "FP16MasterLayout", "MasterEmbedding", "MasterHead", "dequantize_fp16_masters",
-           "keep_fp16_master_embeddings", "release_fp16_masters"]
+           "fp16_master_value", "keep_fp16_master_embeddings", "release_fp16_masters"]

@@ -229,9 +229,7 @@ def bucket_update(w: torch.Tensor, w_block_scale_inv: torch.Tensor | None, g: to
     values, their scale per parameter and (``fp16``, where the parameter is a working copy) their
     float32 value. Same numbers as `param_update`, parameter by parameter."""
     def scaled(values: torch.Tensor, block_scale_inv: torch.Tensor | None) -> torch.Tensor:
-        if block_scale_inv is None:
-            return values.float()
-        return (_blocks(stored_to_float32(values), block) * block_scale_inv.unsqueeze(1)).reshape(-1)
+        return values.float() if block_scale_inv is None else block_dequantize(values, block_scale_inv, block)
 
     w = scaled(w, w_block_scale_inv)
     if torch.compiler.is_compiling():
@@ -267,12 +265,6 @@ class ScaledGrad(NamedTuple):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_scaled(self.q, self.scale_inv)
-
-    def all_finite(self) -> torch.Tensor:
-        """Whether every value is finite (0-dim bool), read from the stored values without dequantising:
-        E4M3 has no infinities, and its NaN is the bit pattern S.1111.111."""
-        stored = ((self.q.view(torch.uint8) & 0x7F) != 0x7F).all() if self.q.element_size() == 1 else torch.isfinite(self.q).all()
-        return stored & torch.isfinite(self.scale_inv)
 
     def norm(self) -> torch.Tensor:
         """The 2-norm of the gradient's value (float32, 0-dim); non-finite when any value is."""

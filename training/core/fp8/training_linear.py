@@ -48,10 +48,10 @@ from torch import nn
 from ..devices import fast_dtype
 from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
-from .fp16_master import FP16MasterLayout
+from .fp16_master import FP16MasterLayout, fp16_master_value
 from .fsdp import FP8AllGatherWeight, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
-from .optim import FP16, ScaledGrad, dequantize_scaled, tensor_quantize
+from .optim import FP16, ScaledGrad, tensor_quantize
 from .scaling import (
     FP8TrainingRecipe,
     RoleStates,
@@ -233,11 +233,6 @@ def weight_for_dgrad(wq: FP8Operand) -> FP8Operand:
 
 # ---------------------------------------------------------------------------------------------
 # Per-tensor training passes: all the work between the GEMMs, one pure function each way
-
-
-def fp16_master_value(weight: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
-    """A weight's value: itself, or (an FP16 master, `keep_fp16_master`) float32 times its scale."""
-    return weight if scale_inv is None else dequantize_scaled(weight, scale_inv)
 
 
 def forward_pass(x2d: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor | None,
