@@ -40,8 +40,9 @@ from machine import cpu_model
 
 MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3", "fp8-o3-bf16", "fp8-o3-e4m3")
 """fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights). fp8-o3: two
-processes under torchrun (FSDP2; gloo on CPU), reporting all-gather bytes per step; fp8-o3-bf16 and
-fp8-o3-e4m3: the same with ``--precision.fp8_embedding_gather bf16`` or ``e4m3``."""
+processes under torchrun (FSDP2; gloo on CPU), reporting all-gather and reduce-scatter bytes per step
+(``--o3_reduce_scatter`` sets its ``precision.fp8_reduce_scatter``); fp8-o3-bf16 and fp8-o3-e4m3: the
+same with ``--precision.fp8_embedding_gather bf16`` or ``e4m3``."""
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2)
@@ -143,10 +144,11 @@ def _build(mode: str, args):
         info = init_distributed(cfg)
         torch.set_num_threads(max(1, args.threads // info.world_size))
         shard, device = build_sharder(info, cfg), info.device
-        wire = _count_all_gathers()
+        wire = _count_collectives()
     cfg.precision.mode = mode.removesuffix("-fp16").removesuffix("-bf16").removesuffix("-e4m3")
     cfg.precision.fp8_embedding_gather = mode.removeprefix("fp8-o3-") if mode.startswith("fp8-o3-") else "fp32"
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
+    cfg.precision.fp8_reduce_scatter = args.o3_reduce_scatter
     cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
@@ -232,19 +234,25 @@ def _resident_mib(device) -> float:
         return round(next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024, 1)
 
 
-def _count_all_gathers() -> dict:
-    """Count the bytes FSDP2 puts into its all-gathers (its calls go through `dist.all_gather_single`)."""
+def _count_collectives() -> dict:
+    """Count the input bytes of FSDP2's all-gathers and of its float32 reduce-scatters (its calls go
+    through `dist.all_gather_single` and `dist.reduce_scatter_single`; the FP8 reduce-scatter counts its own)."""
     import torch.distributed as dist
 
-    wire = {"bytes": 0, "calls": 0}
-    real = dist.all_gather_single
+    wire = {"bytes": 0, "calls": 0, "reduce_scatter_bytes": 0}
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
 
-    def counted(output, input, *a, **k):
+    def counted_gather(output, input, *a, **k):
         wire["bytes"] += input.numel() * input.element_size()
         wire["calls"] += 1
-        return real(output, input, *a, **k)
+        return gather(output, input, *a, **k)
 
-    dist.all_gather_single = counted
+    def counted_scatter(*a, **k):
+        input = k["input"] if "input" in k else a[1]
+        wire["reduce_scatter_bytes"] += input.numel() * input.element_size()
+        return scatter(*a, **k)
+
+    dist.all_gather_single, dist.reduce_scatter_single = counted_gather, counted_scatter
     return wire
 
 
@@ -252,9 +260,9 @@ def _o3_result(mode, args, wire, times, losses, info) -> dict:
     """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears; the
     embedding and LM head in fp32, bf16 or E4M3; fp32 for the rest), against the same elements
     gathered in bf16 (FSDP2 with param_dtype=bf16) and fp32."""
-    from grmserve.training.core.fp8.fsdp import all_gather_bytes
+    from grmserve.training.core.fp8.fsdp import all_gather_bytes, reduce_scatter_bytes
 
-    sent = all_gather_bytes()
+    sent, reduced = all_gather_bytes(), reduce_scatter_bytes()
     fp8, bf16, e4m3 = sent["fp8_linears"], sent["bf16_embeddings"], sent["e4m3_embeddings"]
     elements = fp8 + e4m3 + bf16 / 2 + (wire["bytes"] - fp8 - e4m3 - bf16) / 4  # the rest is gathered in fp32
     steps = args.steps
@@ -266,7 +274,21 @@ def _o3_result(mode, args, wire, times, losses, info) -> dict:
             "fp8_share_of_gathered_elements": round(fp8 / elements, 3),
             "bf16_share_of_gathered_elements": round(bf16 / 2 / elements, 3),
             "e4m3_embedding_share_of_gathered_elements": round(e4m3 / elements, 3),
+            **_reduce_scatter_result(wire["reduce_scatter_bytes"], reduced, steps),
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
+
+
+def _reduce_scatter_result(fp32_bytes: int, reduced: dict, steps: int) -> dict:
+    """Reduce-scatter bytes per step of one process (FP8 payload with its block amaxes, plus the
+    modules reduce-scattered in float32) against the same elements in bf16 and fp32. The FP8 payload
+    counts each shard padded to whole blocks of 128."""
+    elements = fp32_bytes / 4 + reduced["e4m3_gradients"]
+    fp8 = reduced["e4m3_gradients"] + reduced["block_amax"]
+    per_step = {"fp8_o3": (fp32_bytes + fp8) / steps, "bf16": 2 * elements / steps, "fp32": 4 * elements / steps}
+    return {"reduce_scatter_mib_per_step": {k: round(v / 2**20, 2) for k, v in per_step.items()},
+            "reduce_scatter_vs_bf16": round(per_step["fp8_o3"] / per_step["bf16"], 3),
+            "reduce_scatter_vs_fp32": round(per_step["fp8_o3"] / per_step["fp32"], 3),
+            "e4m3_share_of_reduced_elements": round(reduced["e4m3_gradients"] / elements, 3) if elements else None}
 
 
 def main() -> None:
@@ -282,6 +304,8 @@ def main() -> None:
                    help="SmolLM2-135M's depth at tiny widths (random weights): a proxy for host-bound steps")
     p.add_argument("--fp8_fuse", default="auto", choices=("auto", "on", "off"),
                    help="precision.fp8_fuse of the fp8 modes (auto: torch.compile'd FP8 passes on CUDA only)")
+    p.add_argument("--o3_reduce_scatter", default="e4m3", choices=("e4m3", "fp32"),
+                   help="precision.fp8_reduce_scatter of the fp8-o3 modes")
     p.add_argument("--profile", default="", help="folder: profile one extra step per mode (top ops, CUDA kernel count)")
     p.add_argument("--interleave", action="store_true",
                    help="build the modes side by side in one process and step them in turn (step times only)")
@@ -303,7 +327,7 @@ def main() -> None:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if two else []
         cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device,
-               "--fp8_fuse", args.fp8_fuse, "--profile", args.profile]
+               "--fp8_fuse", args.fp8_fuse, "--profile", args.profile, "--o3_reduce_scatter", args.o3_reduce_scatter]
         cmd += ["--random_init"] if args.random_init else []
         cmd += ["--narrow"] if args.narrow else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -323,7 +347,7 @@ def main() -> None:
         if amp:
             r["memory_vs_bf16_amp"] = round(r["bytes_per_param"]["total"] / amp["bytes_per_param"]["total"], 3)
     print(json.dumps({"cpu": cpu_model(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
-                      "fp8_fuse": args.fp8_fuse, "narrow": args.narrow,
+                      "fp8_fuse": args.fp8_fuse, "narrow": args.narrow, "o3_reduce_scatter": args.o3_reduce_scatter,
                       "results": results, "fp8_o3": o3},
                      indent=1))
 

@@ -169,6 +169,12 @@ class PrecisionConfig:
     decoder's linears travel as E4M3). bf16 halves their bytes, e4m3 (one current scale per weight)
     quarters them: all-gathers 0.56x or 0.50x bf16's instead of 0.68x on SmolLM2-135M. The forward
     then computes from the rounded values; fp32 keeps O3's numerics those of O2."""
+    fp8_reduce_scatter: Literal["fp32", "e4m3"] = "e4m3"
+    """fp8-o3: the dtype the gradients of the FSDP2 modules holding FP8 linears (the decoder layers)
+    travel in through FSDP2's reduce-scatter. e4m3: one shared power-of-two scale per 128 values,
+    pre-divided by the number of processes so the sum cannot overflow (FP8-LM's FP8 gradient
+    reduction, as O1 does without FSDP); 1 byte per value plus 4 per 128 instead of 4. The FP8
+    linears' weight gradients are E4M3 already, so it rounds little more than they are."""
 
     @property
     def fp8(self) -> bool:

@@ -89,10 +89,17 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     head too, with FP16 gradients (core/fp8/fp16_master.py); other parameters keep fp32 masters.
     O3: O2's optimizer on FSDP2 shards (`shard`), the FP8 linears' weights all-gathered as E4M3 bytes
     and, with ``fp8_embedding_gather=bf16|e4m3``, the embedding and LM head as bf16 or E4M3 with one
-    current scale (core/fp8/fsdp.py); gradients stay float32 for FSDP's reduce-scatter."""
+    current scale (core/fp8/fsdp.py); the gradients of the FSDP modules holding FP8 linears
+    reduce-scattered as E4M3 with a shared scale per 128 values (``fp8_reduce_scatter``: e4m3, the
+    default, or fp32), the rest in float32."""
     from .core.fp8.fp16_master import keep_fp16_master_embeddings
     from .core.fp8.fsdp import gather_embeddings_in
-    from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
+    from .core.fp8.training_linear import (
+        FP8TrainingLinear,
+        convert_to_fp8_training,
+        reduce_scatter_in_fp8,
+        shard_fp8_weights,
+    )
 
     o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
     if o3 and cfg.fp8_master != "fp32":
@@ -115,6 +122,8 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
             wrapped = gather_embeddings_in(model, cfg.fp8_embedding_gather)
             log.info("all-gathered in %s: %s", cfg.fp8_embedding_gather, ", ".join(wrapped) or "nothing")
     model = shard(model)
+    if o3 and cfg.fp8_reduce_scatter == "e4m3":
+        log.info("gradients reduce-scattered in E4M3 for: %s", ", ".join(reduce_scatter_in_fp8(model)) or "nothing")
     optimizer = optimizer_factory(model)
     if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
         optimizer = fp8_adamw_like(optimizer, "fp32", fused=fuse)

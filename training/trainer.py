@@ -72,7 +72,7 @@ from .core.configtools import fail, start_command, to_dict
 from .core.devices import resolve_device
 from .core.fp8.comm import fp8_all_reduce_
 from .core.fp8.fp16_master import dequantize_fp16_masters
-from .core.fp8.fsdp import all_gather_bytes
+from .core.fp8.fsdp import all_gather_bytes, reduce_scatter_bytes
 from .core.fp8.optim import ScaledGrad, gradient
 from .core.fp8.scaling import get_training_recipe
 from .core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, export_trained_fp8
@@ -369,9 +369,10 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
                         "time_s": round(elapsed, 3)}
-                if cfg.precision.mode == "fp8-o3":  # this process's E4M3 all-gather payload so far
-                    sent = all_gather_bytes()
+                if cfg.precision.mode == "fp8-o3":  # this process's E4M3 all-gather and reduce-scatter payloads so far
+                    sent, reduced = all_gather_bytes(), reduce_scatter_bytes()
                     last["fp8_all_gather_mib"] = round((sent["fp8_linears"] + sent["e4m3_embeddings"]) / 2**20, 3)
+                    last["fp8_reduce_scatter_mib"] = round(reduced["e4m3_gradients"] / 2**20, 3)
                 self.metrics.write(last)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
             # 4. evaluate

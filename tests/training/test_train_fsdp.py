@@ -136,34 +136,45 @@ def test_two_process_fp8_o2_with_fp16_masters_tracks_one_process(tmp_path):
 
 
 def test_two_process_fp8_o3_tracks_one_process_o2(tmp_path):
-    """fp8-o3: FSDP2 over two processes, the FP8 linears' weights all-gathered as E4M3 bytes, FP8AdamW
-    on each shard. Against fp8-o2 in one process on the same global batches, the runs differ by the
-    FP8 rounding of two half-batch weight gradients instead of one and by FP8AdamW's 128-element
-    blocks falling elsewhere on a shard (measured 0.12-0.27 of the distance moved, per tensor group); a
-    resumed checkpoint restores each process's optimizer shard."""
+    """fp8-o3: FSDP2 over two processes, the FP8 linears' weights all-gathered as E4M3 bytes, the
+    decoder layers' gradients reduce-scattered as E4M3 bytes, FP8AdamW on each shard. Against fp8-o2
+    in one process on the same global batches, the runs differ by the FP8 rounding of two half-batch
+    weight gradients instead of one and by FP8AdamW's 128-element blocks falling elsewhere on a shard
+    (measured 0.12-0.27 of the distance moved, per tensor group, with the reduce-scatter in E4M3 or
+    in float32: the weight gradients are E4M3 already); a resumed checkpoint restores each process's
+    optimizer shard."""
     two = tmp_path / "fp8-o3"
     cmd = torchrun_command(two, "--precision.mode", "fp8-o3")
     reported = run_torchrun(cmd, timeout=240)
     assert reported["step"] == 3 and reported["fp8_all_gather_mib"] > 0
+    # Every decoder layer's gradients went through the E4M3 reduce-scatter once per step: FSDP2's
+    # flat buffer (parameters padded to whole rows per process), each shard padded to blocks of 128.
+    from grmserve.training.trainer import build_model, decoder_layers
+
     cfg = single_process_config(tmp_path / "single", "fp8-o2")
+    model = build_model(cfg)[0]
+    shards = [sum(-(-p.shape[0] // 2) * p[0].numel() for p in layer.parameters()) for layer in decoder_layers(model.lm)]
+    payload = 3 * sum(2 * -(-s // 128) * 128 for s in shards)
+    assert reported["fp8_reduce_scatter_mib"] == round(payload / 2**20, 3)
     Trainer(cfg).fit()
     a = torch.load(latest_checkpoint(tmp_path / "single" / "checkpoints") / "trainer_state.pt", weights_only=True)
     b = torch.load(latest_checkpoint(two / "checkpoints") / "trainer_state.pt", weights_only=True)
     assert len(b["optimizer"]["shards"]) == 2  # one FP8AdamW state per process
     shard = next(iter(b["optimizer"]["shards"][0]["state"].values()))
     assert shard["exp_avg"].dtype == torch.float8_e4m3fn
-    from grmserve.training.trainer import build_model
-
-    start = build_model(cfg)[0].state_dict()
+    start = model.state_dict()
     for suffix in ("q_proj.weight", "up_proj.weight", "embed_tokens.weight"):
         moved, apart = _moved_and_apart(start, a["model"], b["model"], [k for k in start if k.endswith(suffix)])
         assert moved > 0 and apart < 0.5 * moved, f"{suffix}: runs differ by {apart} (norm), moved {moved}"
     # Resume the two-process run for one more step: each process gets its own optimizer shard back.
     assert run_torchrun(cmd + ["--resume", "--optim.max_steps", "4"], timeout=240)["step"] == 4
     # The same run sending the (tied) embedding as E4M3 too: each process adds its shard's bytes,
-    # once per step (the root module's weights stay gathered from forward to backward).
+    # once per step (the root module's weights stay gathered from forward to backward). Its gradients
+    # go back in float32 (FSDP2's own reduce-scatter).
     e4m3 = run_torchrun(torchrun_command(tmp_path / "e4m3", "--precision.mode", "fp8-o3",
-                                         "--precision.fp8_embedding_gather", "e4m3"), timeout=240)
+                                         "--precision.fp8_embedding_gather", "e4m3",
+                                         "--precision.fp8_reduce_scatter", "fp32"), timeout=240)
     shard_mib = start["lm.model.embed_tokens.weight"].numel() / 2 / 2**20
     added = (e4m3["fp8_all_gather_mib"] - reported["fp8_all_gather_mib"]) / shard_mib
     assert e4m3["step"] == 3 and abs(added - 3) < 0.01, added
+    assert e4m3["fp8_reduce_scatter_mib"] == 0

@@ -127,14 +127,20 @@ def _reduce_scatter_all_gather(q: torch.Tensor, fmt: FP8Format, world: int, grou
     """FP8 reduce-scatter (all-to-all of bytes, float32 sum, re-cast) then FP8 all-gather.
     Returns (the (padded,) float32 sum in scaled units, payload bytes sent by this rank)."""
     shard = q.numel() // world
-    recv = torch.empty_like(q.view(torch.uint8))  # (W * shard,)
-    dist.all_to_all_single(recv, q.view(torch.uint8), group=group)
-    parts = fp8_to_float32(recv.view(q.dtype).view(world, shard))  # (W, shard): rank r's piece of my shard
-    mine = cast_to_fp8(parts.sum(0), fmt)  # (shard,) FP8; |sum| <= fmt.max by the shared scale
-    gathered = torch.empty_like(recv)  # (W * shard,)
+    mine = cast_to_fp8(fp8_sum_to_shards(q, world, group), fmt)  # (shard,) FP8; |sum| <= fmt.max by the shared scale
+    gathered = torch.empty(q.numel(), dtype=torch.uint8, device=q.device)  # (W * shard,)
     dist.all_gather_into_tensor(gathered, mine.view(torch.uint8), group=group)
     sent = 2 * (world - 1) * shard  # all-to-all and all-gather: (W-1) shards of 1 byte each
     return fp8_to_float32(gathered.view(q.dtype)), sent
+
+
+def fp8_sum_to_shards(q: torch.Tensor, world: int, group: Any) -> torch.Tensor:
+    """FP8 reduce-scatter of a flat FP8 buffer of W equal shards, shard r destined to rank r: an
+    all-to-all of the bytes (gloo and NCCL cannot reduce float8), then the float32 sum of the W
+    contributions to this rank's shard, in the scaled units they were cast in."""
+    recv = torch.empty(q.numel(), dtype=torch.uint8, device=q.device)  # (W * shard,)
+    dist.all_to_all_single(recv, q.view(torch.uint8), group=group)
+    return fp8_to_float32(recv.view(q.dtype).view(world, -1)).sum(0)  # (shard,)
 
 
 def _all_gather_sum(q: torch.Tensor, world: int, group: Any) -> tuple[torch.Tensor, int]:

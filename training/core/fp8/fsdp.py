@@ -26,15 +26,27 @@ float32 shards stay the masters.
 Per-tensor recipes only (``delayed``, ``current``): 128×128 weight blocks would straddle shard
 boundaries. `training_linear.shard_fp8_weights(model)` wraps the weights; call it after
 `convert_to_fp8_training` and before `fully_shard`.
+
+The gradients can travel back in FP8 too (O3's ``fp8_reduce_scatter``): `FP8ReduceScatter` replaces
+the reduce-scatter of an FSDP2 module (``set_custom_reduce_scatter``), `reduce_scatter_in_fp8(model)`
+sets it on the modules whose parameters include FP8 linears' weights. FSDP2 hands it one flat
+float32 buffer of W equal shards (the shard destined to rank r holds rank r's piece of every
+gradient of the module), so it scales per 1×128 block of that buffer, not per tensor: the block
+amaxes are all-reduced with MAX and every block gets one shared power-of-two scale pre-divided by
+W (FP8-LM's automatic scaling, as `comm.fp8_all_reduce_` does per tensor for O1), so the sum of W
+contributions cannot overflow. The E4M3 bytes then go through an all-to-all, and each rank sums
+its shard in float32: 1 byte per element instead of 4, plus 4 bytes of amax per block of 128.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .formats import E4M3, compute_scale, fp8_to_float32
+from .comm import fp8_sum_to_shards, shared_scales
+from .formats import E4M3, cast_to_fp8, compute_scale, fp8_to_float32
 from .scaling import ScalingState, all_reduce_max_, quantize_scaled, tensor_amax
 
 _aten = torch.ops.aten
@@ -49,6 +61,7 @@ VIEW_OPS = {_aten.view.default, _aten.as_strided.default, _aten.detach.default, 
 
 
 _SENT = {"fp8_linears": 0, "bf16_embeddings": 0, "e4m3_embeddings": 0}
+_REDUCED = {"e4m3_gradients": 0, "block_amax": 0}
 
 
 def all_gather_bytes() -> dict[str, int]:
@@ -56,6 +69,14 @@ def all_gather_bytes() -> dict[str, int]:
     shards, every gather): ``fp8_linears`` (`FP8AllGatherWeight`, E4M3), ``bf16_embeddings`` and
     ``e4m3_embeddings`` (`gather_embeddings_in`). Anything else FSDP2 gathers goes as it is stored."""
     return dict(_SENT)
+
+
+def reduce_scatter_bytes() -> dict[str, int]:
+    """Bytes this process has put into FP8 reduce-scatters so far (`FP8ReduceScatter`, the size of
+    its input buffers, as FSDP2 counts its float32 ones): ``e4m3_gradients`` (the all-to-all's E4M3
+    payload) and ``block_amax`` (the all-reduced amax per block of 128). Other modules' gradients
+    are reduce-scattered in float32."""
+    return dict(_REDUCED)
 
 
 class _AllGatherWrapper(torch.Tensor):
@@ -228,3 +249,40 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "to_local"):
         t = t.to_local()
     return t._hp if isinstance(t, _AllGatherWrapper) else t
+
+
+class FP8ReduceScatter:
+    """FSDP2's gradient reduce-scatter with E4M3 bytes on the wire (the ``ReduceScatter`` interface
+    of ``FSDPModule.set_custom_reduce_scatter``: ``allocate`` and the call); see the module docstring.
+
+    The input is FSDP2's flat float32 buffer of W equal shards, the output this rank's shard: the
+    sum (``SUM``) or mean (``AVG``, FSDP2's choice for float32) of the W ranks' shards, each rounded
+    to E4M3 with its block's shared scale. A non-finite gradient makes its block's scale NaN, and so
+    its reduced values (nothing hidden: the optimizer's finiteness check skips the step)."""
+
+    block = 128
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
+        if op not in (dist.ReduceOp.AVG, dist.ReduceOp.SUM):
+            raise ValueError(f"the FP8 reduce-scatter sums or averages gradients; FSDP2 asked for {op} "
+                             "(a gradient divide factor is not supported with precision.fp8_reduce_scatter e4m3)")
+        world = dist.get_world_size(group)
+        blocks = input_tensor.view(world, -1)  # (W, S): row r goes to rank r
+        shard = blocks.size(1)
+        padded = -(-shard // self.block) * self.block
+        blocks = torch.nn.functional.pad(blocks, (0, padded - shard)).view(world, -1, self.block)  # (W, nb, 128)
+        amax = blocks.abs().amax(-1)  # (W, nb)
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        scales = shared_scales(amax, world).unsqueeze(-1)  # (W, nb, 1): W * amax * scale <= 448
+        q = cast_to_fp8(blocks * scales, E4M3).view(-1)  # (W * nb * 128,) E4M3
+        _REDUCED["e4m3_gradients"] += q.numel()
+        _REDUCED["block_amax"] += amax.numel() * 4
+        mine = fp8_sum_to_shards(q, world, group).view(-1, self.block) / scales[dist.get_rank(group)]  # (nb, 128)
+        if op == dist.ReduceOp.AVG:
+            mine = mine / world
+        output_tensor.copy_(mine.view(-1)[:shard])
+        return None
+

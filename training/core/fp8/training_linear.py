@@ -49,7 +49,7 @@ from ..devices import fast_dtype
 from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .fp16_master import FP16MasterLayout, fp16_master_value
-from .fsdp import FP8AllGatherWeight, gathered_weight_operand
+from .fsdp import FP8AllGatherWeight, FP8ReduceScatter, gathered_weight_operand
 from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
 from .optim import FP16, ScaledGrad, tensor_quantize
 from .scaling import (
@@ -714,6 +714,25 @@ def shard_fp8_weights(model: nn.Module) -> int:
     return n
 
 
+def reduce_scatter_in_fp8(model: nn.Module) -> list[str]:
+    """Give every FSDP2 module that manages an FP8 linear's weight (`FP8TrainingLinear`; the module
+    nearest above it that `fully_shard` wrapped) an `FP8ReduceScatter`, after `fully_shard`; returns
+    their names ("" for the root). Their other parameters' gradients (norms) travel in the same buffer."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = dict(model.named_modules())
+    sharded = [name for name, m in names.items() if isinstance(m, FSDPModule)]
+    owners = set()
+    for name, module in names.items():
+        if isinstance(module, FP8TrainingLinear):
+            above = [s for s in sharded if s == "" or name.startswith(s + ".")]
+            if above:
+                owners.add(max(above, key=len))
+    for owner in owners:
+        names[owner].set_custom_reduce_scatter(FP8ReduceScatter())
+    return sorted(owners)
+
+
 def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
     """`FP8TrainingLinear.scaling_stats` of every FP8 training linear in `model`, by module name."""
     return {n: m.scaling_stats() for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
@@ -721,7 +740,8 @@ def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
 
 __all__ = ["FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
            "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
-           "fp8_gemm", "fp8_scaling_stats", "shard_fp8_weights", "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
+           "fp8_gemm", "fp8_scaling_stats", "reduce_scatter_in_fp8", "shard_fp8_weights", "gemm_emulated", "gemm_scaled_mm",
+           "layer_weight_dequantized",
            "to_fp8_inference", "to_plain_linears", "training_skip_reason"]
 
 
