@@ -189,14 +189,16 @@ def _train_and_count(mode, args, step, plan, cfg, vocab, pad_id, device, info, w
     def per_param(subset) -> dict:
         n = sum(p.numel() for p in subset) or 1
         weights = _nbytes(subset)
-        grads = _nbytes(p.grad for p in subset) + _nbytes(t for p in subset for t in (getattr(p, "scaled_grad", None) or ()))
+        scaled = (t for p in subset for t in (getattr(p, "scaled_grad", None) or ()))
+        grads = _nbytes(p.grad for p in subset) + _nbytes(scaled)
         opt = _nbytes(t for p in subset for t in state[id(p)])
         return {"weights": round(weights / n, 3), "grads": round(grads / n, 3), "optimizer": round(opt / n, 3),
                 "total": round((weights + grads + opt) / n, 3)}
 
     peak = (round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda"
             else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-    return {"mode": mode, "params": sum(p.numel() for p in params), "fp8_linears": len(plan.fp8.converted) if plan.fp8 else 0,
+    return {"mode": mode, "params": sum(p.numel() for p in params),
+            "fp8_linears": len(plan.fp8.converted) if plan.fp8 else 0,
             "bytes_per_param": per_param(params),
             "bytes_per_fp8_linear_param": per_param([p for p in params if id(p) in fp8_ids]) if fp8_ids else None,
             "peak_mib" if device.type == "cuda" else "peak_rss_mib": peak,
@@ -325,9 +327,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         two = mode.startswith("fp8-o3")
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if two else []
-        cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
-               "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device,
-               "--fp8_fuse", args.fp8_fuse, "--profile", args.profile, "--o3_reduce_scatter", args.o3_reduce_scatter]
+        cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps),
+               "--pairs", str(args.pairs), "--tokens", str(args.tokens), "--threads", str(args.threads),
+               "--device", args.device, "--fp8_fuse", args.fp8_fuse, "--profile", args.profile,
+               "--o3_reduce_scatter", args.o3_reduce_scatter]
         cmd += ["--random_init"] if args.random_init else []
         cmd += ["--narrow"] if args.narrow else []
         proc = subprocess.run(cmd, capture_output=True, text=True)

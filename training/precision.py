@@ -107,15 +107,16 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
                          "--precision.fp8_master fp32 (the FP16 master is an fp8-o2 option)")
     model = model.to(device=device, dtype=torch.float32)
     fuse = fp8_fused(cfg, device)
-    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend, grad_storage="fp8" if o2 else "dequantized",
-                                     fuse=fuse)
+    report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend,
+                                     grad_storage="fp8" if o2 else "dequantized", fuse=fuse)
     log.info("%s", report.summary())
     if o2 and cfg.fp8_master == "fp16":
         for module in model.modules():
             if isinstance(module, FP8TrainingLinear):
                 module.keep_fp16_master()
         embeddings = keep_fp16_master_embeddings(model)
-        log.info("FP16 master weights (with their FP16 gradients) for: %s", ", ".join(embeddings) or "no trained embeddings")
+        log.info("FP16 master weights (with their FP16 gradients) for: %s",
+                 ", ".join(embeddings) or "no trained embeddings")
     if o3:
         shard_fp8_weights(model)
         if cfg.fp8_embedding_gather != "fp32":
@@ -133,7 +134,8 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
 def fp8_fused(cfg: PrecisionConfig, device: torch.device) -> bool:
     """Whether `precision.fp8_fuse` compiles the FP8 passes on `device` (auto: on CUDA only).
 
-    >>> fp8_fused(PrecisionConfig(mode="fp8-o2"), torch.device("cpu")), fp8_fused(PrecisionConfig(fp8_fuse="on"), torch.device("cpu"))
+    >>> cpu = torch.device("cpu")
+    >>> fp8_fused(PrecisionConfig(mode="fp8-o2"), cpu), fp8_fused(PrecisionConfig(fp8_fuse="on"), cpu)
     (False, True)
     """
     return cfg.fp8_fuse == "on" or (cfg.fp8_fuse == "auto" and device.type == "cuda")

@@ -253,7 +253,8 @@ class Trainer:
         self.renderer = PromptRenderer(self.tokenizer, use_chat_template=model.grm_config.chat_template)
         self.pad_id = self.tokenizer.pad_token_id
         self.train_data, self.eval_data = self.build_data()
-        self.reference_lm = copy.deepcopy(model.lm) if cfg.loss.regulariser == "dpo" and not cfg.model.lora.enabled else None
+        frozen_reference = cfg.loss.regulariser == "dpo" and not cfg.model.lora.enabled
+        self.reference_lm = copy.deepcopy(model.lm) if frozen_reference else None
         self.hf_config, self.grm_config = model.hf_config, copy.deepcopy(model.grm_config)
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg)
@@ -268,7 +269,8 @@ class Trainer:
                              "--nproc_per_node 2 (or more) and --dist.fsdp true, or use fp8-o2 in one process")
         if fp8 and not o3 and self.info.distributed and cfg.dist.fsdp:
             raise ValueError(f"precision.mode={cfg.precision.mode} with FSDP2 sharding is FP8-LM O3: pass "
-                             "--precision.mode fp8-o3, or --dist.fsdp false (data parallelism with FP8 gradient reduction)")
+                             "--precision.mode fp8-o3, or --dist.fsdp false "
+                             "(data parallelism with FP8 gradient reduction)")
         shard = build_sharder(self.info, cfg)
         plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=self.info.device, shard=shard)
         self.model, self.optimizer, self.autocast = plan.model, plan.optimizer, plan.autocast
@@ -278,10 +280,12 @@ class Trainer:
                                              place=lambda ref: shard(ref.to(self.info.device)))
         self.steps_per_epoch = len(self.train_data) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_data)} training pairs is fewer than optim.batch_size={cfg.optim.batch_size}")
+            raise ValueError(f"{len(self.train_data)} training pairs is fewer than "
+                             f"optim.batch_size={cfg.optim.batch_size}")
         per = self.info.world_size * cfg.optim.grad_accum
         if cfg.optim.batch_size % per:
-            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by processes x grad_accum = {per}")
+            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by "
+                             f"processes x grad_accum = {per}")
         self.micro_size = cfg.optim.batch_size // per
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=self.total_steps)
@@ -346,7 +350,8 @@ class Trainer:
         return TrainStep(self.model, self.optimizer, self.scheduler, autocast=self.autocast,
                          loss_fn=lambda model, batch: compute_loss(model, batch, self.cfg, self.reference),
                          grad_clip=self.cfg.optim.grad_clip, grad_sync=set_grad_sync,
-                         reduce_grads=(lambda: all_reduce_grads(self.model, info)) if info.distributed and not fsdp else None,
+                         reduce_grads=(lambda: all_reduce_grads(self.model, info))
+                         if info.distributed and not fsdp else None,
                          reduce_stats=lambda stats: all_mean(stats, info))
 
     # -- the loop -----------------------------------------------------------------------------
@@ -546,7 +551,8 @@ def export_model(hf_config, grm_config: GRMConfig, state_dict: dict[str, torch.T
         fp8 = cfg.precision.fp8
         if fp8:  # the same FP8 layers (and their scaling state) as the training model
             # rank 0 exports alone: no amax reduction across processes here
-            convert_to_fp8_training(skeleton, get_training_recipe(cfg.precision.fp8_recipe, reduce_amax=False), "emulated")
+            recipe = get_training_recipe(cfg.precision.fp8_recipe, reduce_amax=False)
+            convert_to_fp8_training(skeleton, recipe, "emulated")
     skeleton = skeleton.to_empty(device="cpu")
     missing, unexpected = skeleton.load_state_dict(dequantize_fp16_masters(state_dict), strict=False)
     if missing or unexpected:
@@ -587,7 +593,8 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
 
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{ckpt / STATE_FILE}: trainer-state version {state.get('version')!r}, expected {STATE_VERSION}")
+        raise CheckpointError(f"{ckpt / STATE_FILE}: trainer-state version {state.get('version')!r}, "
+                              f"expected {STATE_VERSION}")
     if weights:
         if "model" not in state:
             raise CheckpointError(f"{ckpt / STATE_FILE}: no model state; it was not written by an fp8 run")
@@ -686,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         trainer = Trainer(cfg)  # validates the config first
-    except (ValueError, NotImplementedError, assets.AssetError) as exc:  # bad config, data, checkpoint: say what to change
+    # bad config, data, checkpoint: say what to change
+    except (ValueError, NotImplementedError, assets.AssetError) as exc:
         return fail("grm-train", exc)
     try:
         result = trainer.fit()

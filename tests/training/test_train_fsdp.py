@@ -97,14 +97,15 @@ def test_two_process_fp8_o1_reduces_fp8_gradients_and_tracks_one_process(tmp_pat
     """fp8-o1 with two processes and plain data parallelism (`--dist.fsdp false`): the FP8 linears'
     weight gradients are averaged as FP8 bytes with a shared, pre-divided scale. The two runs differ
     only by that extra FP8 rounding, so the parameters end far closer to each other than to where
-    they started (norms over the FP8 layers' weights, measured 0.27 of the distance moved; Adam turns gradient entries that FP8 flushes to
-    zero on one side only into full-size steps, so a max-abs comparison would not mean much)."""
+    they started (norms over the FP8 layers' weights, measured 0.27 of the distance moved; Adam turns
+    gradient entries that FP8 flushes to zero on one side only into full-size steps, so a max-abs
+    comparison would not mean much)."""
     two = tmp_path / "fp8-ddp"
     run_torchrun(torchrun_command(two, "--dist.fsdp", "false", "--precision.mode", "fp8-o1"), timeout=180)
     cfg = single_process_config(tmp_path / "single", "fp8-o1")
     Trainer(cfg).fit()
-    a = torch.load(latest_checkpoint(tmp_path / "single" / "checkpoints") / "trainer_state.pt", weights_only=True)["model"]
-    b = torch.load(latest_checkpoint(two / "checkpoints") / "trainer_state.pt", weights_only=True)["model"]
+    a, b = (torch.load(latest_checkpoint(run / "checkpoints") / "trainer_state.pt", weights_only=True)["model"]
+            for run in (tmp_path / "single", two))
     from grmserve.training.trainer import build_model
 
     start = build_model(cfg)[0].state_dict()

@@ -43,7 +43,8 @@ class FP8Recipe:
     name: str = "fp8-channel"
     """Recipe name, recorded in the checkpoint."""
     granularity: str = "channel"
-    """Weight scales: `tensor` (one), `channel` (one per output row) or `block` (one per `block_size` inputs per row)."""
+    """Weight scales: `tensor` (one), `channel` (one per output row) or `block` (one per `block_size`
+    inputs per row)."""
     block_size: int = 64
     """Weights per scale along the input dim, for `block`."""
     skip: tuple[str, ...] = ("lm_head", "embed_tokens")
@@ -88,7 +89,8 @@ def _block128() -> FP8Recipe:
 
 RecipeName = Literal["fp8-block64", "fp8-block128", "fp8-channel", "fp8-tensor", "fp8"]
 """Recipes by name; `fp8` (per-channel) is the default behind `--precision fp8` on its own."""
-RECIPES: dict[str, Callable[[], FP8Recipe]] = dict(zip(get_args(RecipeName), (_block64, _block128, _channel, _tensor, _channel)))
+RECIPES: dict[str, Callable[[], FP8Recipe]] = dict(zip(get_args(RecipeName),
+                                                     (_block64, _block128, _channel, _tensor, _channel)))
 
 
 def get_recipe(recipe: str | FP8Recipe | None = None) -> FP8Recipe:
@@ -147,7 +149,8 @@ class ConversionReport:
     def summary(self) -> str:
         mib = 1 / 2**20
         return (f"{self.recipe}: {len(self.converted)} linear layers to FP8, {len(self.skipped)} kept; "
-                f"converted weights {self.converted_bytes_before * mib:.1f} → {self.converted_bytes_after * mib:.1f} MiB, "
+                f"converted weights {self.converted_bytes_before * mib:.1f} → "
+                f"{self.converted_bytes_after * mib:.1f} MiB, "
                 f"all linear weights {self.linear_bytes_before * mib:.1f} → {self.linear_bytes_after * mib:.1f} MiB")
 
 
@@ -192,7 +195,8 @@ def quantization_description(recipe: FP8Recipe, modules: list[str]) -> dict[str,
     }
 
 
-def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe | None = None, *, backend: str = "emulated") -> ConversionReport:
+def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe | None = None, *,
+                   backend: str = "emulated") -> ConversionReport:
     """Replace, in place, every `nn.Linear` that passes the recipe's filter with an `FP8InferenceLinear`.
 
     On a `GRMModel`, also records the `grm.quantization` block so `save_grm` writes an FP8

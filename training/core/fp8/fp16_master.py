@@ -192,7 +192,8 @@ def keep_fp16_master_embeddings(model: nn.Module) -> list[str]:
             _, master = masters.setdefault(id(module.weight), (module.weight, FP16Master(module.weight)))
             model.set_submodule(name, MasterEmbedding(master, module.padding_idx))
             converted.append(name)
-    outputs = {id(m.get_output_embeddings()) for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))}
+    outputs = {id(m.get_output_embeddings()) for m in model.modules()
+               if callable(getattr(m, "get_output_embeddings", None))}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or module.bias is not None or not module.weight.requires_grad:
             continue

@@ -98,7 +98,8 @@ def select_backend(device: torch.device | str | None = None, requested: str = "a
 def fp8_linear_emulated(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None, *, block_size: int | None = None,
                         compute_dtype: torch.dtype = torch.bfloat16, residual_index: torch.Tensor | None = None,
-                        residual: torch.Tensor | None = None, residual_scale: torch.Tensor | None = None) -> torch.Tensor:
+                        residual: torch.Tensor | None = None,
+                        residual_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W8A16: dequantise the e4m3 weight to `compute_dtype` (plus residual columns, if given), then
     one `compute_dtype` matmul.
 
@@ -238,9 +239,9 @@ class FP8InferenceLinear(nn.Module):
             raise ValueError(f"FP8 weight must be {E4M3.dtype}, got {weight.dtype}")
         expected = scale_shape(out_f, in_f, granularity, block_size)
         if tuple(weight_scale.shape) != expected:
+            blocks = f" with blocks of {block_size}" if block_size and granularity == "block" else ""
             raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}; a {granularity} scale for a "
-                             f"({out_f}, {in_f}) weight{f' with blocks of {block_size}' if block_size and granularity == 'block' else ''}"
-                             f" has shape {expected}")
+                             f"({out_f}, {in_f}) weight{blocks} has shape {expected}")
         m.weight = weight.contiguous()
         m.weight_scale = weight_scale.to(torch.float32).contiguous()
         if bias is not None:
@@ -273,7 +274,8 @@ class FP8InferenceLinear(nn.Module):
             self.residual_index = self.residual = self.residual_scale = None
             return
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, "
+                             f"expected {(self.out_features, self.in_features)}")
         index = index.unique(sorted=True).to(self.weight.device)
         if int(index[0]) < 0 or int(index[-1]) >= self.in_features:
             raise ValueError(f"residual column indices must lie in [0, {self.in_features})")
@@ -286,7 +288,8 @@ class FP8InferenceLinear(nn.Module):
         """Install stored residual columns (e.g. from a checkpoint), checking dtypes, shapes and indices."""
         k = index.numel()
         if index.dtype != torch.int32 or index.dim() != 1 or not k:
-            raise ValueError(f"residual_index must be a non-empty 1-D int32 tensor, got {index.dtype} {tuple(index.shape)}")
+            raise ValueError(f"residual_index must be a non-empty 1-D int32 tensor, "
+                             f"got {index.dtype} {tuple(index.shape)}")
         if residual.dtype != E4M3.dtype or tuple(residual.shape) != (self.out_features, k):
             raise ValueError(f"residual must be {E4M3.dtype} of shape {(self.out_features, k)} (out, columns), got "
                              f"{residual.dtype} {tuple(residual.shape)}")

@@ -134,7 +134,8 @@ def adamw_coefficients(*, step: float, lr: float, beta1: float, beta2: float, we
     −lr / (1 − β1^t), sqrt(1 − β2^t))``. A tensor, not floats, so a compiled update reads this step's
     values instead of baking in the first step's.
 
-        >>> [round(c, 4) for c in adamw_coefficients(step=1.0, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.5).tolist()]
+        >>> coefficients = adamw_coefficients(step=1.0, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.5)
+        >>> [round(c, 4) for c in coefficients.tolist()]
         [0.95, -1.0, 0.1]
     """
     return torch.tensor([1 - lr * weight_decay, -lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)],

@@ -96,7 +96,8 @@ def column_sensitivity(model, seqs: list[list[int]], recipe: str | FP8Recipe = "
     return gains
 
 
-def linear_budget(model, recipe: FP8Recipe, max_bytes_ratio: float, keep_bytes_per_weight: int = 2) -> tuple[float, float]:
+def linear_budget(model, recipe: FP8Recipe, max_bytes_ratio: float,
+                  keep_bytes_per_weight: int = 2) -> tuple[float, float]:
     """(budget, used) in bytes: `max_bytes_ratio` × the decoder's linear weights at `keep_bytes_per_weight`
     bytes, and what the FP8 weights + scales and the unconverted linears take before any residual."""
     linears = decoder_linears(model)

@@ -61,7 +61,8 @@ def _batches(seqs: list[list[int]], pad_id: int, batch_tokens: int):
 
 @torch.no_grad()
 def scan_layers(model, seqs: list[list[int]], recipe: str | FP8Recipe = "fp8-block64", *, pad_id: int,
-                batch_tokens: int = 4096, progress: bool = True, linears_of: list[int] | None = None) -> list[LayerSensitivity]:
+                batch_tokens: int = 4096, progress: bool = True,
+                linears_of: list[int] | None = None) -> list[LayerSensitivity]:
     """Sensitivity of every decoder layer of a `GRMModel` (full precision, eval mode) to FP8; with
     `linears_of`, of every convertible linear of those layers instead (one at a time)."""
     recipe = get_recipe(recipe)

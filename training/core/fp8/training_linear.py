@@ -672,7 +672,8 @@ def to_fp8_inference(model: nn.Module, backend: str = "emulated", compute_dtype:
     """
     names = [n for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)]
     for name in names:
-        model.set_submodule(name, export_fp8_weights(model.get_submodule(name)).to_inference_linear(backend, compute_dtype))
+        exported = export_fp8_weights(model.get_submodule(name))
+        model.set_submodule(name, exported.to_inference_linear(backend, compute_dtype))
     return len(names)
 
 
@@ -738,10 +739,10 @@ def fp8_scaling_stats(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
     return {n: m.scaling_stats() for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
 
 
-__all__ = ["FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport", "FP8BackendError",
-           "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand", "export_fp8_weights",
-           "fp8_gemm", "fp8_scaling_stats", "reduce_scatter_in_fp8", "shard_fp8_weights", "gemm_emulated", "gemm_scaled_mm",
-           "layer_weight_dequantized",
+__all__ = ["FP8Operand", "GRAD_STORAGES", "FP8TrainingLinear", "FP8WeightExport", "TrainingConversionReport",
+           "FP8BackendError", "convert_to_fp8_training", "default_compute_dtype", "dequantize_operand",
+           "export_fp8_weights", "fp8_gemm", "fp8_scaling_stats", "reduce_scatter_in_fp8", "shard_fp8_weights",
+           "gemm_emulated", "gemm_scaled_mm", "layer_weight_dequantized",
            "to_fp8_inference", "to_plain_linears", "training_skip_reason"]
 
 
