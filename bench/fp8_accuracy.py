@@ -118,7 +118,8 @@ def main(argv=None) -> int:
             s = score_all(runner, seqs, args.batch_tokens)
             times.append(time.perf_counter() - t)
         scores[name] = torch.tensor(s)
-        results[name] = {"linear_weight_bytes": linear_bytes(model), "bf16_equivalent_bytes": bf16_equivalent_bytes(model),
+        results[name] = {"linear_weight_bytes": linear_bytes(model),
+                         "bf16_equivalent_bytes": bf16_equivalent_bytes(model),
                          "seconds_median": statistics.median(times),
                          "sequences_per_s": len(seqs) / statistics.median(times)}
         print(f"{name}: {results[name]}", file=sys.stderr)
@@ -134,9 +135,12 @@ def main(argv=None) -> int:
             # continuous quantity behind agreement (flips are few and noisy)
             "margin_error_vs_reference": float((margin - ref_margin).pow(2).mean().sqrt() / ref_margin.std()),
             "pearson_with_reference": float(torch.corrcoef(torch.stack([s, ref]))[0, 1]),
-            "bytes_ratio_vs_reference": results[name]["linear_weight_bytes"] / results[args.reference]["linear_weight_bytes"],
-            "bytes_ratio_vs_bf16": results[name]["bf16_equivalent_bytes"] / results[args.reference]["bf16_equivalent_bytes"],
-            "throughput_ratio_vs_reference": results[name]["sequences_per_s"] / results[args.reference]["sequences_per_s"],
+            "bytes_ratio_vs_reference":
+                results[name]["linear_weight_bytes"] / results[args.reference]["linear_weight_bytes"],
+            "bytes_ratio_vs_bf16":
+                results[name]["bf16_equivalent_bytes"] / results[args.reference]["bf16_equivalent_bytes"],
+            "throughput_ratio_vs_reference":
+                results[name]["sequences_per_s"] / results[args.reference]["sequences_per_s"],
         })
     out = {"checkpoint": args.checkpoint, "pairs": len(rows), "sequences": len(seqs), "reference": args.reference,
            "tokens_mean": statistics.mean(map(len, seqs)), "cpus": os.cpu_count(),

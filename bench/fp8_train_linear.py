@@ -96,7 +96,8 @@ def main() -> None:
             sqnr[name] = {p: round(sqnr_db(a, b), 2) for p, a, b in zip(("forward", "dgrad", "wgrad"), out_ref, out)}
     base = "bf16_nn_linear" if device.type == "cuda" else "fp32_nn_linear"
     print(json.dumps({
-        "cpu": cpu_model(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "threads": args.threads, "torch": torch.__version__,
+        "cpu": cpu_model(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": args.threads, "torch": torch.__version__,
         "default_compute_dtype": str(default_compute_dtype("cpu")),
         "shape": {"tokens": args.tokens, "in": k, "out": n}, "runs": args.runs,
         "step_ms": {k_: round(v, 2) for k_, v in ms.items()},

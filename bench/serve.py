@@ -294,7 +294,8 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float
 
 
 def linear_params(model) -> int:
-    return sum(m.weight.numel() for m in model.backbone.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "weight_scale"))
+    return sum(m.weight.numel() for m in model.backbone.modules()
+               if isinstance(m, torch.nn.Linear) or hasattr(m, "weight_scale"))
 
 
 def candidates_vs_score(target: str, reps: int) -> dict:
@@ -365,7 +366,8 @@ def main(argv=None) -> int:
     rows = make_pairs(512, seed=7)
     pairs = [(r["prompt"], r["chosen" if i % 2 else "rejected"]) for i, r in enumerate(rows)]
     out: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "precision": args.precision,
-                 "model": engine.info.model_name, "concurrency": args.concurrency, "pairs_per_call": args.pairs_per_call}
+                 "model": engine.info.model_name, "concurrency": args.concurrency,
+                 "pairs_per_call": args.pairs_per_call}
     peak_bf16 = matmul_peak_flops(torch.bfloat16, reps=2)
     peak_fp32 = matmul_peak_flops(torch.float32)
     peak = max(peak_bf16, peak_fp32)  # the faster dtype's peak is the honest ceiling
@@ -435,7 +437,8 @@ def main(argv=None) -> int:
         out["baseline_b_vllm_pooling"] = {**vllm.info, "seconds_per_pass": theirs,
                                           "cpu_seconds_while_idle_during_the_others_passes": idle_cpu,
                                           "pairs_per_s": len(pairs) / statistics.median(theirs),
-                                          "scores_max_abs_diff_vs_grm_serve": float((our_scores - vllm_scores).abs().max()),
+                                          "scores_max_abs_diff_vs_grm_serve":
+                                              float((our_scores - vllm_scores).abs().max()),
                                           "scores_pearson_vs_grm_serve":
                                               float(torch.corrcoef(torch.stack([our_scores, vllm_scores]))[0, 1])}
         out["throughput_ratio_vs_baseline_b"] = ratio(t / o["seconds"] for o, t in zip(ours, theirs))

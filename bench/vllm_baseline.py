@@ -17,7 +17,8 @@ Protocol: commands on stdin (`pass`, `scores`, `quit`), one JSON object per line
 (`{"ready": ...}` once loaded, then `{"seconds": ...}` per pass, `{"scores": [...]}`); vLLM's own
 logs go to stdout/stderr.
 
-    printf 'pass\\nscores\\nquit\\n' | python bench/vllm_baseline.py --model /tmp/seqcls --inputs /tmp/ids.json --result-fd 1
+    printf 'pass\\nscores\\nquit\\n' | python bench/vllm_baseline.py --model /tmp/seqcls --inputs /tmp/ids.json \\
+        --result-fd 1
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Generated gRPC code for the versioned reward API (`grmserve.reward.v1`).
 
     >>> from grmserve.protos import reward_pb2
-    >>> reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="Hi"), response="Hello")]).pairs[0].response
+    >>> reward_pb2.ScoreRequest(
+    ...     pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="Hi"), response="Hello")]).pairs[0].response
     'Hello'
 """
 

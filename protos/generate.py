@@ -24,7 +24,8 @@ def generate() -> dict[str, str]:
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", str(ROOT / PROTO)]
+        args = ["protoc", f"-I{ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}",
+                str(ROOT / PROTO)]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         out = {}

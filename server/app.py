@@ -107,7 +107,8 @@ class RewardServer:
                 self.metrics_port = self.metrics.serve(self.config.server.metrics_host, self.config.server.metrics_port)
             except OSError as exc:
                 raise ConfigError(f"could not bind the metrics port {self.config.server.metrics_host}:"
-                                  f"{self.config.server.metrics_port} ({exc}); pick another with --server.metrics_port") from exc
+                                  f"{self.config.server.metrics_port} ({exc}); pick another with "
+                                  "--server.metrics_port") from exc
         await self.server.start()  # health says NOT_SERVING until warm-up is done
         await self.engine.start()
         await self._start_http()  # answers 503 until warm-up is done

@@ -60,14 +60,16 @@ class ServerMetrics:
                                       registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth_pairs", "Pairs waiting in the batcher's queue.", registry=r)
         self.pairs = Counter(f"{PREFIX}_pairs_scored", "Pairs scored.", registry=r)
-        self.tokens = Counter(f"{PREFIX}_tokens_scored", "Tokens of scored jobs (a ScoreCandidates prompt counted once), before prompt reuse.", registry=r)
+        self.tokens = Counter(f"{PREFIX}_tokens_scored",
+                              "Tokens of scored jobs (a ScoreCandidates prompt counted once), before prompt reuse.",
+                              registry=r)
         self.jobs = Counter(f"{PREFIX}_jobs", "Jobs leaving the queue, by outcome (ok, expired, cancelled, error).",
                             ["outcome"], registry=r)
         self.prefix_lookups = Counter(f"{PREFIX}_prefix_cache_lookups",
                                       "Prefix KV cache lookups by result (hit: more than the template head reused).",
                                       ["result"], registry=r)
-        self.prefix_evictions = Counter(f"{PREFIX}_prefix_cache_evictions", "Prefix KV segments evicted to stay in budget.",
-                                        registry=r)
+        self.prefix_evictions = Counter(f"{PREFIX}_prefix_cache_evictions",
+                                        "Prefix KV segments evicted to stay in budget.", registry=r)
         self.prefix_reused = Counter(f"{PREFIX}_prefix_reused_tokens",
                                      "Tokens not recomputed: read from a cached or shared prefix state, or the "
                                      "template head.", registry=r)
@@ -113,7 +115,8 @@ class ServerMetrics:
 
     def set_model(self, info: EngineInfo, server_version: str) -> None:
         self.model_info.info({"name": info.model_name, "version": info.model_version, "precision": info.precision,
-                              "format": info.checkpoint_format, "device": info.device, "server_version": server_version})
+                              "format": info.checkpoint_format, "device": info.device,
+                              "server_version": server_version})
 
     # -- exposition ---------------------------------------------------------------------------
     def exposition(self) -> bytes:

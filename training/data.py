@@ -180,7 +180,8 @@ def read_rows(path: str | Path, *, split: str = "train") -> Iterator[tuple[str, 
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
+    return (gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz")
+            else open(path, encoding="utf-8"))
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict | RowError]]:
@@ -259,7 +260,8 @@ def _read_folder(path: Path, split: str) -> Iterator[tuple[str, dict | RowError]
         for i, row in enumerate(ds):
             yield f"{path}[{split}][{i}]", row
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(JSON_SUFFIXES + ARROW_SUFFIXES))
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.name.lower().endswith(JSON_SUFFIXES + ARROW_SUFFIXES))
     named = [p for p in files if split in p.relative_to(path).as_posix()]
     files = named or files
     if not files:
@@ -389,7 +391,8 @@ def normalise_rows(rows: Iterable[tuple[Any, dict | RowError]], *, source: str,
     return pairs, report
 
 
-def read_pairs(path: str | Path, *, split: str = "train", limit: int | None = None) -> tuple[list[PreferencePair], DataReport]:
+def read_pairs(path: str | Path, *, split: str = "train",
+               limit: int | None = None) -> tuple[list[PreferencePair], DataReport]:
     """All usable pairs of a data file or folder, with the report of what was dropped.
 
     >>> pairs, report = read_pairs("prefs.jsonl")        # doctest: +SKIP

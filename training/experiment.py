@@ -270,7 +270,8 @@ def compute_features(lower: nn.Module, feats: SplitFeatures, *, pad_id: int, bat
                 prompt_hidden[i] = h
             for j, h in zip([j for i in group for j in by_prompt[i]], saved["responses"]):
                 response_hidden[j] = h
-            bar.update(sum(len(feats.prompts[i]) + sum(len(feats.responses[j][1]) for j in by_prompt[i]) for i in group))
+            bar.update(sum(len(feats.prompts[i]) + sum(len(feats.responses[j][1]) for j in by_prompt[i])
+                           for i in group))
     feats.prompt_hidden = prompt_hidden  # type: ignore[assignment]
     feats.response_hidden = response_hidden  # type: ignore[assignment]
 
@@ -428,7 +429,8 @@ def train_config(upper: nn.Module, train: PairIndex, tests: dict[str, PairIndex]
     model.eval()
     result: dict[str, Any] = {"name": config_name(method, noise, cfg.alpha, cfg.precision), "method": method,
                               "regulariser": METHODS[method], "alpha": cfg.alpha if method != "bt" else 0.0,
-                              "noise": noise, "train_pairs": n, "steps": total, "train_seconds": round(train_seconds, 1)}
+                              "noise": noise, "train_pairs": n, "steps": total,
+                              "train_seconds": round(train_seconds, 1)}
     start = time.perf_counter()
     for split, index in tests.items():
         scores = score_responses(model, index.feats, pad_id=pad_id)
@@ -553,7 +555,8 @@ def _report(split: str):
 
 def results_table(results: list[dict[str, Any]]) -> str:
     """Markdown table of results (one row per configuration)."""
-    lines = ["| method | α | label noise | ID acc | OOD acc | OOD, chosen longer | OOD, chosen not longer | OOD prefers longer | train s |",
+    lines = ["| method | α | label noise | ID acc | OOD acc | OOD, chosen longer | OOD, chosen not longer "
+             "| OOD prefers longer | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ood = r["test_ood"]
@@ -561,7 +564,8 @@ def results_table(results: list[dict[str, Any]]) -> str:
         cl = sub.get("chosen_longer", {}).get("accuracy", float("nan"))
         cnl = sub.get("chosen_not_longer", {}).get("accuracy", float("nan"))
         alpha = r.get("alpha", 0.0 if r["method"] == "bt" else DEFAULT_ALPHA)
-        lines.append(f"| {r['method']} | {alpha:g} | {r['noise']:.0%} | {r['test_id']['accuracy']:.3f} | {ood['accuracy']:.3f} | "
+        lines.append(f"| {r['method']} | {alpha:g} | {r['noise']:.0%} | {r['test_id']['accuracy']:.3f} | "
+                     f"{ood['accuracy']:.3f} | "
                      f"{cl:.3f} | {cnl:.3f} | {ood['prefers_longer_tokens']:.3f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -632,11 +636,14 @@ def _reference_scores(cfg: ExperimentConfig, lm: nn.Module, tok, params: dict[st
     layout = fp8_layout(cfg)
     if layout:  # FP8-trained: scored as grm-serve serves them, the trained bytes in FP8InferenceLinear layers
         install_fp8_weights(top.lm, lm_params, granularity=layout["granularity"], block_size=layout["block_size"])
-        lm_params = {k: v for k, v in lm_params.items() if not k.endswith(".weight_scale") and v.dtype != torch.float8_e4m3fn}
+        lm_params = {k: v for k, v in lm_params.items()
+                     if not k.endswith(".weight_scale") and v.dtype != torch.float8_e4m3fn}
     missing, unexpected = top.lm.load_state_dict(lm_params, strict=False)
     if unexpected:
-        raise ValueError(f"saved parameters do not fit the top model: {unexpected[:3]} (of {len(unexpected)}; the top model has {sorted(top.lm.state_dict())[:3]})")
-    top.reward_head.load_state_dict({k[len("reward_head."):]: v for k, v in params.items() if k.startswith("reward_head.")})
+        raise ValueError(f"saved parameters do not fit the top model: {unexpected[:3]} (of {len(unexpected)}; "
+                         f"the top model has {sorted(top.lm.state_dict())[:3]})")
+    top.reward_head.load_state_dict({k[len("reward_head."):]: v for k, v in params.items()
+                                     if k.startswith("reward_head.")})
     scores = score_responses(top, feats, pad_id=tok.pad_token_id)
     return {"token_ids": [feats.prompts[p] + r for p, r in feats.responses], "scores": scores.tolist()}
 

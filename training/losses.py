@@ -68,7 +68,8 @@ def bt_smoothed_loss(r_c: torch.Tensor, r_r: torch.Tensor, label_smoothing: floa
     ε is the assumed probability that a preference label is flipped; ε = 0 gives `bt_loss`.
 
     >>> import torch
-    >>> round(bt_smoothed_loss(torch.tensor([5.0]), torch.tensor([0.0]), 0.5).item(), 4)   # no preference learnt at ε = 0.5
+    >>> # no preference learnt at ε = 0.5
+    >>> round(bt_smoothed_loss(torch.tensor([5.0]), torch.tensor([0.0]), 0.5).item(), 4)
     2.5067
     """
     if not 0.0 <= label_smoothing <= 0.5:
@@ -82,7 +83,8 @@ def reward_loss(r_c: torch.Tensor, r_r: torch.Tensor, kind: str = "bt", *, margi
     """The reward loss named by `kind` (one of `REWARD_LOSSES`).
 
     >>> import torch
-    >>> reward_loss(torch.tensor([1.0]), torch.tensor([0.0]), "bt-margin", margin=1.0).item() == bt_loss(torch.zeros(1), torch.zeros(1)).item()
+    >>> (reward_loss(torch.tensor([1.0]), torch.tensor([0.0]), "bt-margin", margin=1.0).item()
+    ...  == bt_loss(torch.zeros(1), torch.zeros(1)).item())
     True
     """
     if kind == "bt":

@@ -1,10 +1,14 @@
 """`grm-quantize`: write an FP8 copy of a reward-model checkpoint (any format load_grm reads).
 
     $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --recipe fp8-block64
-    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_columns --recipe fp8-channel   # GPTQ + residual columns, <= 0.55x bf16
-    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --rounding gptq --recipe fp8-channel  # GPTQ alone: plain FP8 layout
-    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_sensitive          # most sensitive layers kept, <= 0.55x bf16 bytes
-    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_columns --calibration_data traffic.jsonl  # your own pairs
+    # GPTQ + residual columns, <= 0.55x bf16
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_columns --recipe fp8-channel
+    # GPTQ alone: plain FP8 layout
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --rounding gptq --recipe fp8-channel
+    # most sensitive layers kept, <= 0.55x bf16 bytes
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_sensitive
+    # your own pairs
+    $ grm-quantize --src runs/my-grm --out runs/my-grm-fp8 --keep_columns --calibration_data traffic.jsonl
     $ grm-serve --model.checkpoint runs/my-grm-fp8          # served as FP8, no start-up quantisation
 
 `--keep_columns` (the most accurate recipe) runs calibration pairs forward and backward through the
@@ -180,7 +184,8 @@ def quantize(cfg: QuantizeConfig):
         print(json.dumps({"rounding": cfg.rounding, "residual_columns": count, "layers_with_residuals": len(columns)}))
         return report
     if cfg.keep_sensitive:
-        report, scan, keep = quantize_keeping_sensitive(cfg.src, cfg.out, cfg.recipe, max_bytes_ratio=cfg.max_bytes_ratio,
+        report, scan, keep = quantize_keeping_sensitive(cfg.src, cfg.out, cfg.recipe,
+                                                        max_bytes_ratio=cfg.max_bytes_ratio,
                                                         calibration=cfg.calibration or 64, calibration_data=data)
         worst = sorted(scan, key=lambda s: -s.error)[:8]
         print(json.dumps({"kept": keep, "most_sensitive": [{"module": s.prefix, "error": round(s.error, 5)}

@@ -68,7 +68,8 @@ class BatchStats:
     tokens: int  # real tokens computed
     padded_tokens: int  # tokens through the linear layers: rows × longest row when padded, = tokens when packed
     compute_seconds: float
-    kind: str  # "pairs" (every row from scratch or the template head) or "cached_prompt" (rows continue a cached prefix)
+    # "pairs" (every row from scratch or the template head) or "cached_prompt" (rows continue a cached prefix)
+    kind: str
 
 
 @dataclass

@@ -152,7 +152,8 @@ class BatchingEngine(Engine):
             raise QueueFullError(f"the queue holds about {queued:.1f} s of work at the measured "
                                  f"{self._throughput:.0f} tokens/s (limit --batch.max_queue_seconds "
                                  f"{self.config.max_queue_seconds:g}); retry with backoff or on another replica")
-        entry = _Entry(job=job, future=asyncio.get_running_loop().create_future(), enqueued=time.monotonic(), tokens=tokens)
+        entry = _Entry(job=job, future=asyncio.get_running_loop().create_future(), enqueued=time.monotonic(),
+                       tokens=tokens)
         self._queue.append(entry)
         self._last_arrival = entry.enqueued
         self._arrivals += 1

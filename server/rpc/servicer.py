@@ -72,7 +72,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                                                    request_id=request.request_id))
         return reward_pb2.ScoreResponse(scores=result.scores, metadata=metadata_to_proto(result, request.request_id))
 
-    async def ScoreCandidates(self, request: reward_pb2.ScoreCandidatesRequest, context) -> reward_pb2.ScoreCandidatesResponse:
+    async def ScoreCandidates(self, request: reward_pb2.ScoreCandidatesRequest,
+                              context) -> reward_pb2.ScoreCandidatesResponse:
         n = len(request.responses)
         if n == 0:
             raise InputError("responses", "is empty: send at least one candidate response")

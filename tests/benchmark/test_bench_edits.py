@@ -59,7 +59,8 @@ def test_truncate_words_and_sentence_case():
     ("quotation", {}), ("postscript", {}), ("json_key", {"key": "summary"}), ("start_phrase", {"phrase": "In short:"}),
     ("end_phrase", {"phrase": "Hope this helps."}), ("bullet_list", {"n": 4}), ("paragraphs", {"n": 3}),
     ("sentence_count", {"n": 3}), ("word_range", {"min_words": 25, "max_words": 45}),
-    ("include_keywords", {"keywords": ["crater", "tide"]}), ("avoid_keyword", {"word": "moon", "forms": ["moon", "moons"]}),
+    ("include_keywords", {"keywords": ["crater", "tide"]}),
+    ("avoid_keyword", {"word": "moon", "forms": ["moon", "moons"]}),
     ("keyword_frequency", {"word": "orbit", "n": 3}), ("placeholders", {"n": 2}),
 ], ids=lambda c: c[0])
 def test_each_family_edit_satisfies_and_violates_its_check(case):

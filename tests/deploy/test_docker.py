@@ -28,7 +28,8 @@ COMPOSE = DEPLOY / "docker" / "compose.yaml"
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in dockerfile.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(r"\\\n", " ", "\n".join(l for l in dockerfile.read_text().splitlines()
+                                          if not l.lstrip().startswith("#")))
     return [(line.split()[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
 
 
@@ -49,7 +50,8 @@ def exec_form(dockerfile: Path, op: str) -> list[str]:
 def test_healthcheck_command_reports_a_real_server(dockerfile, servers):
     cmd = exec_form(dockerfile, "HEALTHCHECK")
     assert cmd[0] == "python"
-    serving = subprocess.run([sys.executable, *cmd[1:-1], servers[0].target], capture_output=True, text=True, timeout=60)
+    serving = subprocess.run([sys.executable, *cmd[1:-1], servers[0].target], capture_output=True, text=True,
+                             timeout=60)
     assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING"), serving.stderr
     closed = subprocess.run([sys.executable, *cmd[1:-1], "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert closed.returncode == 1 and closed.stdout.startswith("UNREACHABLE"), closed.stdout + closed.stderr
@@ -81,7 +83,8 @@ def test_build_steps_copy_existing_files_and_run_existing_modules(dockerfile):
     imports = re.findall(r"from ([\w.]+) import (\w+)", runs)
     assert imports, "no build step builds the default model"
     for module, name in imports:
-        assert hasattr(importlib.import_module(module), name), f"{dockerfile.name} imports {name} from {module}: missing"
+        assert hasattr(importlib.import_module(module), name), (
+            f"{dockerfile.name} imports {name} from {module}: missing")
 
 
 def test_compose_wires_server_prometheus_and_grafana_together():
@@ -99,7 +102,8 @@ def test_compose_wires_server_prometheus_and_grafana_together():
     (target,) = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     host, port = target.split(":")
     assert host == "grm-serve" and f"{port}:{port}" in server["ports"], "Prometheus scrapes the server's metrics port"
-    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())["datasources"][0]
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090" and "9090:9090" in services["prometheus"]["ports"]
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/grm-serve.yaml").read_text())["providers"][0]
     assert f"../grafana/dashboards:{provider['options']['path']}:ro" in services["grafana"]["volumes"]
@@ -140,6 +144,7 @@ def test_cpu_image_builds_and_turns_healthy():
             if status in ("healthy", "unhealthy"):
                 break
             time.sleep(5)
-        assert status == "healthy", subprocess.run(["docker", "logs", cid], capture_output=True, text=True).stderr[-3000:]
+        assert status == "healthy", subprocess.run(["docker", "logs", cid], capture_output=True,
+                                                   text=True).stderr[-3000:]
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)

@@ -67,7 +67,8 @@ def test_kustomization_builds_and_validates_against_kubernetes_schemas(kustomiza
             pytest.fail(f"{kustomization}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
     kinds = sorted(d["kind"] for d in docs)
     expected = (["Job", "PersistentVolumeClaim", "PersistentVolumeClaim"] if kustomization == "training" else
-                ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service", "ServiceMonitor"])
+                ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service",
+                 "ServiceMonitor"])
     assert kinds == expected
 
 

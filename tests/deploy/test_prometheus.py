@@ -49,7 +49,8 @@ def test_alert_rules_pass_their_promtool_unit_tests():
 
 
 def test_every_alert_has_a_runbook_and_a_unit_test():
-    alerts = [r for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    alerts = [r for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]
+              if "alert" in r]
     tests = (PROM / "alerts_test.yml").read_text()
     for rule in alerts:
         assert rule["annotations"].get("runbook", "").strip(), f"{rule['alert']} has no runbook annotation"
@@ -123,7 +124,8 @@ def prometheus(prometheus_binary, tmp_path, servers):
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: http_ok(f"{url}/-/ready"), 60, f"Prometheus did not become ready; log: {tmp_path}/prometheus.log")
+        wait_until(lambda: http_ok(f"{url}/-/ready"), 60,
+                   f"Prometheus did not become ready; log: {tmp_path}/prometheus.log")
         yield url
     finally:
         proc.terminate()
@@ -146,7 +148,8 @@ def wait_until(predicate, seconds: float, message: str) -> None:
 
 
 def query(url: str, promql: str) -> list[dict]:
-    reply = json.load(urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=10))
+    reply = json.load(urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}",
+                                             timeout=10))
     assert reply["status"] == "success", (promql, reply)
     return reply["data"]["result"]
 
@@ -203,6 +206,7 @@ def test_prometheus_scrapes_grm_serve_and_every_rule_panel_and_adapter_query_has
             "grm_serve_ready"} <= names, names
     rules = [r for g in json.load(urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10))["data"]["groups"]
              for r in g["rules"]]
-    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules
+                                                     if r["health"] != "ok"]
     active = [(r["name"], r["state"]) for r in rules if r["type"] == "alerting" and r["state"] != "inactive"]
     assert not active, f"alerts pending or firing on a healthy, lightly loaded server: {active}"

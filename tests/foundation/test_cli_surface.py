@@ -24,13 +24,15 @@ FLAGS = {
     ExperimentConfig: ["--out", "--backbone", "--tiny_layers", "--data_dir", "--top_layers", "--lora_r", "--lora_alpha",
                        "--head.type", "--head.hidden", "--head.dropout", "--head.bias", "--train_prompts",
                        "--test_prompts", "--max_tokens", "--methods", "--noise", "--epochs", "--batch_size", "--lr",
-                       "--head_lr", "--warmup_ratio", "--clip", "--alpha", "--beta", "--seed", "--precision", "--fp8_recipe",
+                       "--head_lr", "--warmup_ratio", "--clip", "--alpha", "--beta", "--seed", "--precision",
+                       "--fp8_recipe",
                        "--feature_tokens",
                        "--export", "--export_to"],
     QuantizeConfig: ["--src", "--out", "--recipe", "--keep_columns", "--keep_sensitive", "--rounding",
                      "--max_bytes_ratio", "--calibration", "--calibration_data"],
     AssetsConfig: ["--tokenizer_only"],
-    BonConfig: ["--input", "--output", "--n", "--batch_prompts", "--overlap", "--eval", "--policy.model", "--policy.url",
+    BonConfig: ["--input", "--output", "--n", "--batch_prompts", "--overlap", "--eval", "--policy.model",
+                "--policy.url",
                 "--policy.temperature", "--policy.top_p", "--policy.max_tokens", "--policy.seed", "--policy.dtype",
                 "--policy.max_model_len", "--policy.kv_cache_gib", "--reward.target", "--reward.timeout",
                 "--reward.wait_seconds", "--reward.concurrency", "--reward.truncate", "--curve.out", "--curve.splits",
@@ -48,7 +50,9 @@ FLAGS = {
                 "--ppo.entropy_coef", "--ppo.whiten_advantages", "--optim.lr", "--optim.value_lr",
                 "--optim.warmup_steps", "--optim.min_lr_ratio", "--optim.weight_decay", "--optim.betas", "--optim.eps",
                 "--optim.grad_clip", "--precision.mode", "--precision.fp8_recipe", "--precision.fp8_backend",
-                "--precision.fp8_master", "--precision.fp8_fuse", "--precision.fp8_embedding_gather", "--eval.every", "--eval.split", "--eval.prompts", "--eval.samples",
+                "--precision.fp8_master", "--precision.fp8_fuse", "--precision.fp8_embedding_gather",
+                "--precision.fp8_reduce_scatter", "--eval.every",
+                "--eval.split", "--eval.prompts", "--eval.samples",
                 "--eval.batch_size", "--eval.seed", "--checkpoint.every", "--checkpoint.keep",
                 "--checkpoint.export_policy", "--log.progress"],
 }
@@ -69,6 +73,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, tiny_checkpoint):
     assert quantize_main(["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("grm-quantize: ") and "missing" in err
-    assert ppo_main(["--preset", "tiny", "--run_dir", str(tmp_path / "ppo"), "--data.prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert ppo_main(["--preset", "tiny", "--run_dir", str(tmp_path / "ppo"), "--data.prompts",
+                     str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("grm-ppo: ") and "\n" not in err and "none.jsonl" in err

@@ -271,13 +271,15 @@ def test_export_sequence_classification_round_trip(make_tiny_grm, tokenizer, tmp
     from grmserve.training.core.model import HeadConfig
 
     model = make_tiny_grm("linear", seed=3)
-    model.reward_head = type(model.reward_head)(model.lm.config.hidden_size, HeadConfig(type="linear", bias=False, dropout=0.0))
+    model.reward_head = type(model.reward_head)(model.lm.config.hidden_size,
+                                                HeadConfig(type="linear", bias=False, dropout=0.0))
     out = export_sequence_classification(model, tokenizer, tmp_path / "seqcls")
     ids = torch.tensor([[1, 520, 9531, 198, 19556, 17, 2, 0, 0], [1, 520, 9531, 198, 6044, 2025, 2025, 17, 2]])
     mask = (torch.arange(9) < torch.tensor([[7], [9]])).long()
     with torch.no_grad():
         want = model.score(ids, mask)
-        hf = AutoModelForSequenceClassification.from_pretrained(out).eval()(input_ids=ids, attention_mask=mask).logits[:, 0]
+        hf = AutoModelForSequenceClassification.from_pretrained(out).eval()(input_ids=ids,
+                                                                            attention_mask=mask).logits[:, 0]
         loaded = load_grm(out)
         got = loaded.model.score(ids, mask)
     assert loaded.format == "sequence-classification"

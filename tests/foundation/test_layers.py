@@ -78,7 +78,8 @@ from grmserve.server.config import local
 cfg = local(); cfg.model.checkpoint = {str(tiny_checkpoint)!r}; cfg.model.precision = "fp32"
 build_engine(cfg)
 default_checkpoint()
-loaded = sorted(m for m in sys.modules if m.startswith("grmserve.training.") and not m.startswith("grmserve.training.core"))
+loaded = sorted(m for m in sys.modules
+                if m.startswith("grmserve.training.") and not m.startswith("grmserve.training.core"))
 filters = [str(f[1].pattern) for f in warnings.filters if f[1] is not None]
 print(json.dumps({{"loaded": loaded, "filters": filters}}))
 """

@@ -31,7 +31,8 @@ def _is_local(address) -> bool:
 def no_network(monkeypatch):
     """Every attempt to reach a non-loopback address is recorded and refused."""
     attempts: list = []
-    real_connect, real_connect_ex, real_create = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
+    real_connect, real_connect_ex, real_create = (socket.socket.connect, socket.socket.connect_ex,
+                                                  socket.create_connection)
 
     def connect(self, address):
         if not _is_local(address):
@@ -88,7 +89,8 @@ def test_importing_env_switches_hugging_face_offline():
     clean = {k: v for k, v in os.environ.items()
              if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     code = ("import os, grmserve.training.core.env; "
-            "print(os.environ['HF_HUB_OFFLINE'], os.environ['TRANSFORMERS_OFFLINE'], os.environ['HF_DATASETS_OFFLINE'])")
+            "print(os.environ['HF_HUB_OFFLINE'], os.environ['TRANSFORMERS_OFFLINE'], "
+            "os.environ['HF_DATASETS_OFFLINE'])")
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1", "1"]

@@ -23,7 +23,8 @@ def bos_adding_tokenizer(tokenizer_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                              special_tokens=[("<|im_start|>", 1)])
     assert tok("hi")["input_ids"][0] == IM_START  # the trap is armed
     return tok
 

@@ -68,7 +68,8 @@ FROZEN_MESSAGES = {
     },
 }
 
-_TYPE_NAMES = {getattr(FieldDescriptor, n): n[len("TYPE_"):].lower() for n in dir(FieldDescriptor) if n.startswith("TYPE_")}
+_TYPE_NAMES = {getattr(FieldDescriptor, n): n[len("TYPE_"):].lower() for n in dir(FieldDescriptor)
+               if n.startswith("TYPE_")}
 
 
 def field_signature(f: FieldDescriptor) -> tuple:
@@ -101,7 +102,8 @@ def test_service_surface_is_frozen():
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert methods == FROZEN_SERVICE
     assert not any(m.client_streaming or m.server_streaming for m in service.methods)
-    assert hasattr(reward_pb2_grpc, "RewardServiceStub") and hasattr(reward_pb2_grpc, "add_RewardServiceServicer_to_server")
+    assert (hasattr(reward_pb2_grpc, "RewardServiceStub")
+            and hasattr(reward_pb2_grpc, "add_RewardServiceServicer_to_server"))
 
 
 def test_message_surface_is_frozen():

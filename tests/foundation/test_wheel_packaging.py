@@ -36,7 +36,8 @@ def wheel(tmp_path_factory) -> dict:
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out),
+         str(src)],
         capture_output=True, text=True, timeout=300,
     )
     if result.returncode != 0 and "invalid command 'bdist_wheel'" in (result.stdout + result.stderr):

@@ -160,7 +160,8 @@ def test_state_dict_round_trips_and_dequantizes_to_the_plain_layout():
     again = _grm()
     keep_fp16_master_embeddings(again)
     again.load_state_dict(sd)
-    assert again.lm.get_input_embeddings().weight.master_scale_inv is again.lm.get_input_embeddings().fp16_master.weight_scale_inv
+    assert (again.lm.get_input_embeddings().weight.master_scale_inv
+            is again.lm.get_input_embeddings().fp16_master.weight_scale_inv)
     assert torch.equal(again.lm.get_input_embeddings().fp16_master.value(), value)
 
 

@@ -43,7 +43,8 @@ def test_filter_skips_reward_head_lm_head_non_divisible_and_kept_layers():
     report = convert_to_fp8(model, FP8Recipe(keep=("body.sensitive",)))
     assert report.converted == ["body.a"]
     assert set(report.skipped) == {"body.odd", "body.sensitive", "body.narrow", "reward_head", "lm_head"}
-    assert "not multiples of 16" in report.skipped["body.odd"] and "not multiples of 16" in report.skipped["body.narrow"]
+    assert ("not multiples of 16" in report.skipped["body.odd"]
+            and "not multiples of 16" in report.skipped["body.narrow"])
     assert "never converted" in report.skipped["reward_head"]
     assert isinstance(model.body["a"], FP8InferenceLinear) and type(model.reward_head) is torch.nn.Linear
     # Even a recipe that skips nothing leaves the reward head alone.
@@ -56,8 +57,10 @@ def test_report_bytes():
     report = convert_to_fp8(model, "fp8-channel")
     assert report.converted == ["body.a", "body.sensitive"]
     assert report.converted_bytes_before == (64 * 64 + 32 * 64) * 4
-    assert report.converted_bytes_after == (64 * 64 + 32 * 64) + (64 + 32) * 4  # float8 weights + a float32 scale per row
-    assert report.linear_bytes_before - report.linear_bytes_after == report.converted_bytes_before - report.converted_bytes_after
+    # float8 weights + a float32 scale per row
+    assert report.converted_bytes_after == (64 * 64 + 32 * 64) + (64 + 32) * 4
+    assert (report.linear_bytes_before - report.linear_bytes_after
+            == report.converted_bytes_before - report.converted_bytes_after)
     assert "2 linear layers to FP8" in report.summary()
 
 

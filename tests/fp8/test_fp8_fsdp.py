@@ -1,5 +1,6 @@
 """The FP8 all-gather extension for FSDP2 (O3), in one process (gloo, world size 1: FSDP2 still calls
-the extension; the two-process run is tests/training/test_train_fsdp.py): what is sent is E4M3, the layer computes with exactly the bytes a
+the extension; the two-process run is tests/training/test_train_fsdp.py): what is sent is E4M3, the
+layer computes with exactly the bytes a
 plain FP8 training linear would, the scaling state records one step per forward, and the weight's
 gradient and optimizer step land on the shard."""
 

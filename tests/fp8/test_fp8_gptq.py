@@ -164,7 +164,8 @@ def test_grm_quantize_calibrates_on_given_pairs(tiny_checkpoint, tmp_path, capsy
     from grmserve.training.quantize import main
 
     data = tmp_path / "traffic.jsonl"
-    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f" {2 * i}.", "rejected": f" {2 * i + 1}, I think."}
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f" {2 * i}.",
+             "rejected": f" {2 * i + 1}, I think."}
             for i in range(6)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "own-calibration"

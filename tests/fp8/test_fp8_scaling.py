@@ -115,7 +115,8 @@ def test_state_dict_round_trip_is_bit_identical():
 
 
 def test_recipes_by_name_and_roles():
-    assert [get_training_recipe(n).granularity for n in ("delayed", "current", "block")] == ["tensor", "tensor", "block"]
+    assert ([get_training_recipe(n).granularity for n in ("delayed", "current", "block")]
+            == ["tensor", "tensor", "block"])
     states = build_role_states(get_training_recipe("current"))
     assert [s.fmt.name for s in states] == ["e4m3", "e4m3", "e5m2", "e4m3"]
     assert all(s.mode == "current" for s in states)

@@ -74,7 +74,8 @@ def test_linear_scan_matches_quantising_one_linear(model_and_seqs):
     worst = max(scan, key=lambda s: s.error)
     q = copy.deepcopy(model)
     everything_else = [n for n, m in q.named_modules() if isinstance(m, torch.nn.Linear) and n != worst.prefix]
-    report = convert_to_fp8(q, dataclasses.replace(recipe_with_keep("fp8-channel", everything_else), compute_dtype="float32"))
+    report = convert_to_fp8(q, dataclasses.replace(recipe_with_keep("fp8-channel", everything_else),
+                                                   compute_dtype="float32"))
     assert report.converted == [worst.prefix]
     want = float((_scores(q, seqs) - ref).pow(2).mean().sqrt() / ref.std())
     assert worst.error == pytest.approx(want, rel=1e-4, abs=1e-7)

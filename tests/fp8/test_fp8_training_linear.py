@@ -56,7 +56,8 @@ def test_forward_dgrad_wgrad_sqnr_vs_fp32(recipe, kind):
     sqnr = {n: sqnr_db(r, o) for n, r, o in zip(names, ref, out)}
     assert all(v >= 20 for v in sqnr.values()), sqnr
     on_grid = ScaledGrad.quantize(layer.weight.grad, torch.float8_e4m3fn).dequantize()
-    assert torch.equal(on_grid, layer.weight.grad), ".grad is a dequantised E4M3 weight gradient (one power-of-two scale)"
+    assert torch.equal(on_grid, layer.weight.grad), (
+        ".grad is a dequantised E4M3 weight gradient (one power-of-two scale)")
     stats = layer.scaling_stats()
     assert stats["input"]["steps"] >= 3 and stats["grad_output"]["nonfinite_steps"] == 0
 

@@ -315,7 +315,8 @@ def test_precision_plans_train_and_export_a_plain_policy(rm_server, tmp_path, fl
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    args = tiny_run(tmp_path / "run", rm_server.target, steps=2, **{"eval.every": 0, "checkpoint.export_policy": "true"})
+    args = tiny_run(tmp_path / "run", rm_server.target, steps=2,
+                    **{"eval.every": 0, "checkpoint.export_policy": "true"})
     assert ppo_main(args + flags) == 0
     steps = [m for m in metrics(tmp_path / "run") if "split" not in m]
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["policy_loss"]) for m in steps)

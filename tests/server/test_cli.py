@@ -18,7 +18,8 @@ from ..processes import start_grm_serve
 
 FROZEN_FLAGS = [
     "--preset",
-    "--model.checkpoint", "--model.precision", "--model.fp8_recipe", "--model.device", "--model.threads", "--model.compile",
+    "--model.checkpoint", "--model.precision", "--model.fp8_recipe", "--model.device", "--model.threads",
+    "--model.compile",
     "--model.max_tokens", "--model.warmup",
     "--batch.max_batch_tokens", "--batch.max_batch_rows", "--batch.max_wait_ms", "--batch.max_delay_ms",
     "--batch.max_queue_pairs", "--batch.max_queue_seconds", "--batch.max_step_seconds",
@@ -44,7 +45,8 @@ def test_cli_precedence_and_validation():
     for bad in (["--batch.max_wait_ms", "80"], ["--batch.prefix_cache_mib", "-1"]):  # wait > max_delay (50)
         with pytest.raises((SystemExit, ValueError)):
             parse_serve_args(bad)
-    cfg = parse_serve_args(["--batch.max_wait_ms", "80", "--batch.max_delay_ms", "100", "--batch.prefix_cache_mib", "0"])
+    cfg = parse_serve_args(["--batch.max_wait_ms", "80", "--batch.max_delay_ms", "100",
+                            "--batch.prefix_cache_mib", "0"])
     assert (cfg.batch.max_wait_ms, cfg.batch.max_delay_ms, cfg.batch.prefix_cache_mib) == (80, 100, 0)
 
 

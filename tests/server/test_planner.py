@@ -12,7 +12,8 @@ def _fresh(seqs):
 def test_rows_continue_their_cached_prefix_and_always_run_their_last_token():
     seqs = [(1, 2, 3, 4), (5, 6)]
     plan = plan_wave(seqs, [(3, ["kv"]), (1, ["kv"])], first_wave=True, packed=True, max_tokens=64, max_rows=8)
-    assert [(r.seq, r.past, r.new, r.parts) for r in plan.rows] == [((1, 2, 3, 4), 3, 1, ["kv"]), ((5, 6), 1, 1, ["kv"])]
+    assert ([(r.seq, r.past, r.new, r.parts) for r in plan.rows]
+            == [((1, 2, 3, 4), 3, 1, ["kv"]), ((5, 6), 1, 1, ["kv"])])
     assert plan.later == [] and sorted(i for p in plan.passes for i in p) == [0, 1]
 
 

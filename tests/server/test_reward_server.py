@@ -48,7 +48,8 @@ def scrape(server) -> str:
 
 
 def test_scores_match_training_code(server, tiny_checkpoint):
-    pairs = [(CHAT, "4"), (CHAT, "Five, I think."), ("Plain text prompt:", " an answer"), ([{"role": "user", "content": "Hi"}], "Hello there!")]
+    pairs = [(CHAT, "4"), (CHAT, "Five, I think."), ("Plain text prompt:", " an answer"),
+             ([{"role": "user", "content": "Hi"}], "Hello there!")]
     with server.client() as c:
         got = c.score(pairs)
         cand = c.score_candidates(CHAT, ["4", "Five, I think."])
@@ -61,14 +62,16 @@ def test_scores_match_training_code(server, tiny_checkpoint):
 def test_candidates_best_index_and_metadata(server):
     with server.client() as c:
         resp = c._call(c.stub.ScoreCandidates, reward_pb2.ScoreCandidatesRequest(
-            prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages(messages=[reward_pb2.ChatMessage(role="user", content="Hi")])),
+            prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages(
+                messages=[reward_pb2.ChatMessage(role="user", content="Hi")])),
             responses=["a", "bb", "ccc"], request_id="req-7"))
     scores = list(resp.scores)
     assert resp.best_index == max(range(3), key=lambda i: scores[i])
     assert resp.metadata.request_id == "req-7"
     assert len(resp.metadata.sequence_tokens) == 3 and list(resp.metadata.truncated) == [False] * 3
     # The shared prompt counts once in the computed tokens.
-    prompt_len = resp.metadata.sequence_tokens[0] - (resp.metadata.sequence_tokens[1] - resp.metadata.sequence_tokens[0]) - 0
+    prompt_len = (resp.metadata.sequence_tokens[0]
+                  - (resp.metadata.sequence_tokens[1] - resp.metadata.sequence_tokens[0]) - 0)
     assert resp.metadata.computed_tokens < sum(resp.metadata.sequence_tokens)
     assert prompt_len > 0
 
@@ -93,10 +96,11 @@ def test_info_reports_model_and_limits(server):
     (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages(
         messages=[reward_pb2.ChatMessage(role="wizard", content="x")])), response="r")]),
      "pairs[0].prompt.messages[0].role", "Score"),
-    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages()),
-                                                            response="r")]),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(
+        prompt=reward_pb2.Prompt(messages=reward_pb2.ChatMessages()), response="r")]),
      "pairs[0].prompt.messages", "Score"),
-    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="word " * 400), response="r")]),
+    (lambda: reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=reward_pb2.Prompt(text="word " * 400),
+                                                            response="r")]),
      "limit of 256", "Score"),
     (lambda: reward_pb2.ScoreCandidatesRequest(prompt=reward_pb2.Prompt(text="p")), "responses", "ScoreCandidates"),
     (lambda: reward_pb2.ScoreCandidatesRequest(prompt=reward_pb2.Prompt(text="p"), responses=["r"] * 17),
@@ -176,9 +180,12 @@ def test_metrics_count_what_was_sent(server):
     after = scrape(server)
     ok = {"method": "Score", "code": "OK"}
     bad = {"method": "Score", "code": "INVALID_ARGUMENT"}
-    assert metric_value(after, "grm_serve_requests_total", ok) - metric_value(before, "grm_serve_requests_total", ok) == 3
-    assert metric_value(after, "grm_serve_requests_total", bad) - metric_value(before, "grm_serve_requests_total", bad) == 1
-    assert metric_value(after, "grm_serve_pairs_scored_total") - metric_value(before, "grm_serve_pairs_scored_total") == 6
+    assert (metric_value(after, "grm_serve_requests_total", ok)
+            - metric_value(before, "grm_serve_requests_total", ok) == 3)
+    assert (metric_value(after, "grm_serve_requests_total", bad)
+            - metric_value(before, "grm_serve_requests_total", bad) == 1)
+    assert (metric_value(after, "grm_serve_pairs_scored_total")
+            - metric_value(before, "grm_serve_pairs_scored_total") == 6)
     assert metric_value(after, "grm_serve_request_seconds_count", {"method": "Score"}) >= 4
     assert metric_value(after, "grm_serve_model_info", {"precision": "fp32"}) == 1
     assert metric_value(after, "grm_serve_ready") == 1
@@ -188,7 +195,8 @@ def test_metrics_count_what_was_sent(server):
 def test_health_and_reflection(server):
     channel = grpc.insecure_channel(server.target)
     health = health_pb2_grpc.HealthStub(channel)
-    assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status == health_pb2.HealthCheckResponse.SERVING
+    assert (health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status
+            == health_pb2.HealthCheckResponse.SERVING)
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -255,7 +263,8 @@ def test_fp8_server_tracks_fp32(tiny_checkpoint):
     cfg = tiny_config(tiny_checkpoint)
     cfg.model.precision = "fp8"
     st = ServerThread(cfg, build_engine(cfg)).start()
-    pairs = [([{"role": "user", "content": f"Tell me about topic {i}."}], f"Topic {i} is " + "quite " * (i % 7) + "nice.")
+    pairs = [([{"role": "user", "content": f"Tell me about topic {i}."}],
+              f"Topic {i} is " + "quite " * (i % 7) + "nice.")
              for i in range(48)]
     try:
         with st.client() as c:

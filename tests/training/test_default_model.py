@@ -68,6 +68,7 @@ def test_grm_serve_serves_the_default_model(default_path):
         assert info.model_name == default_model.NAME and info.model_version == default_model.version()
         if default_model.artifact_meta().get("fp8"):
             assert info.precision == "fp8"  # served as trained, with no flags
-        chat = [{"role": "user", "content": "Describe the moon in exactly one sentence. Answer in all capital letters."}]
+        chat = [{"role": "user",
+                 "content": "Describe the moon in exactly one sentence. Answer in all capital letters."}]
         scores = rm.score([(chat, "THE MOON IS EARTH'S ONLY NATURAL SATELLITE."), (chat, "the moon is a rock.")])
         assert len(scores) == 2 and all(map(lambda s: s == s, scores))

@@ -184,7 +184,8 @@ def test_fp8_trained_top_layers_ship_their_e4m3_bytes_and_rebuild_exactly(tmp_pa
     head = apply_artifact(lm, tensors, meta)
     layer = lm.get_decoder().layers[2]
     assert isinstance(layer.mlp.up_proj, FP8InferenceLinear)
-    assert torch.equal(layer.mlp.up_proj.weight.view(torch.uint8), tensors["layers.2.mlp.up_proj.weight"].view(torch.uint8))
+    assert torch.equal(layer.mlp.up_proj.weight.view(torch.uint8),
+                       tensors["layers.2.mlp.up_proj.weight"].view(torch.uint8))
     full = GRMModel(lm, head, GRMConfig(head=cfg.head)).eval()
     for m in full.modules():
         if isinstance(m, FP8InferenceLinear):

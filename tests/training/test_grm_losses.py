@@ -84,7 +84,8 @@ def test_dpo_regularisers():
     assert dpo_loss(t(LOGP_C), t(LOGP_R), t(REF_C), t(REF_R), beta).item() == pytest.approx(expected, rel=1e-6)
     expected_noref = -mean([log_sigmoid(beta * (c - r)) for c, r in zip(LOGP_C, LOGP_R)])
     assert dpo_noref_loss(t(LOGP_C), t(LOGP_R), beta).item() == pytest.approx(expected_noref, rel=1e-6)
-    assert regulariser_loss("dpo", t(LOGP_C), t(LOGP_R), t(REF_C), t(REF_R), beta=beta).item() == pytest.approx(expected, rel=1e-6)
+    assert (regulariser_loss("dpo", t(LOGP_C), t(LOGP_R), t(REF_C), t(REF_R), beta=beta).item()
+            == pytest.approx(expected, rel=1e-6))
     with pytest.raises(ValueError, match="ref_c"):
         regulariser_loss("dpo", t(LOGP_C), t(LOGP_R))
 

@@ -34,8 +34,10 @@ GOOD_ROWS = [
     {"prompt": [USER_HI], "chosen": "A helpful assistant.", "rejected": "Nobody.", "subset": "chat"},
     {"prompt": "Hi, who are you?", "chosen": uf("I am an assistant."), "rejected": uf("Go away."),
      "score_chosen": 8.0, "score_rejected": 3.0},
-    {"chosen": "\n\nHuman: What is rain?\n\nAssistant: Water falling from clouds.\n\nHuman: Why?\n\nAssistant: Condensation.",
-     "rejected": "\n\nHuman: What is rain?\n\nAssistant: Water falling from clouds.\n\nHuman: Why?\n\nAssistant: No idea."},
+    {"chosen": "\n\nHuman: What is rain?\n\nAssistant: Water falling from clouds."
+               "\n\nHuman: Why?\n\nAssistant: Condensation.",
+     "rejected": "\n\nHuman: What is rain?\n\nAssistant: Water falling from clouds."
+                 "\n\nHuman: Why?\n\nAssistant: No idea."},
 ]
 BAD_LINES = {
     "bad_json": ['{"prompt": "x", "chosen": ', "not json at all"],
@@ -45,7 +47,8 @@ BAD_LINES = {
     "identical": [json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}),
                   json.dumps({"chosen": uf("same"), "rejected": uf("same")})],
     "tie": [json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "score_chosen": 5, "score_rejected": 5})],
-    "prompt_mismatch": [json.dumps({"chosen": uf("a"), "rejected": uf("b", prompt=({"role": "user", "content": "Other"},))}),
+    "prompt_mismatch": [json.dumps({"chosen": uf("a"),
+                                    "rejected": uf("b", prompt=({"role": "user", "content": "Other"},))}),
                         json.dumps({"chosen": "\n\nHuman: A\n\nAssistant: x\n\nHuman: B\n\nAssistant: y",
                                     "rejected": "\n\nHuman: A\n\nAssistant: z\n\nHuman: B\n\nAssistant: w"})],
     "bad_messages": [json.dumps({"chosen": [USER_HI], "rejected": [USER_HI]}),  # no assistant reply

@@ -29,8 +29,11 @@ TRAIN_FLAGS = [
     "--model.head.type", "--model.lora.alpha", "--model.lora.dropout", "--model.lora.enabled", "--model.lora.r",
     "--model.lora.target_modules", "--model.name", "--model.tiny_hidden_size", "--model.tiny_layers",
     "--optim.batch_size", "--optim.betas", "--optim.epochs", "--optim.eps", "--optim.grad_accum", "--optim.grad_clip",
-    "--optim.head_lr", "--optim.lr", "--optim.max_steps", "--optim.min_lr_ratio", "--optim.warmup_steps", "--optim.weight_decay",
-    "--precision.fp8_backend", "--precision.fp8_embedding_gather", "--precision.fp8_fuse", "--precision.fp8_master", "--precision.fp8_recipe", "--precision.fp8_reduce_scatter", "--precision.mode", "--preset", "--print_config", "--resume", "--run_dir", "--seed", "--stop_at_step",
+    "--optim.head_lr", "--optim.lr", "--optim.max_steps", "--optim.min_lr_ratio", "--optim.warmup_steps",
+    "--optim.weight_decay",
+    "--precision.fp8_backend", "--precision.fp8_embedding_gather", "--precision.fp8_fuse", "--precision.fp8_master",
+    "--precision.fp8_recipe", "--precision.fp8_reduce_scatter", "--precision.mode", "--preset", "--print_config",
+    "--resume", "--run_dir", "--seed", "--stop_at_step",
 ]
 PRESET_NAMES = ["smollm2", "smollm2-baseline", "smollm2-dpo", "smollm2-lora", "tiny", "tiny-dpo", "tiny-lora"]
 

@@ -78,7 +78,8 @@ def test_fp8_o2_trains_with_fp8_state_and_exports_the_trained_bytes(straight):
     for name, module in trained.items():
         key = name.removeprefix("lm.")
         assert served[f"{key}.weight"].dtype == torch.float8_e4m3fn
-        assert torch.equal(served[f"{key}.weight"].view(torch.uint8), export_fp8_weights(module).weight.view(torch.uint8))
+        assert torch.equal(served[f"{key}.weight"].view(torch.uint8),
+                           export_fp8_weights(module).weight.view(torch.uint8))
     loaded = load_grm(latest_checkpoint(run / "checkpoints") / "model").model
     assert sum(isinstance(m, FP8InferenceLinear) for m in loaded.modules()) == 14
     for name, module in trained.items():  # the static activation scale evaluation rounds inputs with
@@ -109,7 +110,8 @@ def test_fp8_sigkilled_run_resumes_exactly(straight, tmp_path, sigkill_after_fir
     run = tmp_path / "killed"
     sigkill_after_first_checkpoint(run, ["--preset", "tiny", "--data.synthetic", "16", "--optim.batch_size", "4",
                                          "--optim.grad_accum", "2", "--optim.max_steps", str(STEPS),
-                                         "--optim.warmup_steps", "1", "--eval.every", "0", "--precision.mode", "fp8-o2", "--checkpoint.every", "1",
+                                         "--optim.warmup_steps", "1", "--eval.every", "0", "--precision.mode", "fp8-o2",
+                                         "--checkpoint.every", "1",
                                          "--checkpoint.keep", "0", "--log.progress", "false"], STEPS)
     cfg = _cfg(run)
     cfg.resume = True
@@ -199,4 +201,5 @@ def test_fp16_master_run_exports_its_embedding_dequantised_and_tied(tmp_path):
     embedding = served.lm.get_input_embeddings().weight
     assert torch.equal(embedding.float(), master) and served.lm.get_output_embeddings().weight is embedding
     start, _ = build_model(_cfg(run))
-    assert not torch.equal(start.lm.get_input_embeddings().weight, master.to(start.lm.get_input_embeddings().weight.dtype))
+    assert not torch.equal(start.lm.get_input_embeddings().weight,
+                           master.to(start.lm.get_input_embeddings().weight.dtype))

@@ -273,21 +273,23 @@ def build(cfg: BuildConfig) -> dict:
         per_prompt = cfg.train_pairs_per_prompt if split == "train" else cfg.test_pairs_per_prompt
         frac = cfg.ood_longer_fraction if split == "test_ood" else cfg.train_longer_fraction
         selected = select_pairs(groups, per_prompt, frac, cfg.seed)
-        write_jsonl_gz((pair_row(p, rs, pair) for p, rs, picked in selected for pair in picked), out / f"{split}.jsonl.gz")
+        write_jsonl_gz((pair_row(p, rs, pair) for p, rs, picked in selected for pair in picked),
+                       out / f"{split}.jsonl.gz")
         stats["splits"][split] = split_stats(selected, frac, generations) | {
             "missing_generations": len(in_split) - len(have)}
         used += have
         log.info("%s: %d prompts, %d pairs", split, len(have), stats["splits"][split]["pairs"])
     write_jsonl_gz((p.to_json() for p in prompts), out / "prompts.jsonl.gz")
-    keys = ("id", "split", "text", "finish_reason", "num_tokens", "model", "temperature", "top_p", "max_new_tokens", "seed",
-            "batch")
+    keys = ("id", "split", "text", "finish_reason", "num_tokens", "model", "temperature", "top_p", "max_new_tokens",
+            "seed", "batch")
     gens = [{k: generations[p.id][k] for k in keys if k in generations[p.id]} for p in sorted(used, key=lambda p: p.id)]
     if not cfg.fake:
         write_jsonl_gz(gens, out / "generations.jsonl.gz")
     tokens = [g["num_tokens"] for g in gens if "num_tokens" in g]
     stats["generation"] = {
         "responses": len(gens), "models": dict(Counter(g.get("model", "?") for g in gens)),
-        "mean_tokens": _share(tokens), "finish_reasons": dict(sorted(Counter(g.get("finish_reason", "?") for g in gens).items())),
+        "mean_tokens": _share(tokens),
+        "finish_reasons": dict(sorted(Counter(g.get("finish_reason", "?") for g in gens).items())),
     }
     stats["families"] = {name: {"rule": f.rule, "held_out": f.held_out} for name, f in FAMILIES.items()}
     (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")

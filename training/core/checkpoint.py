@@ -100,7 +100,8 @@ def save_grm(model: GRMModel, tokenizer, out_dir: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         head_state = {k: v.detach().contiguous().cpu() for k, v in model.reward_head.state_dict().items()}
-        save_file(head_state, str(tmp / HEAD_FILE), metadata={"format": "pt", "grm_head": model.reward_head.config.type})
+        save_file(head_state, str(tmp / HEAD_FILE),
+                  metadata={"format": "pt", "grm_head": model.reward_head.config.type})
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["grm"] = model.grm_config.to_json()
@@ -232,12 +233,14 @@ def _load_lm(path: Path, cfg: dict[str, Any], dtype: torch.dtype, allowed_missin
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: the causal-LM weights do not load: {exc}") from exc
     tied = getattr(lm.config, "tie_word_embeddings", False)
-    missing = [k for k in info.get("missing_keys", []) if k not in allowed_missing and not (tied and k == "lm_head.weight")]
+    missing = [k for k in info.get("missing_keys", [])
+               if k not in allowed_missing and not (tied and k == "lm_head.weight")]
     if missing:
         raise CheckpointError(f"{weight_files(path)[0]}: missing tensors {sorted(missing)[:8]}")
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
-        shown = sorted(f"{k[0]} {tuple(k[1])}, expected {tuple(k[2])}" if isinstance(k, tuple) else str(k) for k in mismatched)
+        shown = sorted(f"{k[0]} {tuple(k[1])}, expected {tuple(k[2])}" if isinstance(k, tuple) else str(k)
+                       for k in mismatched)
         raise CheckpointError(f"{weight_files(path)[0]}: tensors with the wrong shape: {shown[:8]}")
     return lm
 
@@ -334,7 +337,8 @@ def export_sequence_classification(model: GRMModel, tokenizer, out_dir: str | Pa
     seq = AutoModelForSequenceClassification.from_config(cfg, dtype=next(model.lm.parameters()).dtype)
     missing, unexpected = seq.base_model.load_state_dict(model.backbone.state_dict(), strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"backbone does not fit {type(seq).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"backbone does not fit {type(seq).__name__}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         seq.score.weight.copy_(model.reward_head.summary.weight.to(seq.score.weight.dtype))
     out = Path(out_dir)
@@ -431,7 +435,8 @@ def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dty
         try:
             linear = lm.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which the model does not have") from None
+            raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, "
+                                  "which the model does not have") from None
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{cfg_file}: grm.quantization lists `{name}`, which is not a linear layer")
         weight, scale = tensors.pop(f"{name}.weight", None), tensors.pop(f"{name}.{SCALE_SUFFIX}", None)
@@ -462,7 +467,8 @@ def load_fp8_lm(path: str | Path, quantization: dict[str, Any], dtype: torch.dty
         if present:
             if len(present) != len(RESIDUAL_TENSORS):
                 missing = [f"`{name}.{p}`" for p in RESIDUAL_TENSORS if p not in present]
-                raise CheckpointError(f"{where}: residual columns of `{name}` are incomplete: missing {', '.join(missing)}")
+                raise CheckpointError(f"{where}: residual columns of `{name}` are incomplete: "
+                                      f"missing {', '.join(missing)}")
             try:
                 fp8.load_residual_columns(residual["residual_index"], residual["residual"], residual["residual_scale"])
             except ValueError as exc:

@@ -132,7 +132,8 @@ def _argparse_kwargs(tp: Any, name: str) -> dict[str, Any]:
     if origin is list:
         return {"type": _list_of(args[0]), "metavar": f"{args[0].__name__.upper()},..."}
     if origin is tuple:
-        return {"type": lambda text: tuple(_list_of(args[0])(text)), "metavar": ",".join(a.__name__.upper() for a in args)}
+        return {"type": lambda text: tuple(_list_of(args[0])(text)),
+                "metavar": ",".join(a.__name__.upper() for a in args)}
     raise TypeError(f"{name}: unsupported config field type {tp}")
 
 

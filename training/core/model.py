@@ -166,7 +166,8 @@ class GRMModel(nn.Module):
         return GRMOutput(rewards=rewards, logps=logps, hidden=hidden)
 
 
-def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def response_logps(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
     """sum_t log π(y_t | x, y_<t) over positions where `response_mask` is 1, per row.
 
     Only the positions that predict a response token go through the LM head, which keeps the
@@ -192,7 +193,8 @@ def init_grm(lm_or_config, head: HeadConfig | None = None, *, seed: int | None =
 
     if seed is not None:
         torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(lm_or_config, dtype=dtype) if isinstance(lm_or_config, PretrainedConfig) else lm_or_config
+    lm = (AutoModelForCausalLM.from_config(lm_or_config, dtype=dtype) if isinstance(lm_or_config, PretrainedConfig)
+          else lm_or_config)
     grm = grm or GRMConfig(head=head or HeadConfig())
     if head is not None:
         grm.head = head

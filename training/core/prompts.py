@@ -124,7 +124,8 @@ class PromptRenderer:
         that alone exceeds `max_tokens` keeps its tail. Errors name `field` (the prompt) and
         `response_fields[i]` (default `{response_field}[i]`).
         """
-        names = list(response_fields) if response_fields is not None else [f"{response_field}[{i}]" for i in range(len(responses))]
+        names = (list(response_fields) if response_fields is not None
+                 else [f"{response_field}[{i}]" for i in range(len(responses))])
         if isinstance(prompt, str):
             prompt_text, texts = self.render_prompt(prompt, field), list(responses)
         else:

@@ -241,9 +241,11 @@ class PPOConfig:
         if r.batch_size < 1 or r.chunk_size < 1:
             raise ValueError("rollout.batch_size and rollout.chunk_size must be >= 1")
         if p.minibatch_size < 1 or r.batch_size % p.minibatch_size:
-            raise ValueError(f"rollout.batch_size={r.batch_size} must be a multiple of ppo.minibatch_size={p.minibatch_size}")
+            raise ValueError(f"rollout.batch_size={r.batch_size} must be a multiple of "
+                             f"ppo.minibatch_size={p.minibatch_size}")
         if p.grad_accum < 1 or p.minibatch_size % p.grad_accum:
-            raise ValueError(f"ppo.minibatch_size={p.minibatch_size} must be a multiple of ppo.grad_accum={p.grad_accum}")
+            raise ValueError(f"ppo.minibatch_size={p.minibatch_size} must be a multiple of "
+                             f"ppo.grad_accum={p.grad_accum}")
         if r.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 (PPO needs a sampling policy)")
         if self.steps < 1:

@@ -213,7 +213,8 @@ class RewardServiceDown(RuntimeError):
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.CANCELLED)
-"""Codes that mean "not now" (the server is down, restarting, draining or overloaded): retried until patience runs out."""
+"""Codes that mean "not now" (the server is down, restarting, draining or overloaded): retried until patience
+runs out."""
 
 
 def check_scores(scores: Sequence[float], *, expected: int, target: str) -> list[float]:
