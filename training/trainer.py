@@ -374,7 +374,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
                         "time_s": round(elapsed, 3)}
-                if cfg.precision.mode == "fp8-o3":  # this process's E4M3 all-gather and reduce-scatter payloads so far
+                if cfg.precision.mode == "fp8-o3":  # this process's E4M3 payloads since it started (not the run)
                     sent, reduced = all_gather_bytes(), reduce_scatter_bytes()
                     last["fp8_all_gather_mib"] = round((sent["fp8_linears"] + sent["e4m3_embeddings"]) / 2**20, 3)
                     last["fp8_reduce_scatter_mib"] = round(reduced["e4m3_gradients"] / 2**20, 3)
@@ -430,10 +430,12 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)  # collective under FSDP
         if self.cfg.precision.mode == "fp8-o3":  # FP8AdamW state lives on each process's shard: keep one per rank
-            optim_sd = {"shards": [torch.load(io.BytesIO(b), weights_only=True)  # bytes: pickling FP8 storages fails
+            optim_sd = {"shards": [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
                                    for b in gather_to_main(state_bytes(self.optimizer.state_dict()), self.info)]}
-        else:
+        else:  # torch.distributed.checkpoint's optimizer state drops FP8AdamW's "fp8" entry: kept beside it
             optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+            if hasattr(self.optimizer, "fp8_meta"):
+                optim_sd = {**optim_sd, "fp8": self.optimizer.fp8_meta()}
         all_rng = gather_to_main(rng_state(), self.info)
         final = self.ckpt_dir / checkpoint_name(self.step)
         if self.info.is_main:
@@ -465,9 +467,12 @@ class Trainer:
 
 
 def state_bytes(state: dict[str, Any]) -> bytes:
-    """`state` as `torch.save` bytes (tensors moved to the CPU on load)."""
+    """`state` as `torch.save` bytes, its tensors on the CPU (bytes, because pickling FP8 storages for
+    `all_gather_object` fails; on the CPU, so that rank 0 loads every rank's state without its GPU)."""
+    from torch.utils._pytree import tree_map_only
+
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(tree_map_only(torch.Tensor, lambda t: t.cpu(), state), buf)
     return buf.getvalue()
 
 
@@ -606,8 +611,15 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
                                   f"processes; resume with torchrun --nproc_per_node {len(shards)}")
         trainer.optimizer.load_state_dict(shards[trainer.info.rank])
     else:
-        set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
+        optim_sd = dict(state["optimizer"])
+        meta = optim_sd.pop("fp8", None)
+        meta = meta if hasattr(trainer.optimizer, "load_fp8_meta") else None
+        if meta is not None:  # the layout check before loading, the skipped-step count after
+            trainer.optimizer.load_fp8_meta(meta)
+        set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd,
                                  options=StateDictOptions(full_state_dict=True))
+        if meta is not None:  # torch's loader passed FP8AdamW a state without it
+            trainer.optimizer.load_fp8_meta(meta)
     trainer.scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     if state["world_size"] != trainer.info.world_size:

@@ -16,6 +16,7 @@ from grmserve.training.core.fp8.fsdp import (
     FP8AllGatherWeight,
     all_gather_bytes,
     gather_embeddings_in,
+    local_shard,
 )
 from grmserve.training.core.fp8.optim import FP8AdamW
 from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
@@ -44,6 +45,10 @@ def test_fsdp2_gathers_e4m3_and_computes_like_the_plain_fp8_linear(one_rank_grou
     before = all_gather_bytes()["fp8_linears"]
     x = torch.randn(16, 64)
     for step in range(3):
+        if step == 1:  # a weight spike: delayed scaling saturates this step, and both count it
+            with torch.no_grad():
+                plain[0].weight.mul_(8)
+                local_shard(sharded[0].weight).mul_(8)
         y_plain, y_sharded = plain(x), sharded(x)
         assert torch.equal(y_plain, y_sharded), step  # the gathered E4M3 bytes are the bytes the plain layer uses
         y_plain.square().mean().backward()
@@ -51,6 +56,8 @@ def test_fsdp2_gathers_e4m3_and_computes_like_the_plain_fp8_linear(one_rank_grou
     sent = all_gather_bytes()["fp8_linears"] - before
     assert sent >= 3 * (64 * 128 + 128 * 32)  # every forward sent the weights in E4M3
     assert sharded[0].states.weight.steps == plain[0].states.weight.steps == 3  # one record per forward
+    counted = sharded[0].scaling_stats()["weight"]
+    assert counted == plain[0].scaling_stats()["weight"] and counted["overflow"] > 0, counted
     assert torch.allclose(sharded[0].weight.grad.full_tensor(), plain[0].weight.grad, rtol=1e-5, atol=1e-7)
 
 
@@ -135,3 +142,40 @@ def test_embeddings_are_gathered_narrow_and_stay_tied(one_rank_group, dtype, byt
 def test_embedding_gather_names_the_choices():
     with pytest.raises(ValueError, match="one of \\['bf16', 'e4m3'\\], not 'fp16'"):
         gather_embeddings_in(_TiedLM(), "fp16")
+
+
+def _skip_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        net = _net()
+        shard_fp8_weights(net)
+        fully_shard(net)
+        opt = FP8AdamW(net.parameters(), lr=1e-2)
+        before = [local_shard(p).clone() for p in net.parameters()]
+        net(torch.randn(16, 64)).square().mean().backward()
+        if rank == 0:  # an overflow in rank 0's shard only
+            net[2].weight.grad.to_local()[0, 0] = float("inf")
+        opt.step()
+        moved = [not torch.equal(b, local_shard(p)) for b, p in zip(before, net.parameters())]
+        torch.save({"skipped": opt.skipped_steps, "moved": moved}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nonfinite_gradient_on_one_shard_skips_the_step_on_every_process(tmp_path):
+    """Under FSDP2 each process holds a shard of every gradient: the optimizer's finiteness check covers
+    all shards (one MAX all-reduce), so no process steps while another skips and the shards stay one model."""
+    import torch.multiprocessing as mp
+
+    from ..processes import free_port
+
+    mp.spawn(_skip_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["skipped"] == 1 and not any(got["moved"]), (rank, got)

@@ -67,6 +67,19 @@ def test_nonfinite_amax_keeps_last_good_scale_and_zeroes_backward_roles():
     assert torch.isfinite(q.float()).all() and s_inv2 == s_inv
 
 
+@pytest.mark.parametrize("mode", ["delayed", "current"])
+def test_an_inf_activation_stays_visible_in_the_forward(mode):
+    """A forward role does not zero a non-finite step (the loss must show it) nor clamp inf to ±448:
+    the FP8 value is NaN, the layer's output is non-finite, and the step is counted."""
+    layer = FP8TrainingLinear(64, 32, recipe=mode, compute_dtype=torch.float32)
+    x = torch.randn(16, 64)
+    layer(x)
+    x[2, 3] = float("inf")
+    y = layer(x)
+    assert not torch.isfinite(y[2]).all() and torch.isfinite(y[0]).all()
+    assert layer.scaling_stats()["input"]["nonfinite_steps"] == 1
+
+
 def test_forward_amax_spike_saturates_then_scale_adapts():
     st = ScalingState("e4m3", mode="delayed", history_len=4, warmup_steps=1)
     st.quantize(_full(1.0))

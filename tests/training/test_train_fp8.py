@@ -47,6 +47,7 @@ def _assert_same_state(a: Path, b: Path) -> None:
             assert torch.equal(value, other), key
         else:
             assert repr(value) == repr(other), key  # FP8 scaling state (amax history, scales, counters)
+    assert sa["optimizer"]["fp8"] == sb["optimizer"]["fp8"]  # FP8AdamW's layout and skipped steps
     for key, state in sa["optimizer"]["state"].items():
         for name, tensor in state.items():
             assert torch.equal(_bytes(tensor), _bytes(sb["optimizer"]["state"][key][name])), (key, name)
@@ -119,6 +120,26 @@ def test_fp8_sigkilled_run_resumes_exactly(straight, tmp_path, sigkill_after_fir
     assert 0 < trainer.step < STEPS
     trainer.fit()
     _assert_same_state(latest_checkpoint(straight[0] / "checkpoints"), latest_checkpoint(run / "checkpoints"))
+
+
+def test_fp8_resume_restores_skipped_steps_and_checks_the_optimizer_layout(tmp_path):
+    """torch.distributed.checkpoint's optimizer state drops FP8AdamW's own entry; the trainer keeps it
+    beside: the skipped-step count comes back, and a state written in another layout is refused."""
+    run = tmp_path / "run"
+    first = _cfg(run)
+    first.stop_at_step = 1
+    trainer = Trainer(first)
+    trainer.optimizer.skipped_steps = 3  # as if three overflowed steps had been skipped
+    trainer.fit()
+    again = _cfg(run)
+    again.resume = True
+    assert Trainer(again).optimizer.skipped_steps == 3
+    state_file = latest_checkpoint(run / "checkpoints") / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["fp8"]["block_size"] = 64
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="block_size=64"):
+        Trainer(again)
 
 
 def test_fp8_checkpoint_is_served_as_trained(straight, monkeypatch):

@@ -95,10 +95,20 @@ def compute_scale(amax: torch.Tensor | float, fmt: str | FP8Format = E4M3, margi
     return torch.where(torch.isnan(amax) | torch.isinf(amax), torch.full_like(scale, math.nan), scale)
 
 
+def saturate(y: torch.Tensor, fmax: float) -> torch.Tensor:
+    """Finite values clamped to ±fmax; inf and NaN become NaN, so that a non-finite value stays
+    visible after the cast (torch's CPU cast to e4m3fn would turn inf into ±448, e5m2 keeps inf).
+
+        >>> saturate(torch.tensor([500.0, -3.0, float("inf"), float("nan")]), 448.0).tolist()
+        [448.0, -3.0, nan, nan]
+    """
+    return torch.where(torch.isfinite(y), y.clamp(-fmax, fmax), float("nan"))
+
+
 def cast_to_fp8(x_scaled: torch.Tensor, fmt: str | FP8Format = E4M3) -> torch.Tensor:
-    """Clamp to ±fmt.max, then cast (e4m3fn would saturate silently, e5m2 would give inf)."""
+    """`saturate` to ±fmt.max (inf and NaN: NaN), then cast."""
     fmt = get_format(fmt)
-    return x_scaled.clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    return saturate(x_scaled, fmt.max).to(fmt.dtype)
 
 
 def _quantize(x: torch.Tensor, amax: torch.Tensor, fmt: FP8Format, margin: int, check_finite: bool):

@@ -12,9 +12,10 @@ subclasses use it for `FP8TrainingLinear` weights:
   scale) and sends its shard quantised to E4M3: 1 byte per element instead of 4 (fp32) or 2 (bf16).
 - `GatheredWeight` is the unsharded weight after the all-gather: the E4M3 bytes and their
   dequant scale, shaped like the weight. `FP8TrainingLinear` uses them as its FP8 weight operand
-  as they are (no second quantisation) and records the step in its scaling state once per forward;
-  any other use sees the dequantised values. The weight gradient stays high precision, so FSDP's
-  reduce-scatter and the sharded optimizer state (`FP8AdamW` on each process's shard) work unchanged.
+  as they are (no second quantisation) and records the step in its scaling state once per forward
+  (with the saturated and flushed elements of this process's shard); any other use sees the
+  dequantised values. The weight gradient the module sees stays float32, so the sharded optimizer
+  state (`FP8AdamW` on each process's shard) works unchanged; it travels in E4M3 (`FP8ReduceScatter`).
 
 The token embedding and LM head (tied or not) can travel narrow too (`gather_embeddings_in`, O3's
 ``fp8_embedding_gather``): `BF16AllGatherWeight` sends them as bf16 (2 bytes per element instead of
@@ -47,7 +48,7 @@ from torch.utils._pytree import tree_map_only
 
 from .comm import fp8_sum_to_shards, shared_scales
 from .formats import E4M3, cast_to_fp8, compute_scale, fp8_to_float32
-from .scaling import ScalingState, all_reduce_max_, quantize_scaled, tensor_amax
+from .scaling import ScalingState, all_reduce_max_, min_subnormal, quantize_and_count, tensor_amax
 
 _aten = torch.ops.aten
 SHARDING_OPS = {  # the ops FSDP2 applies to a parameter while sharding it: they keep the wrapper
@@ -65,16 +66,18 @@ _REDUCED = {"e4m3_gradients": 0, "block_amax": 0}
 
 
 def all_gather_bytes() -> dict[str, int]:
-    """Bytes this process has sent into FSDP2 all-gathers so far through the narrow wrappers (its
-    shards, every gather): ``fp8_linears`` (`FP8AllGatherWeight`, E4M3), ``bf16_embeddings`` and
-    ``e4m3_embeddings`` (`gather_embeddings_in`). Anything else FSDP2 gathers goes as it is stored."""
+    """Bytes this process has sent into FSDP2 all-gathers since it started (evaluation's included)
+    through the narrow wrappers (its shards, every gather): ``fp8_linears`` (`FP8AllGatherWeight`,
+    E4M3), ``bf16_embeddings`` and ``e4m3_embeddings`` (`gather_embeddings_in`). Anything else FSDP2
+    gathers goes as it is stored."""
     return dict(_SENT)
 
 
 def reduce_scatter_bytes() -> dict[str, int]:
-    """Bytes this process has put into FP8 reduce-scatters so far (`FP8ReduceScatter`, the size of
-    its input buffers, as FSDP2 counts its float32 ones): ``e4m3_gradients`` (the all-to-all's E4M3
-    payload) and ``block_amax`` (the all-reduced amax per block of 128). Other modules' gradients
+    """Bytes this process has put into FP8 reduce-scatters since it started (`FP8ReduceScatter`):
+    ``e4m3_gradients``, the all-to-all's E4M3 input (W shards, each padded to whole blocks of 128; the
+    own shard stays local, so (W-1)/W of it goes on the wire, as for FSDP2's float32 reduce-scatter
+    input) and ``block_amax``, the all-reduced amaxes (4 bytes per block). Other modules' gradients
     are reduce-scattered in float32."""
     return dict(_REDUCED)
 
@@ -139,12 +142,16 @@ class FP8AllGatherWeight(_AllGatherWrapper):
     # -- FSDP2 all-gather extension ----------------------------------------------------------------
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module: nn.Module, mp_policy):
-        """Quantise this shard with the scale of the whole weight; send its E4M3 bytes."""
+        """Quantise this shard with the scale of the whole weight; send its E4M3 bytes. The shard's
+        saturated and flushed elements are counted (the layer adds them to its weight state's counters)."""
         amax = all_reduce_max_(tensor_amax(self._hp), mesh.get_group())
         scale = self._scale(amax, module)
-        q = quantize_scaled(self._hp.detach(), scale, E4M3)
+        shard = self._hp.detach()
+        keep = torch.ones((), dtype=torch.bool, device=shard.device)
+        q, over, under = quantize_and_count(shard, scale, keep, E4M3.max, min_subnormal(E4M3) / 2, E4M3.dtype, True)
+        counts = torch.stack([over, under, torch.tensor(shard.numel(), device=shard.device)])
         _SENT[self._counter] += q.numel()
-        return (q.view(torch.uint8),), (scale, amax)
+        return (q.view(torch.uint8),), (scale, amax, counts)
 
     def _scale(self, amax: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """The scale the FP8 layer's weight `ScalingState` gives now (delayed or current)."""
@@ -153,13 +160,14 @@ class FP8AllGatherWeight(_AllGatherWrapper):
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         (data,) = all_gather_outputs
-        scale, amax = metadata
+        scale, amax, counts = metadata
         q = data.view(torch.float8_e4m3fn)
         if out is not None:  # FSDP reuses the unsharded parameter: refresh its scale in place
             out._scale_inv.copy_(1.0 / scale)
             out._amax.copy_(amax)
+            out._counts.copy_(counts)
             return
-        return GatheredWeight(q, 1.0 / scale, amax, param_dtype), (data,)
+        return GatheredWeight(q, 1.0 / scale, amax, param_dtype, counts), (data,)
 
 
 class E4M3AllGatherWeight(FP8AllGatherWeight):
@@ -176,26 +184,29 @@ class E4M3AllGatherWeight(FP8AllGatherWeight):
 
 class GatheredWeight(torch.Tensor):
     """An all-gathered weight in its narrow form: E4M3 bytes `_q` with a 0-dim dequant scale
-    `_scale_inv` and the whole weight's `_amax`, or bf16 values (scale 1, no amax). It presents itself
-    as a `dtype` tensor: views stay narrow, any other op sees the dequantised (upcast) values."""
+    `_scale_inv`, the whole weight's `_amax` and this process's shard's (saturated, flushed, elements)
+    `_counts`, or bf16 values (scale 1, no amax or counts). It presents itself as a `dtype` tensor:
+    views stay narrow, any other op sees the dequantised (upcast) values."""
 
     @staticmethod
-    def __new__(cls, q: torch.Tensor, scale_inv: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
+    def __new__(cls, q: torch.Tensor, scale_inv: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype,
+                counts: torch.Tensor | None = None):
         return torch.Tensor._make_wrapper_subclass(cls, q.size(), strides=q.stride(), storage_offset=q.storage_offset(),
                                                    dtype=dtype, device=q.device, requires_grad=False)
 
-    def __init__(self, q, scale_inv, amax, dtype):
-        self._q, self._scale_inv, self._amax = q, scale_inv, amax
+    def __init__(self, q, scale_inv, amax, dtype, counts=None):
+        self._q, self._scale_inv, self._amax, self._counts = q, scale_inv, amax, counts
 
     def __repr__(self) -> str:
         return f"GatheredWeight({self._q.dtype}, shape={tuple(self.shape)}, scale_inv={float(self._scale_inv):g})"
 
     def __tensor_flatten__(self):
-        return ["_q", "_scale_inv"] + (["_amax"] if self._amax is not None else []), self.dtype
+        optional = [name for name in ("_amax", "_counts") if getattr(self, name) is not None]
+        return ["_q", "_scale_inv", *optional], self.dtype
 
     @staticmethod
     def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
-        return GatheredWeight(inner["_q"], inner["_scale_inv"], inner.get("_amax"), dtype)
+        return GatheredWeight(inner["_q"], inner["_scale_inv"], inner.get("_amax"), dtype, inner.get("_counts"))
 
     def dequantize(self) -> torch.Tensor:
         if self._q.element_size() != 1:  # bf16 values
@@ -207,15 +218,16 @@ class GatheredWeight(torch.Tensor):
         kwargs = kwargs or {}
         if func in VIEW_OPS and isinstance(args[0], GatheredWeight):
             w = args[0]
-            return GatheredWeight(func(w._q, *args[1:], **kwargs), w._scale_inv, w._amax, w.dtype)
+            return GatheredWeight(func(w._q, *args[1:], **kwargs), w._scale_inv, w._amax, w.dtype, w._counts)
         args, kwargs = tree_map_only(GatheredWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
 
 
-def gathered_weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(E4M3 bytes, dequant scale, amax)`` of an all-gathered FP8 weight, or None for any other tensor."""
+def gathered_weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``(E4M3 bytes, dequant scale, amax, shard counts)`` of an all-gathered FP8 weight, or None for
+    any other tensor."""
     if isinstance(weight, GatheredWeight) and weight._amax is not None:
-        return weight._q, weight._scale_inv, weight._amax
+        return weight._q, weight._scale_inv, weight._amax, weight._counts
     return None
 
 

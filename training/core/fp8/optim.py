@@ -447,9 +447,19 @@ class FP8AdamW(torch.optim.Optimizer):
         return dequantize_scaled(state["master"], state["master_scale_inv"])
 
     def _nonfinite_grads(self) -> bool:
-        """Whether any gradient holds inf or NaN (one host sync; the norms are multi-tensor calls)."""
-        norms = gradient_norms(p for group in self.param_groups for p in group["params"])
-        return bool(norms.numel()) and not bool(torch.isfinite(norms).all())
+        """Whether any gradient holds inf or NaN (one host sync; the norms are multi-tensor calls). With
+        sharded parameters (FSDP2) the answer covers every process's shard (a MAX all-reduce over the
+        mesh), so all processes skip a step together and their shards never drift apart."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        norms = gradient_norms(params)
+        bad = (~torch.isfinite(norms)).any().float() if norms.numel() else torch.zeros(())
+        mesh = next((p.device_mesh for p in params if hasattr(p, "device_mesh")), None)
+        if mesh is not None:
+            import torch.distributed as dist
+
+            bad = bad.to(local_shard(params[0]).device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        return bool(bad)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -602,17 +612,28 @@ class FP8AdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["fp8"] = {"skipped_steps": self.skipped_steps, "master_weights": self.master_weights,
-                     "block_size": self.block_size, "m_format": self.m_format.name}
+        sd["fp8"] = self.fp8_meta()
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, keeping the stored dtypes (torch's loader would cast FP8 / FP16 state to the param dtype)."""
-        meta = state_dict.get("fp8", {})
+    def fp8_meta(self) -> dict[str, Any]:
+        """What `state_dict` adds to torch's optimizer state (``"fp8"``): the layout the state was written
+        in and the skipped-step count. torch.distributed.checkpoint's optimizer state dicts drop it, so
+        callers that use them save it beside (`load_fp8_meta`)."""
+        return {"skipped_steps": self.skipped_steps, "master_weights": self.master_weights,
+                "block_size": self.block_size, "m_format": self.m_format.name}
+
+    def load_fp8_meta(self, meta: dict[str, Any]) -> None:
+        """Check that `meta` (`fp8_meta` of the saved optimizer) describes this optimizer's state layout
+        (a clear error if not) and restore the skipped-step count."""
         mine = {"master_weights": self.master_weights, "block_size": self.block_size, "m_format": self.m_format.name}
         for key, value in mine.items():
             if key in meta and meta[key] != value:
                 raise ValueError(f"optimizer state was saved with {key}={meta[key]!r}, this FP8AdamW has {value!r}")
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping the stored dtypes (torch's loader would cast FP8 / FP16 state to the param dtype)."""
+        self.load_fp8_meta(state_dict.get("fp8", {}))  # the layout check first
         sd = {k: v for k, v in state_dict.items() if k != "fp8"}
         super().load_state_dict(sd)
         # State keys are what the saved groups list: parameter indices, or names (torch.distributed.checkpoint).
@@ -621,7 +642,6 @@ class FP8AdamW(torch.optim.Optimizer):
         for key, saved in sd["state"].items():
             p = saved_ids[key]
             self.state[p] = {k: v.to(device=p.device if k != "step" else v.device).clone() for k, v in saved.items()}
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
 
     # -- accounting --------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal, NamedTuple, get_args
 import torch
 import torch.distributed as dist
 
-from .formats import E4M3, FP8Format, cast_to_fp8, compute_scale, get_format, num_blocks
+from .formats import E4M3, FP8Format, cast_to_fp8, compute_scale, get_format, num_blocks, saturate
 
 TrainingRecipeName = Literal["delayed", "current", "block"]
 RECIPE_NAMES: tuple[str, ...] = get_args(TrainingRecipeName)
@@ -183,10 +183,11 @@ def quantize_scaled(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> tor
 def quantize_and_count(x: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor, fmax: float, half_min: float,
                        dtype: torch.dtype, count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass: ``y = x * scale`` (zeroed where `keep` is False, a 0-dim bool), FP8 cast of
-    clamp(y), and the counts of saturated (|y| > fmax) and flushed (0 < |y| <= half_min) elements.
+    saturate(y) (an inf or NaN element becomes NaN: it stays visible), and the counts of saturated
+    (|y| > fmax) and flushed (0 < |y| <= half_min) elements.
     Pure tensor code, so `torch.compile` fuses it into one kernel (`ScalingState(fused=True)`)."""
     y = torch.where(keep, x.float() * scale, 0.0)
-    q = y.clamp(-fmax, fmax).to(dtype)
+    q = saturate(y, fmax).to(dtype)
     if not count:
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         return q, zero, zero
@@ -411,10 +412,13 @@ class ScalingState:
         self._record(amax.max(), None, finite)
         return q, 1.0 / scale
 
-    def record_quantized(self, amax: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    def record_quantized(self, amax: torch.Tensor, scale_inv: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Record a step whose quantisation happened elsewhere with this state's scale: FSDP2's FP8
-        all-gather (fsdp.py) quantises each shard and hands the layer the bytes, `scale_inv` and amax."""
+        all-gather (fsdp.py) quantises each shard and hands the layer the bytes, `scale_inv`, amax and
+        the (saturated, flushed, elements) `counts` of this process's shard, which the counters add."""
         self._record(amax, 1.0 / scale_inv, torch.isfinite(amax))
+        if counts is not None and self.count:
+            self._counters += torch.stack([counts[0], counts[1], torch.zeros_like(counts[0]), counts[2]])
 
     def local_scales(self, amax: torch.Tensor) -> torch.Tensor:
         """Per-tile / per-block current scales; non-finite or zero amaxes get scale 1."""

@@ -344,10 +344,10 @@ class _FP8LinearFunction(torch.autograd.Function):
         else:
             xq = quantize_input(states, recipe, x2d, record)
             if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
-                q, scale_inv, amax = gathered  # copies: FSDP frees and refills the gathered buffer before backward
-                wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")
+                q, scale_inv, amax, counts = gathered  # copies: FSDP frees and refills the gathered buffer
+                wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")  # before backward
                 if record:
-                    states.weight.record_quantized(amax, scale_inv)
+                    states.weight.record_quantized(amax, scale_inv, counts)
             else:
                 wq = quantize_weight_operand(states.weight, recipe, layer.effective_weight(weight), record)
             y = fp8_gemm(xq, wq, backend, cdt, layer.fuse)  # (M, N)
