@@ -138,3 +138,8 @@ def test_recipes_by_name_and_roles():
         get_training_recipe("mxfp8")
     with pytest.raises(ValueError, match="multiples of 16"):
         FP8TrainingRecipe(name="block", tile=100)
+    # Delayed scaling with no warm-up would start from scale 1 and flush small activations to zero.
+    with pytest.raises(ValueError, match="warmup_steps"):
+        FP8TrainingRecipe(warmup_steps=0)
+    with pytest.raises(ValueError, match="warmup_steps >= 1"):
+        ScalingState("e4m3", mode="delayed", warmup_steps=0)

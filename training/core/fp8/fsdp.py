@@ -269,8 +269,9 @@ class FP8ReduceScatter:
 
     The input is FSDP2's flat float32 buffer of W equal shards, the output this rank's shard: the
     sum (``SUM``) or mean (``AVG``, FSDP2's choice for float32) of the W ranks' shards, each rounded
-    to E4M3 with its block's shared scale. A non-finite gradient makes its block's scale NaN, and so
-    its reduced values (nothing hidden: the optimizer's finiteness check skips the step)."""
+    to E4M3 with its block's shared scale. A non-finite gradient comes out NaN (its whole block, where
+    the MAX all-reduce passes a NaN amax on, as gloo's does): nothing is hidden, and the optimizer's
+    finiteness check skips the step on every process."""
 
     block = 128
 

@@ -86,9 +86,10 @@ class FP8TrainingRecipe:
             raise ValueError(f"unknown FP8 training recipe {self.name!r}; expected one of {RECIPE_NAMES}")
         for f in (self.forward_format, self.backward_format, self.weight_grad_format):
             get_format(f)
-        if self.history_len < 1 or self.warmup_steps < 0:
-            raise ValueError(f"history_len must be >= 1 and warmup_steps >= 0, got {self.history_len}, "
-                             f"{self.warmup_steps}")
+        if self.history_len < 1 or self.warmup_steps < 1:
+            raise ValueError(f"history_len and warmup_steps must be >= 1, got {self.history_len}, "
+                             f"{self.warmup_steps} (delayed scaling starts from an amax history; without "
+                             "a step of current scaling the first one would use scale 1)")
         if self.tile % 16 or self.weight_block % 16 or self.tile <= 0 or self.weight_block <= 0:
             raise ValueError(f"tile ({self.tile}) and weight_block ({self.weight_block}) must be positive "
                              "multiples of 16")
@@ -311,6 +312,9 @@ class ScalingState:
             raise ValueError(f"unknown scaling mode {mode!r}; expected one of {MODES}")
         if history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {history_len}")
+        if mode == "delayed" and warmup_steps < 1:
+            raise ValueError(f"delayed scaling needs warmup_steps >= 1, got {warmup_steps}: its first step "
+                             "would use scale 1 (no amax history yet), flushing small values to zero")
         self.fmt = get_format(fmt)
         self.mode, self.history_len, self.warmup_steps, self.margin = mode, history_len, warmup_steps, margin
         self.zero_nonfinite, self.reduce_amax, self.count, self.group = zero_nonfinite, reduce_amax, count, group
