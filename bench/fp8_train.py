@@ -261,7 +261,8 @@ def _count_collectives() -> dict:
 def _o3_result(mode, args, wire, times, losses, info) -> dict:
     """All-gather bytes per step of one process: measured for fp8-o3 (E4M3 decoder linears; the
     embedding and LM head in fp32, bf16 or E4M3; fp32 for the rest), against the same elements
-    gathered in bf16 (FSDP2 with param_dtype=bf16) and fp32."""
+    gathered in bf16 (FSDP2 with param_dtype=bf16) and fp32; and its reduce-scatter bytes
+    (`_reduce_scatter_result`)."""
     from grmserve.training.core.fp8.fsdp import all_gather_bytes, reduce_scatter_bytes
 
     sent, reduced = all_gather_bytes(), reduce_scatter_bytes()
