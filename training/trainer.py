@@ -612,14 +612,11 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
         trainer.optimizer.load_state_dict(shards[trainer.info.rank])
     else:
         optim_sd = dict(state["optimizer"])
-        meta = optim_sd.pop("fp8", None)
-        meta = meta if hasattr(trainer.optimizer, "load_fp8_meta") else None
-        if meta is not None:  # the layout check before loading, the skipped-step count after
+        meta = optim_sd.pop("fp8", None)  # FP8AdamW's layout and skipped steps, saved beside the state
+        if meta is not None and hasattr(trainer.optimizer, "load_fp8_meta"):
             trainer.optimizer.load_fp8_meta(meta)
         set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd,
                                  options=StateDictOptions(full_state_dict=True))
-        if meta is not None:  # torch's loader passed FP8AdamW a state without it
-            trainer.optimizer.load_fp8_meta(meta)
     trainer.scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     if state["world_size"] != trainer.info.world_size:

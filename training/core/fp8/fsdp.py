@@ -138,6 +138,7 @@ class FP8AllGatherWeight(_AllGatherWrapper):
     """A high-precision weight (shard) that FSDP2 all-gathers as E4M3 bytes; see the module docstring."""
 
     _counter = "fp8_linears"  # its key in `all_gather_bytes`
+    _count_elements = True  # saturated and flushed elements, for the layer's weight scaling state
 
     # -- FSDP2 all-gather extension ----------------------------------------------------------------
 
@@ -148,8 +149,9 @@ class FP8AllGatherWeight(_AllGatherWrapper):
         scale = self._scale(amax, module)
         shard = self._hp.detach()
         keep = torch.ones((), dtype=torch.bool, device=shard.device)
-        q, over, under = quantize_and_count(shard, scale, keep, E4M3.max, min_subnormal(E4M3) / 2, E4M3.dtype, True)
-        counts = torch.stack([over, under, torch.tensor(shard.numel(), device=shard.device)])
+        count = self._count_elements
+        q, over, under = quantize_and_count(shard, scale, keep, E4M3.max, min_subnormal(E4M3) / 2, E4M3.dtype, count)
+        counts = torch.stack([over, under, torch.tensor(shard.numel() if count else 0, device=shard.device)])
         _SENT[self._counter] += q.numel()
         return (q.view(torch.uint8),), (scale, amax, counts)
 
@@ -177,6 +179,7 @@ class E4M3AllGatherWeight(FP8AllGatherWeight):
     dequantised values; the float32 shard stays the master and its gradient stays float32."""
 
     _counter = "e4m3_embeddings"
+    _count_elements = False  # no scaling state to add them to
 
     def _scale(self, amax: torch.Tensor, module: nn.Module) -> torch.Tensor:
         return compute_scale(amax, E4M3, check_finite=False)  # a non-finite weight shows as NaN, not hidden

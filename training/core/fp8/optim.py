@@ -632,8 +632,10 @@ class FP8AdamW(torch.optim.Optimizer):
         self.skipped_steps = int(meta.get("skipped_steps", 0))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, keeping the stored dtypes (torch's loader would cast FP8 / FP16 state to the param dtype)."""
-        self.load_fp8_meta(state_dict.get("fp8", {}))  # the layout check first
+        """Load, keeping the stored dtypes (torch's loader would cast FP8 / FP16 state to the param dtype).
+        A state without the ``"fp8"`` entry (torch.distributed.checkpoint's) leaves `skipped_steps` as it is."""
+        if "fp8" in state_dict:
+            self.load_fp8_meta(state_dict["fp8"])  # the layout check first
         sd = {k: v for k, v in state_dict.items() if k != "fp8"}
         super().load_state_dict(sd)
         # State keys are what the saved groups list: parameter indices, or names (torch.distributed.checkpoint).
