@@ -9,8 +9,10 @@ from grmserve.training.core.fp8.formats import E4M3, cast_to_fp8, compute_scale,
 from grmserve.training.core.fp8.linear import (
     FP8BackendError,
     FP8InferenceLinear,
+    check_cuda_scaled_mm,
     fp8_linear_scaled_mm,
     quantize_activations_per_token,
+    scaled_mm,
     select_backend,
     set_fp8_backend,
 )
@@ -134,6 +136,56 @@ def test_scaled_mm_function_shapes():
     fp8 = FP8InferenceLinear.from_linear(_linear(bias=False), "channel")
     y = fp8_linear_scaled_mm(torch.randn(3, 256), fp8.weight, fp8.weight_scale.reshape(1, -1).contiguous(), None)
     assert y.shape == (3, 128)
+
+
+def test_scaled_mm_function_with_a_bias_runs_with_a_16_bit_output_and_refuses_float32():
+    fp8 = FP8InferenceLinear.from_linear(_linear(bias=True), "channel")
+    scale_row = fp8.weight_scale.reshape(1, -1).contiguous()
+    y = fp8_linear_scaled_mm(torch.randn(3, 256), fp8.weight, scale_row, fp8.bias)
+    assert y.shape == (3, 128) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="bias must be bf16 or fp16 with a 16-bit output"):
+        fp8_linear_scaled_mm(torch.randn(3, 256), fp8.weight, scale_row, fp8.bias, compute_dtype=torch.float32)
+
+
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _cuda_call(a_dtype=E4, b_dtype=E4, m=32, k=64, n=48, scales="tensor", b_row_major=False, out=torch.float32):
+    """Arguments of ``a @ b`` as the FP8 paths build them, with one thing changed at a time."""
+    a = torch.zeros(m, k, dtype=a_dtype)
+    b = torch.zeros(k, n, dtype=b_dtype) if b_row_major else torch.zeros(n, k, dtype=b_dtype).t()
+    sa, sb = {"tensor": (torch.ones(()), torch.ones(())), "row": (torch.ones(m, 1), torch.ones(1, n)),
+              "row-strided": (torch.ones(m, 2)[:, :1], torch.ones(2, n)[:1]),
+              "block": (torch.ones(m, k // 32), torch.ones(k // 32, n))}[scales]
+    return a, b, sa, sb, out
+
+
+@pytest.mark.parametrize("change,error", [
+    (dict(a_dtype=E5, b_dtype=E5), "both operands are E5M2"),
+    (dict(a_dtype=torch.bfloat16), "operands must be float8"),
+    (dict(b_row_major=True), "b column-major"),
+    (dict(k=72), "multiples of 16"),
+    (dict(n=40), "multiples of 16"),
+    (dict(scales="block"), "scales must be one element each"),
+    (dict(scales="row-strided"), "row-wise scales must be contiguous"),
+    (dict(scales="row", b_dtype=E5), "takes b as E4M3 only"),
+    (dict(out=torch.float8_e4m3fn), "output must be bf16, fp16 or fp32"),
+])
+def test_cuda_scaled_mm_rules_refuse_what_the_cuda_kernels_refuse(change, error):
+    """The CPU kernel runs every one of these; CUDA's refuses them, so the check stands in for it here."""
+    a, b, sa, sb, out = _cuda_call(**change)
+    with pytest.raises(ValueError, match=error):
+        check_cuda_scaled_mm(a, b, sa, sb, out_dtype=out)
+    with pytest.raises(ValueError, match=error):  # the one call site checks before calling torch
+        scaled_mm(a, b, sa, sb, out_dtype=out)
+
+
+@pytest.mark.parametrize("change", [dict(), dict(scales="row"), dict(a_dtype=E5), dict(a_dtype=E5, scales="row"),
+                                    dict(b_dtype=E5), dict(out=torch.bfloat16)])
+def test_cuda_scaled_mm_rules_accept_the_layouts_the_fp8_paths_use(change):
+    a, b, sa, sb, out = _cuda_call(**change)
+    check_cuda_scaled_mm(a, b, sa, sb, out_dtype=out)
+    assert scaled_mm(a, b, sa, sb, out_dtype=out).shape == (a.shape[0], b.shape[1])
 
 
 # --- backend selection ------------------------------------------------------------------------

@@ -120,6 +120,68 @@ def _with_residual(w: torch.Tensor, index: torch.Tensor | None, residual: torch.
     return w.index_add(1, index, dequantize(residual, residual_scale, dtype=w.dtype))
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
+              out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch._scaled_mm` (``a @ b`` with dequant scales), the one place this package calls it.
+
+    Off CUDA the arguments are first held to what the CUDA kernels accept (`check_cuda_scaled_mm`):
+    the CPU kernel runs layouts and dtypes those refuse, so a CPU test of a GPU path would otherwise
+    pass with calls that fail on the GPU. On CUDA the kernels check for themselves.
+    """
+    if not a.is_cuda:
+        check_cuda_scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype, bias=bias)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_cuda_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
+                         out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+    """Raise ValueError where CUDA's `torch._scaled_mm` (cuBLASLt, or CUTLASS for row-wise scales)
+    would refuse ``a @ b`` (a: (M, K), b: (K, N)) with these scales. The rules, from torch's
+    ScaledBlas.cpp and RowwiseScaledMM.cu:
+
+    - operands float8, not both E5M2; `a` row-major and `b` column-major; K and N multiples of 16;
+    - scales float32, either both one element (tensor-wise) or (M, 1) and (1, N), contiguous (row-wise);
+      row-wise runs CUTLASS where cuBLAS is older than 12.9, which takes E4M3 or E5M2 as `a` and only
+      E4M3 as `b`, so `b` must be E4M3 for row-wise scales;
+    - output bf16, fp16 or fp32; a bias is bf16 or fp16 and only with a 16-bit output.
+
+        >>> a, b = torch.zeros(32, 64, dtype=torch.float8_e5m2), torch.zeros(16, 64, dtype=torch.float8_e5m2)
+        >>> check_cuda_scaled_mm(a, b.t(), torch.ones(()), torch.ones(()), out_dtype=torch.float32)
+        Traceback (most recent call last):
+        ...
+        ValueError: torch._scaled_mm on CUDA: both operands are E5M2; cuBLASLt multiplies E5M2 only with E4M3
+    """
+    def refuse(why: str) -> None:
+        raise ValueError(f"torch._scaled_mm on CUDA: {why}")
+
+    (m, k), n = a.shape, b.shape[1]
+    if a.dtype not in FP8_DTYPES or b.dtype not in FP8_DTYPES:
+        refuse(f"operands must be float8 (e4m3fn or e5m2), got {a.dtype} and {b.dtype}")
+    if a.dtype == b.dtype == torch.float8_e5m2:
+        refuse("both operands are E5M2; cuBLASLt multiplies E5M2 only with E4M3")
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        refuse(f"a must be row-major and b column-major, got strides {a.stride()} and {b.stride()}")
+    if k % 16 or n % 16:
+        refuse(f"K and N must be multiples of 16, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32:
+        refuse(f"scales must be float32, got {scale_a.dtype} and {scale_b.dtype}")
+    rowwise = tuple(scale_a.shape) == (m, 1) and tuple(scale_b.shape) == (1, n)
+    if not rowwise and not (scale_a.numel() == 1 and scale_b.numel() == 1):
+        refuse(f"scales must be one element each or ({m}, 1) and (1, {n}), got {tuple(scale_a.shape)} and "
+               f"{tuple(scale_b.shape)}")
+    if rowwise and not (scale_a.is_contiguous() and scale_b.is_contiguous()):
+        refuse("row-wise scales must be contiguous")
+    if rowwise and b.dtype != torch.float8_e4m3fn:
+        refuse(f"row-wise scaling (CUTLASS) takes b as E4M3 only, got {b.dtype}; pass the E5M2 operand as a")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        refuse(f"output must be bf16, fp16 or fp32, got {out_dtype}")
+    if bias is not None and (out_dtype == torch.float32 or bias.dtype not in (torch.bfloat16, torch.float16)):
+        refuse(f"a bias must be bf16 or fp16 with a 16-bit output, got a {bias.dtype} bias and {out_dtype} output")
+
+
 def quantize_activations_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) activations → e4m3 (M, K) and float32 dequant scales (M, 1), dynamic, power of two.
     No finiteness check (it would sync every call): a NaN/inf row gives a NaN output row."""
@@ -140,8 +202,7 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_row
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     xq, x_scale = quantize_activations_per_token(x2d)  # (M, K) e4m3, (M, 1)
     b = bias.to(compute_dtype) if bias is not None else None
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale_row, bias=b,
-                           out_dtype=compute_dtype)  # (M, N)
+    out = scaled_mm(xq, weight.t(), x_scale, weight_scale_row, bias=b, out_dtype=compute_dtype)  # (M, N)
     return out.reshape(*lead, weight.shape[0]).to(x.dtype)
 
 

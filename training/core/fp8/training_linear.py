@@ -50,7 +50,7 @@ from .convert import FP8Recipe, quantization_description, skip_reason
 from .formats import fp8_to_float32
 from .fp16_master import FP16MasterLayout, fp16_master_value
 from .fsdp import FP8AllGatherWeight, FP8ReduceScatter, gathered_weight_operand
-from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, select_backend
+from .linear import BACKENDS, FP8BackendError, FP8InferenceLinear, scaled_mm, select_backend
 from .optim import FP16, ScaledGrad, tensor_quantize
 from .scaling import (
     FP8TrainingRecipe,
@@ -158,8 +158,8 @@ def gemm_scaled_mm(a: FP8Operand, b: FP8Operand) -> torch.Tensor:
     cuda = a.q.is_cuda
     if a.kind == "tensor" and b.kind == "tensor":
         kp = _round_up(k)
-        out = torch._scaled_mm(_pad_bytes(a.q, mp, kp), _pad_bytes(b.q, np_, kp).t(), scale_a=a.scale_inv.float(),
-                               scale_b=b.scale_inv.float(), out_dtype=torch.float32)  # (mp, np)
+        out = scaled_mm(_pad_bytes(a.q, mp, kp), _pad_bytes(b.q, np_, kp).t(), a.scale_inv.float(),
+                        b.scale_inv.float(), out_dtype=torch.float32)  # (mp, np)
         return out[:m, :n]
     size = a.size
     if a.kind != "tile" or (b.kind == "block" and b.size % size) or (b.kind == "tile" and b.size != size):
@@ -171,9 +171,8 @@ def gemm_scaled_mm(a: FP8Operand, b: FP8Operand) -> torch.Tensor:
         aj = _pad_bytes(a.q[:, lo:hi], mp, kp)  # (mp, kp)
         bj = _pad_bytes(b.q[:, lo:hi], np_, kp)  # (np, kp)
         # Row-wise scaling on CUDA outputs bf16; on CPU float32 keeps the slices exact.
-        part = torch._scaled_mm(aj, bj.t(), scale_a=_row_scales(a, j, size, mp),
-                                scale_b=_row_scales(b, j, size, np_).t().contiguous(),
-                                out_dtype=torch.bfloat16 if cuda else torch.float32)
+        part = scaled_mm(aj, bj.t(), _row_scales(a, j, size, mp), _row_scales(b, j, size, np_).t().contiguous(),
+                         out_dtype=torch.bfloat16 if cuda else torch.float32)
         out += part.float()
     return out[:m, :n]
 
