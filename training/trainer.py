@@ -294,6 +294,7 @@ class Trainer:
         self.saved_step: int | None = None
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout; restored exactly on resume
         random.seed(cfg.seed + self.info.rank)
+        seed_numpy(cfg.seed + self.info.rank)  # for libraries that draw from it; checkpointed like the others
         if resume_from is not None:
             self.step = self.saved_step = load_trainer_state(self, resume_from, weights=fp8)
             if self.info.is_main:
@@ -530,6 +531,12 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_numpy(seed: int) -> None:
+    import numpy as np
+
+    np.random.seed(seed % 2**32)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

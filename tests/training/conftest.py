@@ -3,6 +3,7 @@ threads wait on each other (a tiny step went from ~0.1 s to over 1 s under load)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,14 +25,19 @@ def one_thread():
 
 @pytest.fixture()
 def sigkill_after_first_checkpoint():
-    """Start `grm-train` with `args` in a subprocess, SIGKILL it as soon as its first checkpoint is
-    complete; returns that checkpoint's path (skips if the run finished before it could be killed)."""
+    """Start `grm-train` with `args` in a subprocess (under torchrun with `nproc` > 1), SIGKILL its
+    whole process group as soon as its first checkpoint is complete, as a lost node or an OOM-killed
+    pod would; returns that checkpoint's path (skips if the run finished before it could be killed)."""
     from grmserve.training.trainer import latest_checkpoint
 
-    def run(run_dir: Path, args: list[str], final_step: int, timeout: float = 180) -> Path:
-        cmd = [sys.executable, "-m", "grmserve.training.trainer", "--run_dir", str(run_dir), *args]
+    def run(run_dir: Path, args: list[str], final_step: int, timeout: float = 180, nproc: int = 1) -> Path:
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        cmd = [*launcher, "-m", "grmserve.training.trainer", "--run_dir", str(run_dir), *args]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while latest_checkpoint(run_dir / "checkpoints") is None:
@@ -40,8 +46,9 @@ def sigkill_after_first_checkpoint():
                                 f"{proc.stderr.read()[-2000:]}")
                 assert time.monotonic() < deadline, f"no checkpoint within {timeout:g} s"
                 time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
         finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
             proc.wait(timeout=30)
             proc.stderr.close()
         killed_at = latest_checkpoint(run_dir / "checkpoints")

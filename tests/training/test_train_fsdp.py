@@ -25,13 +25,18 @@ FLAGS = {"--data.synthetic": "16", "--optim.batch_size": "4", "--optim.max_steps
          "--model.head.dropout": "0", "--eval.every": "0", "--log.progress": "false"}
 
 
-def torchrun_command(run_dir, *extra: str) -> list[str]:
-    """`grm-train --preset tiny` on 2 CPU processes under torchrun, with FLAGS and `extra`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "grmserve.training.trainer", "--preset", "tiny", "--run_dir", str(run_dir), "--device", "cpu", *extra]
+def trainer_args(*extra: str) -> list[str]:
+    """`grm-train --preset tiny` on CPU with `extra`, then FLAGS."""
+    args = ["--preset", "tiny", "--device", "cpu", *extra]
     for k, v in FLAGS.items():
-        cmd += [k, v]
-    return cmd
+        args += [k, v]
+    return args
+
+
+def torchrun_command(run_dir, *extra: str) -> list[str]:
+    """`trainer_args(*extra)` on 2 CPU processes under torchrun, in `run_dir`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "grmserve.training.trainer", "--run_dir", str(run_dir), *trainer_args(*extra)]
 
 
 def run_torchrun(cmd: list[str], timeout: float) -> dict:
@@ -179,3 +184,44 @@ def test_two_process_fp8_o3_tracks_one_process_o2(tmp_path):
     added = (e4m3["fp8_all_gather_mib"] - reported["fp8_all_gather_mib"]) / shard_mib
     assert e4m3["step"] == 3 and abs(added - 3) < 0.01, added
     assert e4m3["fp8_reduce_scatter_mib"] == 0
+
+
+def _flat_state(path) -> dict:
+    """trainer_state.pt as {key path: value}, everything but the run's own config."""
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{key}/{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                yield from walk(v, f"{key}/{i}")
+        else:
+            yield key, value
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    state.pop("config")
+    return dict(walk(state, ""))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):  # compare the bytes: float8 and NaN-safe
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                         b.reshape(-1).view(torch.uint8))
+    return repr(a) == repr(b)
+
+
+def test_two_process_fp8_o3_resumes_exactly_after_sigkill(tmp_path, sigkill_after_first_checkpoint):
+    """fp8-o3 under torchrun, every process SIGKILLed after the first checkpoint, then resumed: the
+    final checkpoint equals an uninterrupted run's bit for bit (weights, every process's FP8AdamW shard,
+    scaling states, random states, the exported FP8 model)."""
+    extra = ["--precision.mode", "fp8-o3", "--checkpoint.every", "1", "--checkpoint.keep", "0"]
+    straight = tmp_path / "straight"
+    assert run_torchrun(torchrun_command(straight, *extra), timeout=240)["step"] == 3
+    killed = tmp_path / "killed"
+    sigkill_after_first_checkpoint(killed, trainer_args(*extra), final_step=3, timeout=240, nproc=2)
+    assert run_torchrun(torchrun_command(killed, *extra) + ["--resume"], timeout=240)["step"] == 3
+    a, b = latest_checkpoint(straight / "checkpoints"), latest_checkpoint(killed / "checkpoints")
+    sa, sb = _flat_state(a), _flat_state(b)
+    assert sa.keys() == sb.keys() and any("/optimizer/shards/1/" in k for k in sa)
+    assert not [k for k in sa if not _same(sa[k], sb[k])]
+    wa, wb = _weights(straight), _weights(killed)
+    assert wa.keys() == wb.keys() and all(_same(wa[k], wb[k]) for k in wa)
