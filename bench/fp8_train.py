@@ -41,7 +41,8 @@ from machine import cpu_model
 MODES = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o2-fp16", "fp8-o3", "fp8-o3-bf16", "fp8-o3-e4m3")
 """fp8-o2-fp16: fp8-o2 with ``--precision.fp8_master fp16`` (FP8-LM's FP16 master weights). fp8-o3: two
 processes under torchrun (FSDP2; gloo on CPU), reporting all-gather and reduce-scatter bytes per step
-(``--o3_reduce_scatter`` sets its ``precision.fp8_reduce_scatter``); fp8-o3-bf16 and fp8-o3-e4m3: the
+(``--o3_reduce_scatter`` sets its ``precision.fp8_reduce_scatter``, ``--o3_root_reduce_scatter`` its
+``precision.fp8_root_reduce_scatter``); fp8-o3-bf16 and fp8-o3-e4m3: the
 same with ``--precision.fp8_embedding_gather bf16`` or ``e4m3``."""
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -149,6 +150,7 @@ def _build(mode: str, args):
     cfg.precision.fp8_embedding_gather = mode.removeprefix("fp8-o3-") if mode.startswith("fp8-o3-") else "fp32"
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
     cfg.precision.fp8_reduce_scatter = args.o3_reduce_scatter
+    cfg.precision.fp8_root_reduce_scatter = args.o3_root_reduce_scatter
     cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
@@ -237,11 +239,12 @@ def _resident_mib(device) -> float:
 
 
 def _count_collectives() -> dict:
-    """Count the input bytes of FSDP2's all-gathers and of its float32 reduce-scatters (its calls go
-    through `dist.all_gather_single` and `dist.reduce_scatter_single`; the FP8 reduce-scatter counts its own)."""
+    """Count the input bytes of FSDP2's all-gathers and of its own (float32 or bf16) reduce-scatters (its
+    calls go through `dist.all_gather_single` and `dist.reduce_scatter_single`; the FP8 reduce-scatter
+    counts its own)."""
     import torch.distributed as dist
 
-    wire = {"bytes": 0, "calls": 0, "reduce_scatter_bytes": 0}
+    wire = {"bytes": 0, "calls": 0, "reduce_scatter_bytes": 0, "reduce_scatter_elements": 0}
     gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
 
     def counted_gather(output, input, *a, **k):
@@ -252,6 +255,7 @@ def _count_collectives() -> dict:
     def counted_scatter(*a, **k):
         input = k["input"] if "input" in k else a[1]
         wire["reduce_scatter_bytes"] += input.numel() * input.element_size()
+        wire["reduce_scatter_elements"] += input.numel()
         return scatter(*a, **k)
 
     dist.all_gather_single, dist.reduce_scatter_single = counted_gather, counted_scatter
@@ -277,17 +281,18 @@ def _o3_result(mode, args, wire, times, losses, info) -> dict:
             "fp8_share_of_gathered_elements": round(fp8 / elements, 3),
             "bf16_share_of_gathered_elements": round(bf16 / 2 / elements, 3),
             "e4m3_embedding_share_of_gathered_elements": round(e4m3 / elements, 3),
-            **_reduce_scatter_result(wire["reduce_scatter_bytes"], reduced, steps),
+            **_reduce_scatter_result(wire["reduce_scatter_bytes"], wire["reduce_scatter_elements"], reduced, steps),
             "step_s_median": round(statistics.median(times[2:] or times), 4), "losses": losses}
 
 
-def _reduce_scatter_result(fp32_bytes: int, reduced: dict, steps: int) -> dict:
+def _reduce_scatter_result(fsdp_bytes: int, fsdp_elements: int, reduced: dict, steps: int) -> dict:
     """Reduce-scatter bytes per step of one process (FP8 payload with its block amaxes, plus the
-    modules reduce-scattered in float32) against the same elements in bf16 and fp32. The FP8 payload
-    counts each shard padded to whole blocks of 128."""
-    elements = fp32_bytes / 4 + reduced["e4m3_gradients"]
+    modules FSDP2 reduce-scatters itself, in float32 or, for the root with ``--o3_root_reduce_scatter
+    bf16``, bf16) against the same elements in bf16 and fp32. The FP8 payload counts each shard padded
+    to whole blocks of 128."""
+    elements = fsdp_elements + reduced["e4m3_gradients"]
     fp8 = reduced["e4m3_gradients"] + reduced["block_amax"]
-    per_step = {"fp8_o3": (fp32_bytes + fp8) / steps, "bf16": 2 * elements / steps, "fp32": 4 * elements / steps}
+    per_step = {"fp8_o3": (fsdp_bytes + fp8) / steps, "bf16": 2 * elements / steps, "fp32": 4 * elements / steps}
     return {"reduce_scatter_mib_per_step": {k: round(v / 2**20, 2) for k, v in per_step.items()},
             "reduce_scatter_vs_bf16": round(per_step["fp8_o3"] / per_step["bf16"], 3),
             "reduce_scatter_vs_fp32": round(per_step["fp8_o3"] / per_step["fp32"], 3),
@@ -309,6 +314,8 @@ def main() -> None:
                    help="precision.fp8_fuse of the fp8 modes (auto: torch.compile'd FP8 passes on CUDA only)")
     p.add_argument("--o3_reduce_scatter", default="e4m3", choices=("e4m3", "fp32"),
                    help="precision.fp8_reduce_scatter of the fp8-o3 modes")
+    p.add_argument("--o3_root_reduce_scatter", default="fp32", choices=("fp32", "bf16"),
+                   help="precision.fp8_root_reduce_scatter of the fp8-o3 modes")
     p.add_argument("--profile", default="", help="folder: profile one extra step per mode (top ops, CUDA kernel count)")
     p.add_argument("--interleave", action="store_true",
                    help="build the modes side by side in one process and step them in turn (step times only)")
@@ -331,7 +338,7 @@ def main() -> None:
         cmd = [sys.executable, *launcher, __file__, "--one", mode, "--steps", str(args.steps),
                "--pairs", str(args.pairs), "--tokens", str(args.tokens), "--threads", str(args.threads),
                "--device", args.device, "--fp8_fuse", args.fp8_fuse, "--profile", args.profile,
-               "--o3_reduce_scatter", args.o3_reduce_scatter]
+               "--o3_reduce_scatter", args.o3_reduce_scatter, "--o3_root_reduce_scatter", args.o3_root_reduce_scatter]
         cmd += ["--random_init"] if args.random_init else []
         cmd += ["--narrow"] if args.narrow else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -352,6 +359,7 @@ def main() -> None:
             r["memory_vs_bf16_amp"] = round(r["bytes_per_param"]["total"] / amp["bytes_per_param"]["total"], 3)
     print(json.dumps({"cpu": cpu_model(), "steps": args.steps, "pairs": args.pairs, "tokens": args.tokens,
                       "fp8_fuse": args.fp8_fuse, "narrow": args.narrow, "o3_reduce_scatter": args.o3_reduce_scatter,
+                      "o3_root_reduce_scatter": args.o3_root_reduce_scatter,
                       "results": results, "fp8_o3": o3},
                      indent=1))
 

@@ -51,7 +51,7 @@ FLAGS = {
                 "--optim.warmup_steps", "--optim.min_lr_ratio", "--optim.weight_decay", "--optim.betas", "--optim.eps",
                 "--optim.grad_clip", "--precision.mode", "--precision.fp8_recipe", "--precision.fp8_backend",
                 "--precision.fp8_master", "--precision.fp8_fuse", "--precision.fp8_embedding_gather",
-                "--precision.fp8_reduce_scatter", "--eval.every",
+                "--precision.fp8_reduce_scatter", "--precision.fp8_root_reduce_scatter", "--eval.every",
                 "--eval.split", "--eval.prompts", "--eval.samples",
                 "--eval.batch_size", "--eval.seed", "--checkpoint.every", "--checkpoint.keep",
                 "--checkpoint.export_policy", "--log.progress"],

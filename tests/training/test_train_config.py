@@ -32,7 +32,8 @@ TRAIN_FLAGS = [
     "--optim.head_lr", "--optim.lr", "--optim.max_steps", "--optim.min_lr_ratio", "--optim.warmup_steps",
     "--optim.weight_decay",
     "--precision.fp8_backend", "--precision.fp8_embedding_gather", "--precision.fp8_fuse", "--precision.fp8_master",
-    "--precision.fp8_recipe", "--precision.fp8_reduce_scatter", "--precision.mode", "--preset", "--print_config",
+    "--precision.fp8_recipe", "--precision.fp8_reduce_scatter", "--precision.fp8_root_reduce_scatter",
+    "--precision.mode", "--preset", "--print_config",
     "--resume", "--run_dir", "--seed", "--stop_at_step",
 ]
 PRESET_NAMES = ["smollm2", "smollm2-baseline", "smollm2-dpo", "smollm2-lora", "tiny", "tiny-dpo", "tiny-lora"]
@@ -121,6 +122,9 @@ def test_precision_modes_resolve_in_one_place():
                         device=torch.device("cpu"))
     with pytest.raises(ValueError, match="fp8_embedding_gather=bf16 sets how fp8-o3"):
         apply_precision(torch.nn.Linear(16, 16), factory, PrecisionConfig(mode="fp8-o2", fp8_embedding_gather="bf16"),
+                        device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp8_root_reduce_scatter=bf16 sets how fp8-o3"):
+        apply_precision(torch.nn.Linear(16, 16), factory, PrecisionConfig(mode="bf16", fp8_root_reduce_scatter="bf16"),
                         device=torch.device("cpu"))
 
 

@@ -225,3 +225,54 @@ def test_two_process_fp8_o3_resumes_exactly_after_sigkill(tmp_path, sigkill_afte
     assert not [k for k in sa if not _same(sa[k], sb[k])]
     wa, wb = _weights(straight), _weights(killed)
     assert wa.keys() == wb.keys() and all(_same(wa[k], wb[k]) for k in wa)
+
+
+def _root_reduce_worker(rank: int, out_dir: str, root_dtype: str) -> None:
+    """One backward of the tiny GRM under the trainer's fp8-o3 sharding; saves the dtypes FSDP2's own
+    reduce-scatters took and this rank's shard of the embedding gradient."""
+    import torch.distributed as dist
+
+    from grmserve.training.components import adamw_factory
+    from grmserve.training.precision import apply_precision
+    from grmserve.training.trainer import DistInfo, build_model, build_sharder
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store-{root_dtype}", rank=rank, world_size=2)
+    try:
+        cfg = single_process_config(out_dir, "fp8-o3")
+        cfg.precision.fp8_root_reduce_scatter = root_dtype
+        model = build_model(cfg)[0]
+        shard = build_sharder(DistInfo(rank=rank, world_size=2), cfg)
+        plan = apply_precision(model, adamw_factory(cfg.optim), cfg.precision, device=torch.device("cpu"), shard=shard)
+        dtypes, scatter = [], dist.reduce_scatter_single
+
+        def spy(*args, **kwargs):
+            dtypes.append(str((kwargs["input"] if "input" in kwargs else args[1]).dtype))
+            return scatter(*args, **kwargs)
+
+        dist.reduce_scatter_single = spy
+        ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(rank))
+        out = plan.model(ids, torch.ones_like(ids), response_mask=torch.ones_like(ids))
+        (out.rewards.square().sum() - out.logps.mean()).backward()
+        grad = plan.model.lm.get_input_embeddings().weight.grad
+        torch.save({"dtypes": dtypes, "grad": grad.to_local(), "grad_dtype": str(grad.dtype)},
+                   f"{out_dir}/{root_dtype}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp8_o3_reduces_the_root_gradients_in_bf16_when_asked(tmp_path):
+    """--precision.fp8_root_reduce_scatter bf16: the root module's gradients (tied embedding, final
+    norm, reward head) go through FSDP2's reduce-scatter in bf16 and arrive as float32, within bf16
+    rounding of the float32 reduce-scatter; the decoder layers still go through the E4M3 one (not
+    FSDP2's)."""
+    import torch.multiprocessing as mp
+
+    for root_dtype in ("fp32", "bf16"):
+        mp.spawn(_root_reduce_worker, args=(str(tmp_path), root_dtype), nprocs=2, join=True)
+    for rank in range(2):
+        fp32, bf16 = (torch.load(tmp_path / f"{d}-rank{rank}.pt") for d in ("fp32", "bf16"))
+        assert fp32["dtypes"] == ["torch.float32"] and bf16["dtypes"] == ["torch.bfloat16"]  # the root only
+        assert bf16["grad_dtype"] == fp32["grad_dtype"] == "torch.float32"
+        a, b = fp32["grad"], bf16["grad"]
+        assert not torch.equal(a, b) and (a - b).norm() < 2**-7 * a.norm(), ((a - b).norm(), a.norm())
