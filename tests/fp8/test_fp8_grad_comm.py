@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from grmserve.training.core.fp8.comm import fp8_all_reduce_, shared_scales
+from grmserve.training.core.fp8.comm import all_reduce_max_, fp8_all_reduce_, shared_scales
 from grmserve.training.core.fp8.formats import sqnr_db
 from grmserve.training.core.fp8.scaling import ScalingState
 
@@ -164,3 +164,22 @@ def test_fp8_reduce_scatter_refuses_a_divide_factor():
 
     with pytest.raises(ValueError, match="divide factor"):
         FP8ReduceScatter()(torch.empty(4), torch.zeros(8), group=None, op=dist.ReduceOp.PREMUL_SUM(0.5))
+
+
+def _max_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        amax = torch.tensor([float("nan"), 1.0, 0.5]) if rank == 0 else torch.tensor([2.0, 3.0, float("inf")])
+        torch.save(all_reduce_max_(amax), f"{out_dir}/max{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_amax_reaches_every_rank_as_inf(tmp_path):
+    """MAX of a NaN is up to the backend (CUDA's fmaxf drops it); the amax all-reduce sends it as +inf,
+    which every MAX keeps, so each rank sees the non-finite amax and takes the same NaN scale."""
+    mp.spawn(_max_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"max{rank}.pt").tolist() == [float("inf"), 3.0, float("inf")]
+    assert torch.isnan(shared_scales(torch.tensor([float("inf")]), WORLD)).all()

@@ -56,6 +56,21 @@ class FP8ReduceStats:
     world_size: int
 
 
+def all_reduce_max_(amax: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """All-reduce `amax` in place with MAX when torch.distributed is initialised (else a no-op), a NaN
+    entering as +inf: how MAX treats a NaN is the backend's choice (CUDA's fmaxf, which NCCL's MAX
+    can use, returns the other operand and would drop it), while +inf wins everywhere. A non-finite
+    amax thus reaches every rank, and non-finite amaxes are handled alike (NaN scales) downstream.
+
+        >>> all_reduce_max_(torch.tensor([1.0, float("nan")])).tolist()   # without torch.distributed
+        [1.0, inf]
+    """
+    amax.masked_fill_(torch.isnan(amax), float("inf"))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
 def shared_scales(amax: torch.Tensor, world_size: int, fmt: FP8Format = E4M3) -> torch.Tensor:
     """Per-tensor quantisation scales that keep a sum over `world_size` ranks within ±fmt.max:
     ``compute_scale(world_size * amax)`` (non-finite amax → NaN scale).
@@ -100,7 +115,7 @@ def fp8_all_reduce_(grads: Sequence[torch.Tensor], group: Any = None, *, op: str
     # 1-2: global amax per tensor, shared pre-divided scales.
     amax = torch.stack([g.detach().abs().amax().float() for g in grads])  # (T,)
     if world > 1:
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_max_(amax, group)
     scales = shared_scales(amax, world, fmt)  # (T,)
     # 3: one flat FP8 buffer, padded to a multiple of the world size.
     n = sum(g.numel() for g in grads)

@@ -46,9 +46,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .comm import fp8_sum_to_shards, shared_scales
+from .comm import all_reduce_max_, fp8_sum_to_shards, shared_scales
 from .formats import E4M3, cast_to_fp8, compute_scale, fp8_to_float32
-from .scaling import ScalingState, all_reduce_max_, min_subnormal, quantize_and_count, tensor_amax
+from .scaling import ScalingState, min_subnormal, quantize_and_count, tensor_amax
 
 _aten = torch.ops.aten
 SHARDING_OPS = {  # the ops FSDP2 applies to a parameter while sharding it: they keep the wrapper
@@ -272,8 +272,8 @@ class FP8ReduceScatter:
 
     The input is FSDP2's flat float32 buffer of W equal shards, the output this rank's shard: the
     sum (``SUM``) or mean (``AVG``, FSDP2's choice for float32) of the W ranks' shards, each rounded
-    to E4M3 with its block's shared scale. A non-finite gradient comes out NaN (its whole block, where
-    the MAX all-reduce passes a NaN amax on, as gloo's does): nothing is hidden, and the optimizer's
+    to E4M3 with its block's shared scale. A non-finite gradient comes out NaN (its whole block: the
+    amax all-reduce carries it to every rank as +inf): nothing is hidden, and the optimizer's
     finiteness check skips the step on every process."""
 
     block = 128
@@ -290,8 +290,7 @@ class FP8ReduceScatter:
         shard = blocks.size(1)
         padded = -(-shard // self.block) * self.block
         blocks = torch.nn.functional.pad(blocks, (0, padded - shard)).view(world, -1, self.block)  # (W, nb, 128)
-        amax = blocks.abs().amax(-1)  # (W, nb)
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        amax = all_reduce_max_(blocks.abs().amax(-1), group)  # (W, nb)
         scales = shared_scales(amax, world).unsqueeze(-1)  # (W, nb, 1): W * amax * scale <= 448
         q = cast_to_fp8(blocks * scales, E4M3).view(-1)  # (W * nb * 128,) E4M3
         _REDUCED["e4m3_gradients"] += q.numel()

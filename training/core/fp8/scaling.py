@@ -42,6 +42,7 @@ from typing import Any, Callable, Literal, NamedTuple, get_args
 import torch
 import torch.distributed as dist
 
+from .comm import all_reduce_max_
 from .formats import E4M3, FP8Format, cast_to_fp8, compute_scale, get_format, num_blocks, saturate
 
 TrainingRecipeName = Literal["delayed", "current", "block"]
@@ -138,13 +139,6 @@ def min_subnormal(fmt: str | FP8Format) -> float:
     """Smallest positive value of the format (e4m3: 2**-9, e5m2: 2**-16)."""
     info = torch.finfo(get_format(fmt).dtype)
     return info.smallest_normal * info.eps
-
-
-def all_reduce_max_(amax: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """All-reduce `amax` in place with MAX when torch.distributed is initialised (else a no-op)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    return amax
 
 
 def tile_amax(x2d: torch.Tensor, tile: int) -> torch.Tensor:
