@@ -10,16 +10,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from grmserve.training.core.fp8.formats import fp8_to_float32, quantize_per_tensor
+from grmserve.training.core.fp8.formats import fp8_to_float32, quantize_per_tensor, sqnr_db
 from grmserve.training.core.fp8.fsdp import (
     EMBEDDING_GATHERS,
     FP8AllGatherWeight,
+    FP8ReduceScatter,
     all_gather_bytes,
     gather_embeddings_in,
     local_shard,
 )
 from grmserve.training.core.fp8.optim import FP8AdamW
-from grmserve.training.core.fp8.training_linear import FP8TrainingLinear, convert_to_fp8_training, shard_fp8_weights
+from grmserve.training.core.fp8.training_linear import (
+    FP8TrainingLinear,
+    convert_to_fp8_training,
+    reduce_scatter_in_fp8,
+    shard_fp8_weights,
+)
 
 
 @pytest.fixture()
@@ -179,3 +185,50 @@ def test_a_nonfinite_gradient_on_one_shard_skips_the_step_on_every_process(tmp_p
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["skipped"] == 1 and not any(got["moved"]), (rank, got)
+
+
+def o3_pieces(device: torch.device, backend: str, store: str) -> dict:
+    """fp8-o3's pieces in one process (NCCL on a GPU, gloo on CPU): FSDP2 all-gathers the FP8 linears'
+    E4M3 bytes and FP8AdamW steps the shards for a few steps; then `FP8ReduceScatter`, which FSDP2
+    skips with one process, is called on a buffer directly."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+        net = torch.nn.Sequential(body, torch.nn.Linear(256, 1)).to(device)
+        convert_to_fp8_training(body, "delayed", backend, compute_dtype=torch.float32,
+                                allow_cpu_scaled_mm=device.type == "cpu")
+        shard_fp8_weights(net)
+        fully_shard(body)
+        fully_shard(net)
+        installed = reduce_scatter_in_fp8(net)
+        opt = FP8AdamW(net.parameters(), lr=3e-3)
+        x = torch.randn(256, 256, device=device)
+        losses = []
+        for _ in range(5):
+            loss = (net(x) - 1).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        grads = torch.randn(300, device=device) * torch.logspace(-6, 2, 300, device=device)
+        reduced = torch.empty(300, device=device)
+        FP8ReduceScatter()(reduced, grads, dist.group.WORLD, dist.ReduceOp.AVG)
+        return {"installed": installed, "losses": losses, "gathered": all_gather_bytes()["fp8_linears"],
+                "grads": grads.cpu(), "reduced": reduced.cpu(),
+                "shard_device": next(net.parameters()).to_local().device}
+    finally:
+        dist.destroy_process_group()
+
+
+
+def test_fp8_o3_pieces_with_the_scaled_mm_backend_on_cpu(tmp_path):
+    """The GPU test's run on CPU (gloo; `torch._scaled_mm` on CPU, held to the CUDA kernels' rules): the
+    gathered E4M3 weights feed `_scaled_mm` directly, and the shards train."""
+    got = o3_pieces(torch.device("cpu"), "scaled_mm", str(tmp_path / "store"))
+    assert got["installed"] == ["0"] and got["gathered"] > 0
+    assert all(torch.isfinite(torch.tensor(got["losses"]))) and got["losses"][-1] < got["losses"][0], got["losses"]
+    assert sqnr_db(got["grads"], got["reduced"]) >= 25

@@ -122,3 +122,14 @@ def test_fused_fp8_passes_match_eager_ones_on_gpu():
     eager = train_tiny_grm_with_fp16_masters(torch.device("cuda"), fuse="off")
     assert abs(fused[0] - eager[0]) <= 1e-6 * abs(eager[0]), (fused, eager)
     assert max(abs(a - b) / abs(b) for a, b in zip(fused, eager)) < 1e-2, (fused, eager)
+
+
+def test_fp8_o3_pieces_on_one_gpu(tmp_path):
+    """NCCL on the GPU: E4M3 all-gathers, FP8AdamW on CUDA shards, the FP8 reduce-scatter's ops (with two
+    or more GPUs: bench/fp8_train.py's fp8-o3 mode under torchrun)."""
+    from .test_fp8_fsdp import o3_pieces
+
+    got = o3_pieces(torch.device("cuda"), "scaled_mm", str(tmp_path / "store"))
+    assert got["installed"] and got["gathered"] > 0 and got["shard_device"].type == "cuda"
+    assert all(torch.isfinite(torch.tensor(got["losses"]))) and got["losses"][-1] < got["losses"][0], got["losses"]
+    assert sqnr_db(got["grads"], got["reduced"]) >= 25
