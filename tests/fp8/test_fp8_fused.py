@@ -18,6 +18,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_saturate_gives_the_same_bytes_eager_and_compiled(dtype):
+    """`saturate` is spelled one way eager and another compiled (speed, and the sign of Inductor's NaN):
+    the same FP8 bytes for finite, saturating, infinite and NaN values."""
+    from grmserve.training.core.fp8.formats import saturate
+
+    fmax = torch.finfo(dtype).max
+    y = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * fmax / 2
+    y[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 3 * fmax, -3 * fmax])
+    compiled = torch.compile(lambda t: saturate(t, fmax).to(dtype))
+    eager = saturate(y, fmax).to(dtype)
+    assert torch.equal(_bits(compiled(y)), _bits(eager))
+    assert torch.isnan(eager[:3].float()).all() and eager[3:6].float().tolist() == [-0.0, fmax, -fmax]
+
+
 @pytest.mark.parametrize("fmt,zero_nonfinite", [("e4m3", False), ("e5m2", True)])
 def test_fused_scaling_step_is_the_eager_step_bit_for_bit(fmt, zero_nonfinite):
     eager, fused = (ScalingState(fmt, mode="delayed", history_len=4, warmup_steps=1, zero_nonfinite=zero_nonfinite,
