@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -23,11 +23,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants at once, and wait until they are gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 @pytest.fixture()
 def sigkill_after_first_checkpoint():
-    """Start `grm-train` with `args` in a subprocess (under torchrun with `nproc` > 1), SIGKILL its
-    whole process group as soon as its first checkpoint is complete, as a lost node or an OOM-killed
-    pod would; returns that checkpoint's path (skips if the run finished before it could be killed)."""
+    """Start `grm-train` with `args` in a subprocess (under torchrun with `nproc` > 1), SIGKILL it and
+    every process it started as soon as its first checkpoint is complete, as a lost node or an
+    OOM-killed pod would; returns that checkpoint's path (skips if the run finished before it could be
+    killed). Nothing of the run is left running to write later checkpoints."""
     from grmserve.training.trainer import latest_checkpoint
 
     def run(run_dir: Path, args: list[str], final_step: int, timeout: float = 180, nproc: int = 1) -> Path:
@@ -36,8 +50,7 @@ def sigkill_after_first_checkpoint():
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd = [*launcher, "-m", "grmserve.training.trainer", "--run_dir", str(run_dir), *args]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + timeout
             while latest_checkpoint(run_dir / "checkpoints") is None:
@@ -47,8 +60,7 @@ def sigkill_after_first_checkpoint():
                 assert time.monotonic() < deadline, f"no checkpoint within {timeout:g} s"
                 time.sleep(0.02)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+            kill_process_tree(proc.pid)  # torchrun starts each worker in a session of its own
             proc.wait(timeout=30)
             proc.stderr.close()
         killed_at = latest_checkpoint(run_dir / "checkpoints")

@@ -217,7 +217,8 @@ def test_two_process_fp8_o3_resumes_exactly_after_sigkill(tmp_path, sigkill_afte
     straight = tmp_path / "straight"
     assert run_torchrun(torchrun_command(straight, *extra), timeout=240)["step"] == 3
     killed = tmp_path / "killed"
-    sigkill_after_first_checkpoint(killed, trainer_args(*extra), final_step=3, timeout=240, nproc=2)
+    killed_at = sigkill_after_first_checkpoint(killed, trainer_args(*extra), final_step=3, timeout=240, nproc=2)
+    assert latest_checkpoint(killed / "checkpoints") == killed_at  # no orphaned worker went on
     assert run_torchrun(torchrun_command(killed, *extra) + ["--resume"], timeout=240)["step"] == 3
     a, b = latest_checkpoint(straight / "checkpoints"), latest_checkpoint(killed / "checkpoints")
     sa, sb = _flat_state(a), _flat_state(b)
