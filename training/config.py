@@ -177,10 +177,9 @@ class PrecisionConfig:
     linears' weight gradients are E4M3 already, so it rounds little more than they are."""
     fp8_root_reduce_scatter: Literal["fp32", "bf16"] = "fp32"
     """fp8-o3: the dtype the gradients of FSDP2's root module (the token embedding and LM head, the final
-    norm, the reward head) travel in through its reduce-scatter (FSDP2's MixedPrecisionPolicy
-    reduce_dtype); they arrive as float32 either way. bf16 halves their bytes (the tied embedding is
-    over half of O3's reduce-scatter bytes on SmolLM2-135M); E4M3 is not offered: an embedding gradient
-    spans too many decades for it."""
+    norm, the reward head) travel in through its reduce-scatter; they are accumulated and arrive as
+    float32 either way. bf16 halves their bytes (the tied embedding is over half of O3's reduce-scatter
+    bytes on SmolLM2-135M); E4M3 is not offered: an embedding gradient spans too many decades for it."""
 
     @property
     def fp8(self) -> bool:

@@ -94,10 +94,10 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     and, with ``fp8_embedding_gather=bf16|e4m3``, the embedding and LM head as bf16 or E4M3 with one
     current scale (core/fp8/fsdp.py); the gradients of the FSDP modules holding FP8 linears
     reduce-scattered as E4M3 with a shared scale per 128 values (``fp8_reduce_scatter``: e4m3, the
-    default, or fp32), the root module's in float32 or, with ``fp8_root_reduce_scatter=bf16``, bf16
-    (`root_reduce_dtype`, which the sharder passes to FSDP2)."""
+    default, or fp32), the root module's in float32 or, with ``fp8_root_reduce_scatter=bf16``, as bf16
+    on the wire (`BF16ReduceScatter`; they are accumulated and arrive as float32)."""
     from .core.fp8.fp16_master import keep_fp16_master_embeddings
-    from .core.fp8.fsdp import gather_embeddings_in
+    from .core.fp8.fsdp import BF16ReduceScatter, gather_embeddings_in
     from .core.fp8.training_linear import (
         FP8TrainingLinear,
         convert_to_fp8_training,
@@ -129,23 +129,13 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     model = shard(model)
     if o3 and cfg.fp8_reduce_scatter == "e4m3":
         log.info("gradients reduce-scattered in E4M3 for: %s", ", ".join(reduce_scatter_in_fp8(model)) or "nothing")
+    if o3 and cfg.fp8_root_reduce_scatter == "bf16":
+        model.set_custom_reduce_scatter(BF16ReduceScatter())  # the root: embedding, LM head, norm, reward head
+        log.info("the root module's gradients reduce-scattered in bf16")
     optimizer = optimizer_factory(model)
     if o2 or o3:  # FP8 linears' FP16 masters are updated in place; every other parameter is its own fp32 master
         optimizer = fp8_adamw_like(optimizer, "fp32", fused=fuse)
     return PrecisionPlan(model, optimizer, contextlib.nullcontext, cfg.mode, fp8=report)
-
-
-def root_reduce_dtype(cfg: PrecisionConfig) -> torch.dtype | None:
-    """The dtype FSDP2 reduce-scatters the root module's gradients in (its `MixedPrecisionPolicy`
-    ``reduce_dtype``): bf16 under fp8-o3 with ``fp8_root_reduce_scatter=bf16``, else None (the
-    parameters' float32). The decoder layers' reduce-scatter is `reduce_scatter_in_fp8`'s.
-
-    >>> root_reduce_dtype(PrecisionConfig(mode="fp8-o3", fp8_root_reduce_scatter="bf16"))
-    torch.bfloat16
-    """
-    if cfg.mode == "fp8-o3" and cfg.fp8_root_reduce_scatter == "bf16":
-        return torch.bfloat16
-    return None
 
 
 def fp8_fused(cfg: PrecisionConfig, device: torch.device) -> bool:

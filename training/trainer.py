@@ -88,7 +88,7 @@ from .data import (
     write_jsonl,
 )
 from .evaluate import reward_stats, score_pairs
-from .precision import apply_precision, root_reduce_dtype
+from .precision import apply_precision
 from .presets import parse_args
 
 log = logging.getLogger(__name__)
@@ -205,12 +205,11 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 
 
 def build_sharder(info: DistInfo, cfg: TrainConfig) -> Callable[[nn.Module], nn.Module]:
-    """FSDP2 (`fully_shard`) per decoder layer and at the root when several processes run (the root's
-    gradients reduced in `root_reduce_dtype`)."""
+    """FSDP2 (`fully_shard`) per decoder layer and at the root when several processes run."""
     if not info.distributed or not cfg.dist.fsdp:
         return lambda module: module
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     # FSDP2 warns when a module returns a view; the losses never modify model outputs in place.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -220,7 +219,7 @@ def build_sharder(info: DistInfo, cfg: TrainConfig) -> Callable[[nn.Module], nn.
         lm = module.lm
         for layer in decoder_layers(lm):
             fully_shard(layer, mesh=mesh)
-        fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=root_reduce_dtype(cfg.precision)))
+        fully_shard(module, mesh=mesh)
         return module
 
     return shard

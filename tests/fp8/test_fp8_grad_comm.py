@@ -159,11 +159,12 @@ def test_two_process_fp8_reduce_scatter_matches_fp32_per_block(tmp_path):
             assert not torch.equal(a, b), "the FP8 reduce-scatter was not used"
 
 
-def test_fp8_reduce_scatter_refuses_a_divide_factor():
-    from grmserve.training.core.fp8.fsdp import FP8ReduceScatter
+@pytest.mark.parametrize("comm", ["FP8ReduceScatter", "BF16ReduceScatter"])
+def test_narrow_reduce_scatters_refuse_a_divide_factor(comm):
+    from grmserve.training.core.fp8 import fsdp
 
     with pytest.raises(ValueError, match="divide factor"):
-        FP8ReduceScatter()(torch.empty(4), torch.zeros(8), group=None, op=dist.ReduceOp.PREMUL_SUM(0.5))
+        getattr(fsdp, comm)()(torch.empty(4), torch.zeros(8), group=None, op=dist.ReduceOp.PREMUL_SUM(0.5))
 
 
 def _max_worker(rank: int, port: int, out_dir: str) -> None:

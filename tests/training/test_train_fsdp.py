@@ -229,8 +229,9 @@ def test_two_process_fp8_o3_resumes_exactly_after_sigkill(tmp_path, sigkill_afte
 
 
 def _root_reduce_worker(rank: int, out_dir: str, root_dtype: str) -> None:
-    """One backward of the tiny GRM under the trainer's fp8-o3 sharding; saves the dtypes FSDP2's own
-    reduce-scatters took and this rank's shard of the embedding gradient."""
+    """Two micro-batches of the tiny GRM under the trainer's fp8-o3 sharding, the gradients synchronised
+    after the second only (as with optim.grad_accum 2); saves the dtypes of the reduce-scatters that
+    went through `dist.reduce_scatter_single` and this rank's shard of the embedding gradient."""
     import torch.distributed as dist
 
     from grmserve.training.components import adamw_factory
@@ -252,9 +253,12 @@ def _root_reduce_worker(rank: int, out_dir: str, root_dtype: str) -> None:
             return scatter(*args, **kwargs)
 
         dist.reduce_scatter_single = spy
-        ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(rank))
-        out = plan.model(ids, torch.ones_like(ids), response_mask=torch.ones_like(ids))
-        (out.rewards.square().sum() - out.logps.mean()).backward()
+        gen = torch.Generator().manual_seed(rank)
+        for micro in range(2):
+            plan.model.set_requires_gradient_sync(micro == 1)
+            ids = torch.randint(5, 60, (2, 12), generator=gen)
+            out = plan.model(ids, torch.ones_like(ids), response_mask=torch.ones_like(ids))
+            (out.rewards.square().sum() - out.logps.mean()).backward()
         grad = plan.model.lm.get_input_embeddings().weight.grad
         torch.save({"dtypes": dtypes, "grad": grad.to_local(), "grad_dtype": str(grad.dtype)},
                    f"{out_dir}/{root_dtype}-rank{rank}.pt")
@@ -264,9 +268,9 @@ def _root_reduce_worker(rank: int, out_dir: str, root_dtype: str) -> None:
 
 def test_fp8_o3_reduces_the_root_gradients_in_bf16_when_asked(tmp_path):
     """--precision.fp8_root_reduce_scatter bf16: the root module's gradients (tied embedding, final
-    norm, reward head) go through FSDP2's reduce-scatter in bf16 and arrive as float32, within bf16
-    rounding of the float32 reduce-scatter; the decoder layers still go through the E4M3 one (not
-    FSDP2's)."""
+    norm, reward head), accumulated over the micro-batches in float32, travel as bf16 once
+    (`BF16ReduceScatter`) and arrive as float32, within bf16 rounding of the float32 reduce-scatter; the
+    decoder layers still go through the E4M3 one (an all-to-all, not a reduce-scatter call)."""
     import torch.multiprocessing as mp
 
     for root_dtype in ("fp32", "bf16"):
