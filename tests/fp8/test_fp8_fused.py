@@ -31,6 +31,7 @@ def test_saturate_gives_the_same_bytes_eager_and_compiled(dtype):
     eager = saturate(y, fmax).to(dtype)
     assert torch.equal(_bits(compiled(y)), _bits(eager))
     assert torch.isnan(eager[:3].float()).all() and eager[3:6].float().tolist() == [-0.0, fmax, -fmax]
+    assert torch.signbit(eager[3].float())  # -0.0 keeps its sign
 
 
 @pytest.mark.parametrize("fmt,zero_nonfinite", [("e4m3", False), ("e5m2", True)])

@@ -143,7 +143,7 @@ def test_scaled_mm_function_with_a_bias_runs_with_a_16_bit_output_and_refuses_fl
     scale_row = fp8.weight_scale.reshape(1, -1).contiguous()
     y = fp8_linear_scaled_mm(torch.randn(3, 256), fp8.weight, scale_row, fp8.bias)
     assert y.shape == (3, 128) and torch.isfinite(y).all()
-    with pytest.raises(ValueError, match="bias must be bf16 or fp16 with a 16-bit output"):
+    with pytest.raises(ValueError, match="bias must be bf16 or fp16 with N=128 elements and an output of its dtype"):
         fp8_linear_scaled_mm(torch.randn(3, 256), fp8.weight, scale_row, fp8.bias, compute_dtype=torch.float32)
 
 
@@ -169,10 +169,11 @@ def _cuda_call(a_dtype=E4, b_dtype=E4, m=32, k=64, n=48, scales="tensor", b_row_
     (dict(scales="block"), "scales must be one element each"),
     (dict(scales="row-strided"), "row-wise scales must be contiguous"),
     (dict(scales="row", b_dtype=E5), "takes b as E4M3 only"),
-    (dict(out=torch.float8_e4m3fn), "output must be bf16, fp16 or fp32"),
+    (dict(out=torch.float8_e4m3fn, scales="row"), "output must be bf16, fp16 or fp32,"),
 ])
 def test_cuda_scaled_mm_rules_refuse_what_the_cuda_kernels_refuse(change, error):
-    """The CPU kernel runs every one of these; CUDA's refuses them, so the check stands in for it here."""
+    """CUDA's kernels refuse each of these; the CPU kernel runs some of them (E5M2 x E5M2, a row-major
+    b, E5M2 as a row-wise b, an FP8 row-wise output), so the check stands in for CUDA here."""
     a, b, sa, sb, out = _cuda_call(**change)
     with pytest.raises(ValueError, match=error):
         check_cuda_scaled_mm(a, b, sa, sb, out_dtype=out)
@@ -181,7 +182,7 @@ def test_cuda_scaled_mm_rules_refuse_what_the_cuda_kernels_refuse(change, error)
 
 
 @pytest.mark.parametrize("change", [dict(), dict(scales="row"), dict(a_dtype=E5), dict(a_dtype=E5, scales="row"),
-                                    dict(b_dtype=E5), dict(out=torch.bfloat16)])
+                                    dict(b_dtype=E5), dict(out=torch.bfloat16), dict(out=torch.float8_e4m3fn)])
 def test_cuda_scaled_mm_rules_accept_the_layouts_the_fp8_paths_use(change):
     a, b, sa, sb, out = _cuda_call(**change)
     check_cuda_scaled_mm(a, b, sa, sb, out_dtype=out)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,19 +51,21 @@ def sigkill_after_first_checkpoint():
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd = [*launcher, "-m", "grmserve.training.trainer", "--run_dir", str(run_dir), *args]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads while the run writes
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
             deadline = time.monotonic() + timeout
             while latest_checkpoint(run_dir / "checkpoints") is None:
                 if proc.poll() is not None:
+                    log.seek(0)
                     pytest.fail(f"grm-train exited ({proc.returncode}) before its first checkpoint: "
-                                f"{proc.stderr.read()[-2000:]}")
+                                f"{log.read()[-2000:]}")
                 assert time.monotonic() < deadline, f"no checkpoint within {timeout:g} s"
                 time.sleep(0.02)
         finally:
             kill_process_tree(proc.pid)  # torchrun starts each worker in a session of its own
             proc.wait(timeout=30)
-            proc.stderr.close()
+            log.close()
         killed_at = latest_checkpoint(run_dir / "checkpoints")
         if killed_at.name == f"step-{final_step:07d}":
             pytest.skip("the run finished before it could be killed")

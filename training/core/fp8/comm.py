@@ -60,7 +60,8 @@ def all_reduce_max_(amax: torch.Tensor, group: Any = None) -> torch.Tensor:
     """All-reduce `amax` in place with MAX when torch.distributed is initialised (else a no-op), a NaN
     entering as +inf: how MAX treats a NaN is the backend's choice (CUDA's fmaxf, which NCCL's MAX
     can use, returns the other operand and would drop it), while +inf wins everywhere. A non-finite
-    amax thus reaches every rank, and non-finite amaxes are handled alike (NaN scales) downstream.
+    amax thus reaches every rank; downstream NaN and inf amaxes are handled alike (NaN shared scales; a
+    scaling state keeps its last good scale and counts the step).
 
         >>> all_reduce_max_(torch.tensor([1.0, float("nan")])).tolist()   # without torch.distributed
         [1.0, inf]

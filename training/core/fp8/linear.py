@@ -142,11 +142,13 @@ def check_cuda_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor
     would refuse ``a @ b`` (a: (M, K), b: (K, N)) with these scales. The rules, from torch's
     ScaledBlas.cpp and RowwiseScaledMM.cu:
 
-    - operands float8, not both E5M2; `a` row-major and `b` column-major; K and N multiples of 16;
+    - operands float8, not both E5M2; `a` row-major and `b` column-major (what sm89/sm90 cuBLASLt takes;
+      Blackwell takes any layout); K and N multiples of 16;
     - scales float32, either both one element (tensor-wise) or (M, 1) and (1, N), contiguous (row-wise);
       row-wise runs CUTLASS where cuBLAS is older than 12.9, which takes E4M3 or E5M2 as `a` and only
       E4M3 as `b`, so `b` must be E4M3 for row-wise scales;
-    - output bf16, fp16 or fp32; a bias is bf16 or fp16 and only with a 16-bit output.
+    - output bf16, fp16 or fp32 (tensor-wise also float8); a bias has N elements, is bf16 or fp16, and
+      comes with an output of its own dtype.
 
         >>> a, b = torch.zeros(32, 64, dtype=torch.float8_e5m2), torch.zeros(16, 64, dtype=torch.float8_e5m2)
         >>> check_cuda_scaled_mm(a, b.t(), torch.ones(()), torch.ones(()), out_dtype=torch.float32)
@@ -176,10 +178,12 @@ def check_cuda_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor
         refuse("row-wise scales must be contiguous")
     if rowwise and b.dtype != torch.float8_e4m3fn:
         refuse(f"row-wise scaling (CUTLASS) takes b as E4M3 only, got {b.dtype}; pass the E5M2 operand as a")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        refuse(f"output must be bf16, fp16 or fp32, got {out_dtype}")
-    if bias is not None and (out_dtype == torch.float32 or bias.dtype not in (torch.bfloat16, torch.float16)):
-        refuse(f"a bias must be bf16 or fp16 with a 16-bit output, got a {bias.dtype} bias and {out_dtype} output")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32, *([] if rowwise else FP8_DTYPES)):
+        refuse(f"output must be bf16, fp16 or fp32{'' if rowwise else ' or float8'}, got {out_dtype}")
+    if bias is not None and (bias.dtype not in (torch.bfloat16, torch.float16) or bias.dtype != out_dtype
+                             or bias.numel() != n):
+        refuse(f"a bias must be bf16 or fp16 with N={n} elements and an output of its dtype, got a "
+               f"{bias.dtype} bias of {bias.numel()} and a {out_dtype} output")
 
 
 def quantize_activations_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
