@@ -127,9 +127,10 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
             wrapped = gather_embeddings_in(model, cfg.fp8_embedding_gather)
             log.info("all-gathered in %s: %s", cfg.fp8_embedding_gather, ", ".join(wrapped) or "nothing")
     model = shard(model)
-    if o3 and cfg.fp8_reduce_scatter == "e4m3":
-        log.info("gradients reduce-scattered in E4M3 for: %s", ", ".join(reduce_scatter_in_fp8(model)) or "nothing")
-    if o3 and cfg.fp8_root_reduce_scatter == "bf16":
+    in_e4m3 = reduce_scatter_in_fp8(model) if o3 and cfg.fp8_reduce_scatter == "e4m3" else []
+    if in_e4m3:
+        log.info("gradients reduce-scattered in E4M3 for: %s", ", ".join(name or "the root" for name in in_e4m3))
+    if o3 and cfg.fp8_root_reduce_scatter == "bf16" and "" not in in_e4m3:  # a root holding FP8 linears: E4M3
         model.set_custom_reduce_scatter(BF16ReduceScatter())  # the root: embedding, LM head, norm, reward head
         log.info("the root module's gradients reduce-scattered in bf16")
     optimizer = optimizer_factory(model)

@@ -267,7 +267,23 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t._hp if isinstance(t, _AllGatherWrapper) else t
 
 
-class FP8ReduceScatter:
+class _NarrowReduceScatter:
+    """What the narrow reduce-scatters share: FSDP2's ``ReduceScatter`` interface (``allocate``, then the
+    call) and the ops a sum of rounded gradients serves (SUM and AVG; a divide factor is refused)."""
+
+    label = ""
+    option = ""  # the precision setting that installs it, for the error
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def _check_op(self, op) -> None:
+        if op not in (dist.ReduceOp.AVG, dist.ReduceOp.SUM):
+            raise ValueError(f"the {self.label} reduce-scatter sums or averages gradients; FSDP2 asked for {op} "
+                             f"(a gradient divide factor is not supported with {self.option})")
+
+
+class FP8ReduceScatter(_NarrowReduceScatter):
     """FSDP2's gradient reduce-scatter with E4M3 bytes on the wire (the ``ReduceScatter`` interface
     of ``FSDPModule.set_custom_reduce_scatter``: ``allocate`` and the call); see the module docstring.
 
@@ -278,14 +294,10 @@ class FP8ReduceScatter:
     finiteness check skips the step on every process."""
 
     block = 128
-
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
+    label, option = "FP8", "precision.fp8_reduce_scatter e4m3"
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
-        if op not in (dist.ReduceOp.AVG, dist.ReduceOp.SUM):
-            raise ValueError(f"the FP8 reduce-scatter sums or averages gradients; FSDP2 asked for {op} "
-                             "(a gradient divide factor is not supported with precision.fp8_reduce_scatter e4m3)")
+        self._check_op(op)
         world = dist.get_world_size(group)
         blocks = input_tensor.view(world, -1)  # (W, S): row r goes to rank r
         shard = blocks.size(1)
@@ -303,7 +315,7 @@ class FP8ReduceScatter:
         return None
 
 
-class BF16ReduceScatter:
+class BF16ReduceScatter(_NarrowReduceScatter):
     """FSDP2's gradient reduce-scatter with bf16 on the wire (the ``ReduceScatter`` interface of
     ``FSDPModule.set_custom_reduce_scatter``), for the root module under O3
     (``fp8_root_reduce_scatter bf16``): FSDP2's float32 buffer is cast to bf16, reduce-scattered
@@ -312,13 +324,10 @@ class BF16ReduceScatter:
     ``MixedPrecisionPolicy(reduce_dtype=bf16)`` would also accumulate the gradients of unsynchronised
     micro-batches (``grad_accum`` > 1) in bf16, one more rounding per micro-batch."""
 
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
+    label, option = "bf16", "precision.fp8_root_reduce_scatter bf16"
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
-        if op not in (dist.ReduceOp.AVG, dist.ReduceOp.SUM):
-            raise ValueError(f"the bf16 reduce-scatter sums or averages gradients; FSDP2 asked for {op} (a "
-                             "gradient divide factor is not supported with precision.fp8_root_reduce_scatter bf16)")
+        self._check_op(op)
         summed = torch.empty(output_tensor.shape, dtype=torch.bfloat16, device=output_tensor.device)
         dist.reduce_scatter_single(summed, input_tensor.to(torch.bfloat16), op=dist.ReduceOp.SUM, group=group)
         mine = summed.float()
