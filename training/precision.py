@@ -54,6 +54,12 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
 
 
+O3_ONLY = {"fp8_embedding_gather": "all-gathers the embedding",
+           "fp8_root_reduce_scatter": "reduce-scatters the root module's gradients"}
+"""Options that only fp8-o3 reads (FSDP2's collectives), what each sets; another value than fp32 under
+another mode is refused."""
+
+
 def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
                     cfg: PrecisionConfig, *, device: torch.device,
                     shard: Callable[[nn.Module], nn.Module] = lambda m: m) -> PrecisionPlan:
@@ -65,12 +71,10 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels (`_apply_fp8`; o3 needs `shard` to be FSDP2).
     """
     cfg = dataclasses.replace(cfg, mode=resolve_mode(cfg.mode, device))
-    if cfg.fp8_embedding_gather != "fp32" and cfg.mode != "fp8-o3":
-        raise ValueError(f"precision.fp8_embedding_gather={cfg.fp8_embedding_gather} sets how fp8-o3 all-gathers "
-                         f"the embedding; precision.mode is {cfg.mode}")
-    if cfg.fp8_root_reduce_scatter != "fp32" and cfg.mode != "fp8-o3":
-        raise ValueError(f"precision.fp8_root_reduce_scatter={cfg.fp8_root_reduce_scatter} sets how fp8-o3 "
-                         f"reduce-scatters the root module's gradients; precision.mode is {cfg.mode}")
+    for name, what in O3_ONLY.items():
+        if getattr(cfg, name) != "fp32" and cfg.mode != "fp8-o3":
+            raise ValueError(f"precision.{name}={getattr(cfg, name)} sets how fp8-o3 {what}; precision.mode is "
+                             f"{cfg.mode}")
     if cfg.fp8:
         return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
     model = shard(model.to(device=device, dtype=torch.float32))

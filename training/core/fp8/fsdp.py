@@ -79,7 +79,7 @@ def reduce_scatter_bytes() -> dict[str, int]:
     ``e4m3_gradients``, the all-to-all's E4M3 input (W shards, each padded to whole blocks of 128; the
     own shard stays local, so (W-1)/W of it goes on the wire, as for FSDP2's float32 reduce-scatter
     input) and ``block_amax``, the all-reduced amaxes (4 bytes per block). Other modules' gradients
-    are reduce-scattered in float32."""
+    are reduce-scattered in float32, or the root's in bf16 (`BF16ReduceScatter`)."""
     return dict(_REDUCED)
 
 
