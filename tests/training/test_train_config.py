@@ -12,7 +12,7 @@ from grmserve.training import config as config_module
 from grmserve.training import presets
 from grmserve.training.components import lr_multiplier
 from grmserve.training.config import PrecisionConfig, TrainConfig
-from grmserve.training.core.configtools import from_dict, to_dict
+from grmserve.training.core.configtools import USER_ERROR, from_dict, to_dict
 from grmserve.training.evaluate import main as eval_main
 from grmserve.training.precision import apply_precision
 from grmserve.training.presets import build_parser, parse_config
@@ -126,6 +126,17 @@ def test_precision_modes_resolve_in_one_place():
     with pytest.raises(ValueError, match="fp8_root_reduce_scatter=bf16 sets how fp8-o3"):
         apply_precision(torch.nn.Linear(16, 16), factory, PrecisionConfig(mode="bf16", fp8_root_reduce_scatter="bf16"),
                         device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9),
+                    reason="this GPU runs torch._scaled_mm, so the backend is available")
+def test_an_unavailable_fp8_backend_is_a_one_line_error(tmp_path, capsys):
+    code = train_main(["--preset", "tiny", "--run_dir", str(tmp_path / "run"), "--precision.mode", "fp8-o2",
+                       "--precision.fp8_backend", "scaled_mm"])
+    err = capsys.readouterr().err
+    assert code == USER_ERROR and "Traceback" not in err
+    assert "grm-train: FP8 backend 'scaled_mm'" in err and "compute capability >= 8.9" in err and "'emulated'" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_fp8_o3_in_one_process_names_torchrun(tmp_path):

@@ -53,8 +53,9 @@ GRANULARITIES = ("tensor", "channel", "block")
 MIN_SCALED_MM_CAPABILITY = (8, 9)
 
 
-class FP8BackendError(RuntimeError):
-    """The requested FP8 backend cannot run on this device; the message names the fix."""
+class FP8BackendError(ValueError):
+    """The requested FP8 backend cannot run on this device; the message names the fix. A `ValueError`:
+    a configuration to change, which the CLIs report in one line (`configtools.fail`)."""
 
 
 def select_backend(device: torch.device | str | None = None, requested: str = "auto", *,
@@ -86,8 +87,8 @@ def select_backend(device: torch.device | str | None = None, requested: str = "a
             where = f"the device is {device}"
         raise FP8BackendError(
             f"FP8 backend 'scaled_mm' (torch._scaled_mm) needs a CUDA GPU with compute capability >= 8.9 "
-            f"(Ada/Hopper or newer), but {where}. Use the 'emulated' backend instead (FP8 weights, bf16 "
-            "compute), or leave the backend on 'auto'")
+            f"(Ada/Hopper or newer), but {where}. Use the 'emulated' backend instead (FP8 rounding, the "
+            "matmul in a float dtype), or leave the backend on 'auto'")
     return requested
 
 
