@@ -37,6 +37,8 @@ import logging
 import math
 import random
 import shutil
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -363,31 +365,25 @@ class Trainer:
         last: dict[str, Any] = {"step": self.step}
         stop = min(self.total_steps, cfg.stop_at_step or self.total_steps)
         t0 = time.perf_counter()
-        while self.step < stop:
-            # 1. this step's micro-batches, a pure function of the step (exact resume)
-            batches = self.micro_batches(self.step)
-            # 2. forward + backward per micro-batch, clip, optimizer and schedule step
-            stats = self.train_step(batches)
-            self.step += 1
-            bar.update(1)
-            # 3. log
-            if self.step % cfg.log.every == 0 or self.step == stop:
-                elapsed = time.perf_counter() - t0
-                last = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
-                        "time_s": round(elapsed, 3)}
-                if cfg.precision.mode == "fp8-o3":  # this process's E4M3 payloads since it started (not the run)
-                    sent, reduced = all_gather_bytes(), reduce_scatter_bytes()
-                    last["fp8_all_gather_mib"] = round((sent["fp8_linears"] + sent["e4m3_embeddings"]) / 2**20, 3)
-                    last["fp8_reduce_scatter_mib"] = round(reduced["e4m3_gradients"] / 2**20, 3)
-                self.metrics.write(last)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
-            # 4. evaluate
-            if self.eval_data is not None and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < stop:
-                self.metrics.write(self.evaluate())
-            # 5. checkpoint
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
-                self.save_checkpoint()
-        bar.close()
+        with bar:  # closed on Ctrl-C too, so what follows starts on a line of its own
+            while self.step < stop:
+                # 1. this step's micro-batches, a pure function of the step (exact resume)
+                batches = self.micro_batches(self.step)
+                # 2. forward + backward per micro-batch, clip, optimizer and schedule step
+                stats = self.train_step(batches)
+                self.step += 1
+                bar.update(1)
+                # 3. log
+                if self.step % cfg.log.every == 0 or self.step == stop:
+                    last = self.log_step(stats, time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+                # 4. evaluate
+                if self.eval_data is not None and cfg.eval.every and self.step % cfg.eval.every == 0 \
+                        and self.step < stop:
+                    self.metrics.write(self.evaluate())
+                # 5. checkpoint
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
+                    self.save_checkpoint()
         # 6. the end (or an early stop): final evaluation and checkpoint
         if self.eval_data is not None and self.step == self.total_steps:
             evaluation = self.evaluate()
@@ -396,6 +392,18 @@ class Trainer:
         if (cfg.checkpoint.final or self.step < self.total_steps) and self.saved_step != self.step:
             self.save_checkpoint()
         return last
+
+    def log_step(self, stats: dict[str, Any], elapsed: float) -> dict[str, Any]:
+        """Write this step's line of metrics.jsonl (the step's statistics, and under fp8-o3 this
+        process's E4M3 payloads since it started, not the run's); returns it."""
+        line = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **stats,
+                "time_s": round(elapsed, 3)}
+        if self.cfg.precision.mode == "fp8-o3":
+            sent, reduced = all_gather_bytes(), reduce_scatter_bytes()
+            line["fp8_all_gather_mib"] = round((sent["fp8_linears"] + sent["e4m3_embeddings"]) / 2**20, 3)
+            line["fp8_reduce_scatter_mib"] = round(reduced["e4m3_gradients"] / 2**20, 3)
+        self.metrics.write(line)
+        return line
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -716,9 +724,26 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.fit()
         if trainer.info.is_main:
             print(json.dumps(result))
+    except KeyboardInterrupt:  # Ctrl-C: say where the run stands and how to go on, not a traceback
+        if trainer.info.is_main:
+            print(f"grm-train: {interrupted_note(trainer)}", file=sys.stderr)
+        return INTERRUPTED
     finally:
         trainer.close()
     return 0
+
+
+INTERRUPTED = 128 + signal.SIGINT
+"""grm-train's exit status after Ctrl-C, as a shell reports a process that SIGINT ended."""
+
+
+def interrupted_note(trainer: Trainer) -> str:
+    """One line after Ctrl-C: the step reached, the newest checkpoint and how to resume from it (a
+    checkpoint being written when the interrupt came is never left half-written: it is staged)."""
+    if trainer.saved_step is None:
+        return f"interrupted at step {trainer.step}; no checkpoint saved yet, so a rerun starts again"
+    return (f"interrupted at step {trainer.step}; the newest checkpoint is step {trainer.saved_step} in "
+            f"{trainer.ckpt_dir}: rerun the same command with --resume to continue from it")
 
 
 if __name__ == "__main__":

@@ -100,3 +100,32 @@ def test_sigkilled_process_resumes_exactly(straight, tmp_path, sigkill_after_fir
     assert 0 < trainer.step < STEPS
     trainer.fit()
     _assert_same(latest_checkpoint(straight / "checkpoints"), latest_checkpoint(run / "checkpoints"))
+
+
+def test_ctrl_c_names_the_newest_checkpoint_and_resumes_from_it(straight, tmp_path, capsys, monkeypatch):
+    from grmserve.training.components import TrainStep
+    from grmserve.training.trainer import INTERRUPTED
+    from grmserve.training.trainer import main as train_main
+
+    real_step, done = TrainStep.__call__, []
+
+    def ctrl_c_at_the_fourth_step(self, batches):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real_step(self, batches)
+
+    monkeypatch.setattr(TrainStep, "__call__", ctrl_c_at_the_fourth_step)
+    run = tmp_path / "interrupted"
+    args = ["--preset", "tiny", "--run_dir", str(run), "--data.synthetic", "16", "--optim.batch_size", "4",
+            "--optim.grad_accum", "2", "--optim.max_steps", str(STEPS), "--optim.warmup_steps", "1",
+            "--eval.every", "2", "--checkpoint.every", "2", "--log.progress", "false"]
+    assert train_main(args) == INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"grm-train: interrupted at step 3; the newest checkpoint is step 2 in {run / 'checkpoints'}" in err
+    assert "rerun the same command with --resume" in err
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-0000002"]
+    monkeypatch.undo()
+    assert train_main([*args, "--resume"]) == 0
+    _assert_same(latest_checkpoint(straight / "checkpoints"), latest_checkpoint(run / "checkpoints"))
