@@ -149,9 +149,11 @@ def _build(mode: str, args):
     cfg.precision.mode = mode.removesuffix("-fp16").removesuffix("-bf16").removesuffix("-e4m3")
     cfg.precision.fp8_embedding_gather = mode.removeprefix("fp8-o3-") if mode.startswith("fp8-o3-") else "fp32"
     cfg.precision.fp8_master = "fp16" if mode.endswith("-fp16") else "fp32"
-    cfg.precision.fp8_reduce_scatter = args.o3_reduce_scatter
-    cfg.precision.fp8_root_reduce_scatter = args.o3_root_reduce_scatter
-    cfg.precision.fp8_fuse = args.fp8_fuse
+    if mode.startswith("fp8-o3"):  # options a mode does not read are refused (precision.MODE_OPTIONS)
+        cfg.precision.fp8_reduce_scatter = args.o3_reduce_scatter
+        cfg.precision.fp8_root_reduce_scatter = args.o3_root_reduce_scatter
+    if mode.startswith("fp8"):
+        cfg.precision.fp8_fuse = args.fp8_fuse
     cfg.loss.regulariser = "sft"
     cfg.optim.lr, cfg.optim.warmup_steps = 1e-5, 0
     lm, vocab, pad_id = _backbone(args.random_init, args.narrow)

@@ -193,7 +193,12 @@ def compute_loss(model: nn.Module, batch: PairBatch, cfg: TrainConfig,
 class TrainStep:
     """One optimizer step: forward + backward per micro-batch (loss scaled by 1/count, under
     `autocast`), gradient clipping, optimizer step, schedule step. Returns the micro-batches' mean
-    stats plus `lr` (the first parameter group's) and `grad_norm`.
+    stats plus `lr` (the first parameter group's), `grad_norm` and `skipped_steps`.
+
+    A step whose gradient norm is inf or NaN (an overflow, say in an FP8 or bf16 run) is skipped: the
+    optimizer does not step, so nothing non-finite reaches the weights or the optimizer state; the
+    gradients are dropped, the schedule moves on, and `skipped_steps` counts it (the trainer checkpoints
+    the count).
 
     Multi-process drivers pass `grad_sync(model, on)` (FSDP2: reduce-scatter only on the last
     micro-batch), `reduce_grads()` (plain data parallelism) and `reduce_stats(stats)` (mean over
@@ -208,6 +213,7 @@ class TrainStep:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.grad_clip, self.autocast = loss_fn, grad_clip, autocast
         self.grad_sync, self.reduce_grads, self.reduce_stats = grad_sync, reduce_grads, reduce_stats
+        self.skipped_steps = 0
 
     def __call__(self, batches: list) -> dict[str, float]:
         self.model.train()
@@ -227,11 +233,15 @@ class TrainStep:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         sums["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = float(grad_norm)  # the same on every process (all-reduced gradients, or a full DTensor)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         stats = self.reduce_stats(sums) if self.reduce_stats is not None else sums
-        stats["grad_norm"] = float(grad_norm)
+        stats["grad_norm"], stats["skipped_steps"] = grad_norm, self.skipped_steps
         return stats
 
 

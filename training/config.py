@@ -156,8 +156,9 @@ class PrecisionConfig:
     """FP8 GEMMs: scaled_mm (torch._scaled_mm, CUDA sm89+), emulated (FP8 rounding, matmul in the
     machine's fast dtype), or auto (scaled_mm where it runs)."""
     fp8_master: MasterWeights = "fp32"
-    """fp8-o2/o3 master weights of the FP8 linear layers: fp32, or fp16 with a per-tensor scale stored in
-    the weight itself (FP8-LM's precision decoupling: 2 bytes per weight); other parameters stay fp32."""
+    """fp8-o2 master weights of the FP8 linear layers: fp32, or fp16 with a per-tensor scale stored in the
+    weight itself (FP8-LM's precision decoupling: 2 bytes per weight); other parameters stay fp32. fp8-o3
+    takes fp32 only (it all-gathers FP8 weights from fp32 master shards)."""
     fp8_fuse: Literal["auto", "on", "off"] = "auto"
     """Run the FP8 quantise passes and FP8AdamW's update through torch.compile (a few fused
     kernels in place of dozens of small ops; the same numbers, up to float32 summation order in the
@@ -269,4 +270,9 @@ class TrainConfig:
             raise ValueError(f"precision.mode={self.precision.mode} trains the linear layers' own weights in FP8; "
                              "LoRA adapters are not supported with it: use --model.lora.enabled false or "
                              "--precision.mode bf16")
+        if self.precision.fp8 and self.model.gradient_checkpointing:
+            raise ValueError(f"precision.mode={self.precision.mode} records each FP8 layer's scaling state per "
+                             "forward, and gradient checkpointing runs every forward twice (the second in the "
+                             "backward, with the state the first moved on): pass --model.gradient_checkpointing "
+                             "false (the smollm2 preset turns it on)")
         return self

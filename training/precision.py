@@ -54,10 +54,29 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
 
 
-O3_ONLY = {"fp8_embedding_gather": "all-gathers the embedding",
-           "fp8_root_reduce_scatter": "reduce-scatters the root module's gradients"}
-"""Options that only fp8-o3 reads (FSDP2's collectives), what each sets; another value than fp32 under
-another mode is refused."""
+FP8_MODES = ("fp8-o1", "fp8-o2", "fp8-o3")
+MODE_OPTIONS = {
+    "fp8_recipe": (FP8_MODES, "the FP8 scaling recipe"),
+    "fp8_backend": (FP8_MODES, "the FP8 GEMM backend"),
+    "fp8_fuse": (FP8_MODES, "whether the FP8 passes are compiled"),
+    "fp8_master": (("fp8-o2",), "the FP8 linears' master weights (fp8-o3 all-gathers from fp32 masters)"),
+    "fp8_embedding_gather": (("fp8-o3",), "how fp8-o3 all-gathers the embedding"),
+    "fp8_reduce_scatter": (("fp8-o3",), "how fp8-o3 reduce-scatters the decoder layers' gradients"),
+    "fp8_root_reduce_scatter": (("fp8-o3",), "how fp8-o3 reduce-scatters the root module's gradients"),
+}
+"""The precision options each mode reads, and what each sets: another value than the default under a
+mode that does not read it is refused (`check_mode_options`), not silently ignored."""
+
+
+def check_mode_options(cfg: PrecisionConfig) -> None:
+    """Refuse a precision option set away from its default under a mode (resolved) that ignores it, for
+    example ``fp8_master=fp16`` under fp8-o1, whose weights would silently stay float32."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PrecisionConfig)}
+    for name, (modes, what) in MODE_OPTIONS.items():
+        value = getattr(cfg, name)
+        if value != defaults[name] and cfg.mode not in modes:
+            raise ValueError(f"precision.{name}={value} sets {what}, which precision.mode={cfg.mode} does not use "
+                             f"(only {', '.join(modes)}): drop it or pass --precision.{name} {defaults[name]}")
 
 
 def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
@@ -71,10 +90,7 @@ def apply_precision(model: nn.Module, optimizer_factory: Callable[[nn.Module], t
     - fp8-o1 / fp8-o2 / fp8-o3: FP8-LM levels (`_apply_fp8`; o3 needs `shard` to be FSDP2).
     """
     cfg = dataclasses.replace(cfg, mode=resolve_mode(cfg.mode, device))
-    for name, what in O3_ONLY.items():
-        if getattr(cfg, name) != "fp32" and cfg.mode != "fp8-o3":
-            raise ValueError(f"precision.{name}={getattr(cfg, name)} sets how fp8-o3 {what}; precision.mode is "
-                             f"{cfg.mode}")
+    check_mode_options(cfg)
     if cfg.fp8:
         return _apply_fp8(model, optimizer_factory, cfg, device=device, shard=shard)
     model = shard(model.to(device=device, dtype=torch.float32))
@@ -110,14 +126,16 @@ def _apply_fp8(model, optimizer_factory, cfg: PrecisionConfig, *, device, shard)
     )
 
     o2, o3 = cfg.mode == "fp8-o2", cfg.mode == "fp8-o3"
-    if o3 and cfg.fp8_master != "fp32":
-        raise ValueError("precision.mode=fp8-o3 all-gathers FP8 weights from fp32 master shards; pass "
-                         "--precision.fp8_master fp32 (the FP16 master is an fp8-o2 option)")
     model = model.to(device=device, dtype=torch.float32)
     fuse = fp8_fused(cfg, device)
     report = convert_to_fp8_training(model, cfg.fp8_recipe, cfg.fp8_backend,
                                      grad_storage="fp8" if o2 else "dequantized", fuse=fuse)
     log.info("%s", report.summary())
+    if not report.converted:  # refused now, not at the first checkpoint (which exports the FP8 linears)
+        reasons = sorted(set(report.skipped.values()))
+        raise ValueError(f"precision.mode={cfg.mode}: no linear layer of this model can compute in FP8 (kept in "
+                         f"high precision: {'; '.join(reasons[:3]) or 'the model has no linear layers'}); FP8 GEMMs "
+                         "need both dims to be multiples of 16. Use --precision.mode bf16 or fp32")
     if o2 and cfg.fp8_master == "fp16":
         for module in model.modules():
             if isinstance(module, FP8TrainingLinear):

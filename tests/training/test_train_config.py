@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import re
 
 import pytest
 import torch
@@ -126,6 +127,43 @@ def test_precision_modes_resolve_in_one_place():
     with pytest.raises(ValueError, match="fp8_root_reduce_scatter=bf16 sets how fp8-o3"):
         apply_precision(torch.nn.Linear(16, 16), factory, PrecisionConfig(mode="bf16", fp8_root_reduce_scatter="bf16"),
                         device=torch.device("cpu"))
+
+
+def test_precision_options_a_mode_does_not_read_are_refused():
+    factory = lambda m: torch.optim.AdamW(m.parameters(), lr=0.1)  # noqa: E731
+    cpu, linear = torch.device("cpu"), lambda: torch.nn.Sequential(torch.nn.Linear(16, 16))  # noqa: E731
+    refused = [(dict(mode="fp8-o1", fp8_master="fp16"), "fp8_master=fp16 sets the FP8 linears' master weights"),
+               (dict(mode="fp8-o3", fp8_master="fp16"), "pass --precision.fp8_master fp32"),
+               (dict(mode="bf16", fp8_recipe="block"), "fp8_recipe=block sets the FP8 scaling recipe, which "
+                                                       "precision.mode=bf16 does not use"),
+               (dict(mode="fp32", fp8_backend="scaled_mm"), "fp8_backend=scaled_mm sets the FP8 GEMM backend"),
+               (dict(mode="fp8-o2", fp8_reduce_scatter="fp32"), "(only fp8-o3): drop it or pass "
+                                                                "--precision.fp8_reduce_scatter e4m3")]
+    for options, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            apply_precision(linear(), factory, PrecisionConfig(**options), device=cpu)
+    plan = apply_precision(linear(), factory,
+                           PrecisionConfig(mode="fp8-o2", fp8_master="fp16", fp8_recipe="current", fp8_fuse="off"),
+                           device=cpu)
+    assert plan.fp8.converted == ["0"] and plan.model[0].weight.dtype == torch.float16
+
+
+def test_fp8_without_a_linear_it_can_convert_is_refused_before_training():
+    factory = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"no linear layer of this model can compute in FP8 \(kept in high "
+                                         r"precision: dims \(40, 40\) not multiples of 16\).*--precision.mode bf16"):
+        apply_precision(torch.nn.Sequential(torch.nn.Linear(40, 40)), factory, PrecisionConfig(mode="fp8-o2"),
+                        device=torch.device("cpu"))
+
+
+def test_fp8_with_gradient_checkpointing_is_refused():
+    cfg = presets.smollm2()
+    cfg.data.synthetic, cfg.precision.mode = 16, "fp8-o1"
+    with pytest.raises(ValueError, match="gradient checkpointing runs every forward twice.*"
+                                         "--model.gradient_checkpointing false"):
+        cfg.validate()
+    cfg.model.gradient_checkpointing = False
+    cfg.validate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9),
