@@ -143,3 +143,39 @@ def test_recipes_by_name_and_roles():
         FP8TrainingRecipe(warmup_steps=0)
     with pytest.raises(ValueError, match="warmup_steps >= 1"):
         ScalingState("e4m3", mode="delayed", warmup_steps=0)
+
+
+def test_block_recipe_eval_forward_leaves_the_scaling_state_alone():
+    """An evaluation forward of the `block` recipe quantises the same bytes as a training one but records
+    nothing; a training forward + backward records one step per role (the backward's second layouts of
+    the gradient and of the saved input are not steps of their own)."""
+    torch.manual_seed(0)
+    layer = FP8TrainingLinear(160, 48, recipe="block", compute_dtype=torch.float32)
+    layer(torch.randn(24, 160)).sum().backward()
+
+    def state():
+        return {role: st.state_dict() for role, st in zip(layer.states._fields, layer.states)}
+
+    def same(a, b):
+        return all(torch.equal(x, y) if torch.is_tensor(x) else x == y
+                   for role in a for x, y in zip(a[role].values(), b[role].values()))
+
+    x = torch.randn(24, 160) * 1000  # a large amax: it would enter the history if recorded
+    before = state()
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)
+    assert same(before, state()), "an evaluation forward must leave every role's state alone"
+    recorded = FP8TrainingLinear(160, 48, recipe="block", compute_dtype=torch.float32)
+    recorded.load_state_dict(layer.state_dict())
+    st = recorded.states.input
+    (q_rec, s_rec), (q_eval, s_eval) = st.quantize_tiles(x, 128), st.quantize_tiles(x, 128, record=False)
+    assert torch.equal(q_rec.view(torch.uint8), q_eval.view(torch.uint8)) and torch.equal(s_rec, s_eval)
+    assert torch.equal(recorded.train()(x).detach(), y_eval), "the same output as a recording forward"
+
+    layer.train()
+    layer(x).sum().backward()
+    after = state()
+    assert all(not same({r: before[r]}, {r: after[r]}) for r in before), "training changes every role"
+    assert {r: after[r]["steps"] - before[r]["steps"] for r in after} == dict.fromkeys(after, 1)
+    assert layer.scaling_stats()["input"]["elements"] == 2 * 24 * 160  # one forward's worth per step

@@ -293,10 +293,11 @@ class ScalingState:
     """Scaling state of one tensor role: amax history, last good scale, counters.
 
     `mode` is ``"delayed"`` (history window after `warmup_steps` of current scaling) or
-    ``"current"``. `quantize(x)` picks the scale, quantises, and records the step; `granularity`
-    ``"tile"`` / ``"block2d"`` quantises with current per-tile / per-block scales instead (`block`
-    recipe) and still counts. `zero_nonfinite=True` (backward roles) zeroes the whole quantised
-    tensor of a step whose amax is inf/NaN.
+    ``"current"``. `quantize(x)` picks the scale, quantises, and records the step; `quantize_tiles` /
+    `quantize_blocks` quantise with current per-tile / per-block scales instead (`block` recipe) and
+    record the step too (amax max, counters). With ``record=False`` none of them changes the state.
+    `zero_nonfinite=True` (backward roles) zeroes the whole quantised tensor of a step whose amax is
+    inf/NaN.
 
         >>> import torch
         >>> st = ScalingState("e5m2", mode="current", zero_nonfinite=True)
@@ -399,22 +400,29 @@ class ScalingState:
         self.amax_history, self.last_scale, self._counters = history, last_scale, counters
         self.steps += 1
 
-    def quantize_tiles(self, x2d: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, C) → e4m3/e5m2 (R, C) and dequant scales (R, ceil(C / tile)), current per 1×tile tile."""
+    def quantize_tiles(self, x2d: torch.Tensor, tile: int, *,
+                       record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, C) → e4m3/e5m2 (R, C) and dequant scales (R, ceil(C / tile)), current per 1×tile tile.
+        Records the step and counts; ``record=False`` (evaluation, or a second layout of a tensor
+        already recorded) gives the same bytes and leaves the state as it is."""
         amax = tile_amax(x2d, tile)  # (R, nb)
         scale = self.local_scales(amax)
         finite = torch.isfinite(amax).all()
-        q = self._quantize(x2d, expand_tiles(scale, tile, x2d.shape[1]), finite)
-        self._record(amax.max() if amax.numel() else amax.new_zeros(()), None, finite)
+        q = self._quantize(x2d, expand_tiles(scale, tile, x2d.shape[1]), finite, count=record)
+        if record:
+            self._record(amax.max() if amax.numel() else amax.new_zeros(()), None, finite)
         return q, 1.0 / scale
 
-    def quantize_blocks(self, w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, C) → FP8 (R, C) and dequant scales (ceil(R / block), ceil(C / block)), current per block."""
+    def quantize_blocks(self, w: torch.Tensor, block: int, *,
+                        record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, C) → FP8 (R, C) and dequant scales (ceil(R / block), ceil(C / block)), current per block.
+        ``record=False``: the same bytes, the state left as it is (as `quantize_tiles`)."""
         amax = block_amax(w, block)  # (nr, nc)
         scale = self.local_scales(amax)
         finite = torch.isfinite(amax).all()
-        q = self._quantize(w, expand_blocks(scale, block, *w.shape), finite)
-        self._record(amax.max(), None, finite)
+        q = self._quantize(w, expand_blocks(scale, block, *w.shape), finite, count=record)
+        if record:
+            self._record(amax.max(), None, finite)
         return q, 1.0 / scale
 
     def record_quantized(self, amax: torch.Tensor, scale_inv: torch.Tensor, counts: torch.Tensor | None = None) -> None:

@@ -193,9 +193,10 @@ def fp8_gemm(a: FP8Operand, b: FP8Operand, backend: str, compute_dtype: torch.dt
 
 def quantize_input(states: RoleStates, recipe: FP8TrainingRecipe, x2d: torch.Tensor, record: bool = True) -> FP8Operand:
     """(M, K) activations → E4M3 operand quantised along K (per tensor, or 1×tile tiles). `record`:
-    False in evaluation (the per-tensor scale stays the one training reached)."""
+    False in evaluation, which leaves the scaling state alone (the per-tensor scale stays the one
+    training reached)."""
     if recipe.granularity == "block":
-        return FP8Operand(*states.input.quantize_tiles(x2d, recipe.tile), "tile", recipe.tile)
+        return FP8Operand(*states.input.quantize_tiles(x2d, recipe.tile, record=record), "tile", recipe.tile)
     return FP8Operand(*states.input.quantize(x2d, record=record), "tensor")
 
 
@@ -204,25 +205,28 @@ def quantize_weight_operand(state: ScalingState, recipe: FP8TrainingRecipe, w: t
     """(N, K) master weight → E4M3 operand (per tensor, or block×block blocks). Records the step
     unless `record` is False (evaluation)."""
     if recipe.granularity == "block":
-        return FP8Operand(*state.quantize_blocks(w, recipe.weight_block), "block", recipe.weight_block)
+        return FP8Operand(*state.quantize_blocks(w, recipe.weight_block, record=record), "block",
+                          recipe.weight_block)
     return FP8Operand(*state.quantize(w, record=record), "tensor")
 
 
 def quantize_grad_output_tiles(states: RoleStates, recipe: FP8TrainingRecipe, g2d: torch.Tensor
                                ) -> tuple[FP8Operand, FP8Operand]:
     """``block`` recipe: (M, N) output gradient → E5M2 1×tile operands for dgrad (along N) and wgrad
-    (transposed, along M). Per-tensor recipes quantise it in `backward_pass`."""
+    (transposed, along M). Per-tensor recipes quantise it in `backward_pass`. The step is recorded
+    once, by the first layout (the second is the same gradient's, not another step)."""
     g_rows = FP8Operand(*states.grad_output.quantize_tiles(g2d, recipe.tile), "tile", recipe.tile)
-    g_cols = FP8Operand(*states.grad_output.quantize_tiles(g2d.t(), recipe.tile), "tile", recipe.tile)  # (N, M)
+    g_cols = FP8Operand(*states.grad_output.quantize_tiles(g2d.t(), recipe.tile, record=False), "tile",
+                        recipe.tile)  # (N, M)
     return g_rows, g_cols
 
 
 def retile_input_for_wgrad(states: RoleStates, recipe: FP8TrainingRecipe, xq: FP8Operand,
                            fused: bool = False) -> FP8Operand:
     """``block`` recipe: the saved (M, K) FP8 input as the (K, M) operand of wgrad (contraction over
-    tokens M), re-tiled along M."""
+    tokens M), re-tiled along M. Not recorded: the forward recorded the input's step."""
     xt = dequantize_operand(xq, fused=fused).t()  # (K, M), exact
-    return FP8Operand(*states.input.quantize_tiles(xt, recipe.tile), "tile", recipe.tile)
+    return FP8Operand(*states.input.quantize_tiles(xt, recipe.tile, record=False), "tile", recipe.tile)
 
 
 def weight_for_dgrad(wq: FP8Operand) -> FP8Operand:
