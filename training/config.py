@@ -270,9 +270,9 @@ class TrainConfig:
             raise ValueError(f"precision.mode={self.precision.mode} trains the linear layers' own weights in FP8; "
                              "LoRA adapters are not supported with it: use --model.lora.enabled false or "
                              "--precision.mode bf16")
-        if self.precision.fp8 and self.model.gradient_checkpointing:
-            raise ValueError(f"precision.mode={self.precision.mode} records each FP8 layer's scaling state per "
-                             "forward, and gradient checkpointing runs every forward twice (the second in the "
-                             "backward, with the state the first moved on): pass --model.gradient_checkpointing "
-                             "false (the smollm2 preset turns it on)")
+        if self.precision.mode == "fp8-o3" and self.model.gradient_checkpointing:
+            raise ValueError("precision.mode=fp8-o3 all-gathers the FP8 weights with a scaling step recorded in "
+                             "FSDP2's hook, which gradient checkpointing's re-run of each layer would record again: "
+                             "pass --model.gradient_checkpointing false (the smollm2 preset turns it on), or use "
+                             "fp8-o2")
         return self

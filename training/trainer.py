@@ -90,7 +90,7 @@ from .data import (
     write_jsonl,
 )
 from .evaluate import reward_stats, score_pairs
-from .precision import apply_precision
+from .precision import FP8_MODES, MODE_OPTIONS, apply_precision
 from .presets import parse_args
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,8 @@ class Trainer:
         if resume_from is not None and not cfg.resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints (newest {resume_from.name}); pass --resume "
                              "to continue that run, or choose another --run_dir")
+        if resume_from is not None:  # before anything is built from or loaded out of the checkpoint
+            check_resume_precision(cfg, resume_from)
 
         # Model, tokenizer, data (model init is seeded, so every process builds the same weights).
         model, self.tokenizer = build_model(cfg)
@@ -457,7 +459,7 @@ class Trainer:
                     from safetensors.torch import save_file
                     names = {n for n, p in self.model.named_parameters() if p.requires_grad}
                     save_file({k: v.contiguous() for k, v in model_sd.items() if k in names}, str(tmp / TRAINABLE_FILE))
-                state = {"version": STATE_VERSION, "step": self.step,
+                state = {"version": STATE_VERSION, "step": self.step, "skipped_steps": self.train_step.skipped_steps,
                          "epoch": self.step // self.steps_per_epoch, "batch_in_epoch": self.step % self.steps_per_epoch,
                          "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": all_rng,
                          "world_size": self.info.world_size, "config": to_dict(self.cfg)}
@@ -633,6 +635,7 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
         set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd,
                                  options=StateDictOptions(full_state_dict=True))
     trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.train_step.skipped_steps = int(state.get("skipped_steps", 0))
     rngs = state["rng"]
     if state["world_size"] != trainer.info.world_size:
         log.warning("resuming with %d processes from a %d-process checkpoint: dropout randomness will differ",
@@ -645,6 +648,38 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
     if changed:
         log.warning("resuming with config changes: %s", ", ".join(changed))
     return int(state["step"])
+
+
+LAYOUT_OPTIONS = ("fp8_recipe", "fp8_master")
+"""The precision options, besides the mode, that decide what a checkpoint's trainer state holds (under the
+modes that read them): the FP8 scaling state's recipe, and the FP8 linears' and embeddings' FP16 masters.
+The others (fp8_backend, fp8_fuse, and fp8-o3's gather and reduce-scatter dtypes) change how a step
+computes or communicates, not the saved layout, and may change on resume."""
+
+
+def _layout_mode(mode: str | None) -> str:
+    """fp32, bf16 and auto (which resolves to one of them) all keep fp32 weights and torch's AdamW state;
+    each fp8 mode has a layout of its own."""
+    return mode if mode in FP8_MODES else "fp32/bf16"
+
+
+def check_resume_precision(cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse to resume `ckpt` with precision flags that change the checkpoint's layout (the mode and
+    `LAYOUT_OPTIONS`, against the config saved in its trainer state), naming each flag to pass: the model
+    and optimizer state would not load, or would load into another model. Runs before anything is loaded
+    (the weights of a non-fp8 run load first, from model/)."""
+    saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True).get("config")
+    if not saved or not isinstance(saved.get("precision"), dict):
+        return  # a state without its config: nothing to compare against
+    defaults = to_dict(type(cfg.precision)())
+    was, now = {**defaults, **saved["precision"]}, to_dict(cfg)["precision"]
+    differ = ["mode"] if _layout_mode(was["mode"]) != _layout_mode(now["mode"]) else []
+    differ += [k for k in LAYOUT_OPTIONS if was[k] != now[k]  # an option only counts under a mode that reads it
+               and (was["mode"] in MODE_OPTIONS[k][0] or now["mode"] in MODE_OPTIONS[k][0])]
+    if differ:
+        flags = " ".join(f"--precision.{k} {was[k]}" for k in differ)
+        raise CheckpointError(f"{ckpt} was trained with {flags} (this run: {', '.join(str(now[k]) for k in differ)}); "
+                              f"resume with {flags}, or start a new --run_dir")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

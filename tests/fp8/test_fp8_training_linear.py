@@ -228,3 +228,52 @@ def test_evaluation_leaves_the_scaling_state_and_serving_reproduces_it_exactly()
     assert export_fp8_weights(fresh).input_scale is None
     with pytest.raises(ValueError, match="input_scale"):
         served.set_input_scale(torch.tensor([-1.0]))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gradient_checkpointing_replays_the_recorded_forward(recipe, reentrant):
+    """A checkpointed block's forward runs again in the backward: it must compute with the FP8 bytes of
+    the forward that made the loss and record no second step, so that training with checkpointing is
+    bit for bit training without it, scaling state included (delayed scales move at every record)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def build():
+        torch.manual_seed(7)
+        return torch.nn.Sequential(FP8TrainingLinear(K, N, recipe=recipe, compute_dtype=torch.float32,
+                                                     grad_storage="fp8"),
+                                   torch.nn.GELU(), FP8TrainingLinear(N, K, recipe=recipe, compute_dtype=torch.float32,
+                                                                      grad_storage="fp8"))
+
+    def train(net: torch.nn.Sequential, checkpointed: bool) -> None:
+        opt = FP8AdamW(net.parameters(), lr=1e-2)
+        for step in range(4):
+            for micro in range(2):  # gradient accumulation: a replay per micro-batch
+                x = torch.randn(M, K, generator=torch.Generator().manual_seed(10 * step + micro), requires_grad=True)
+                y = checkpoint(net, x, use_reentrant=reentrant) if checkpointed else net(x)
+                (y.square().mean() * (1 + 50 * step)).backward()  # growing amaxes: delayed scales lag
+            opt.step()
+            opt.zero_grad()
+
+    plain, checkpointed = build(), build()
+    train(plain, False)
+    train(checkpointed, True)
+    for a, b in zip(plain, checkpointed):
+        if isinstance(a, FP8TrainingLinear):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+            for role, state in a.get_extra_state().items():
+                if isinstance(state, dict):
+                    other = b.get_extra_state()[role]
+                    assert state["steps"] == other["steps"] == 8, role  # one step per micro-batch
+                    assert torch.equal(state["amax_history"], other["amax_history"]), role
+                    assert torch.equal(state["counters"], other["counters"]), role
+
+
+def test_gradient_checkpointing_refuses_to_replay_one_of_two_forwards():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = FP8TrainingLinear(K, N, compute_dtype=torch.float32)
+    x = torch.randn(M, K, requires_grad=True)
+    first, second = checkpoint(layer, x, use_reentrant=False), checkpoint(layer, 2 * x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="ran 2 training forwards since its last backward"):
+        (first.sum() + second.sum()).backward()

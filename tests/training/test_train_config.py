@@ -156,13 +156,15 @@ def test_fp8_without_a_linear_it_can_convert_is_refused_before_training():
                         device=torch.device("cpu"))
 
 
-def test_fp8_with_gradient_checkpointing_is_refused():
+def test_fp8_o3_with_gradient_checkpointing_is_refused():
     cfg = presets.smollm2()
-    cfg.data.synthetic, cfg.precision.mode = 16, "fp8-o1"
-    with pytest.raises(ValueError, match="gradient checkpointing runs every forward twice.*"
+    cfg.data.synthetic, cfg.precision.mode = 16, "fp8-o3"
+    with pytest.raises(ValueError, match="re-run of each layer would record again.*"
                                          "--model.gradient_checkpointing false"):
         cfg.validate()
     cfg.model.gradient_checkpointing = False
+    cfg.validate()
+    cfg.model.gradient_checkpointing, cfg.precision.mode = True, "fp8-o2"  # replayed (test_train_fp8.py)
     cfg.validate()
 
 

@@ -122,6 +122,16 @@ def test_fp8_sigkilled_run_resumes_exactly(straight, tmp_path, sigkill_after_fir
     _assert_same_state(latest_checkpoint(straight[0] / "checkpoints"), latest_checkpoint(run / "checkpoints"))
 
 
+def test_fp8_o2_with_gradient_checkpointing_trains_exactly_as_without(straight, tmp_path):
+    """Hugging Face's gradient checkpointing re-runs each decoder layer in the backward; the FP8 layers
+    replay their recorded forward there, so the run is the one without checkpointing, bit for bit."""
+    cfg = _cfg(tmp_path / "checkpointed")
+    cfg.model.gradient_checkpointing = True
+    Trainer(cfg).fit()
+    _assert_same_state(latest_checkpoint(straight[0] / "checkpoints"), latest_checkpoint(tmp_path / "checkpointed"
+                                                                                           / "checkpoints"))
+
+
 def test_fp8_resume_restores_skipped_steps_and_checks_the_optimizer_layout(tmp_path):
     """torch.distributed.checkpoint's optimizer state drops FP8AdamW's own entry; the trainer keeps it
     beside: the skipped-step count comes back, and a state written in another layout is refused."""
@@ -130,10 +140,12 @@ def test_fp8_resume_restores_skipped_steps_and_checks_the_optimizer_layout(tmp_p
     first.stop_at_step = 1
     trainer = Trainer(first)
     trainer.optimizer.skipped_steps = 3  # as if three overflowed steps had been skipped
+    trainer.train_step.skipped_steps = 2  # the trainer's own count (TrainStep), checkpointed too
     trainer.fit()
     again = _cfg(run)
     again.resume = True
-    assert Trainer(again).optimizer.skipped_steps == 3
+    resumed = Trainer(again)
+    assert resumed.optimizer.skipped_steps == 3 and resumed.train_step.skipped_steps == 2
     state_file = latest_checkpoint(run / "checkpoints") / "trainer_state.pt"
     state = torch.load(state_file, weights_only=True)
     state["optimizer"]["fp8"]["block_size"] = 64
@@ -224,3 +236,64 @@ def test_fp16_master_run_exports_its_embedding_dequantised_and_tied(tmp_path):
     start, _ = build_model(_cfg(run))
     assert not torch.equal(start.lm.get_input_embeddings().weight,
                            master.to(start.lm.get_input_embeddings().weight.dtype))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags,trained,this_run", [
+    (["--precision.mode", "fp8-o1"], "--precision.mode fp8-o2", "fp8-o1"),
+    (["--precision.mode", "fp32"], "--precision.mode fp8-o2", "fp32"),
+    (["--precision.fp8_master", "fp16"], "--precision.fp8_master fp32", "fp16"),
+    (["--precision.fp8_recipe", "current"], "--precision.fp8_recipe delayed", "current"),
+    (["--precision.mode", "fp8-o1", "--precision.fp8_recipe", "block"],
+     "--precision.mode fp8-o2 --precision.fp8_recipe delayed", "fp8-o1, block"),
+])
+def test_resuming_with_another_precision_layout_names_the_flags(flags, trained, this_run, straight, tmp_path, capsys):
+    """The run was fp8-o2, delayed scaling, fp32 masters: a resume whose precision flags change what the
+    checkpoint holds is one line naming each flag and the value to pass, and leaves the run as it was."""
+    import shutil
+
+    from grmserve.training.core.configtools import USER_ERROR
+    from grmserve.training.trainer import main as train_main
+
+    run = tmp_path / "run"
+    shutil.copytree(straight[0], run)
+    before = _files(run)
+    code = train_main(["--preset", "tiny", "--run_dir", str(run), "--data.synthetic", "16", "--optim.batch_size", "4",
+                       "--optim.grad_accum", "2", "--optim.max_steps", str(STEPS), "--optim.warmup_steps", "1",
+                       "--eval.every", "0", "--log.progress", "false", "--precision.mode", "fp8-o2", "--resume",
+                       *flags])  # the flags after: the last value of a repeated flag counts
+    err = capsys.readouterr().err
+    assert code == USER_ERROR and "Traceback" not in err
+    ckpt = latest_checkpoint(run / "checkpoints")
+    [line] = [line for line in err.splitlines() if line.startswith("grm-train:")]
+    assert line == (f"grm-train: {ckpt} was trained with {trained} (this run: {this_run}); "
+                    f"resume with {trained}, or start a new --run_dir")
+    assert _files(run) == before
+
+
+def test_resuming_with_other_compute_only_precision_flags_is_allowed(straight, tmp_path):
+    """The FP8 GEMM backend and fusion change how a step computes, not what the checkpoint holds."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight[0], run)
+    cfg = _cfg(run)
+    cfg.resume, cfg.precision.fp8_backend, cfg.precision.fp8_fuse = True, "emulated", "off"
+    assert Trainer(cfg).step == STEPS
+
+
+def test_an_fp8_o1_run_resumed_as_fp8_o2_names_the_mode(tmp_path):
+    """O1 keeps torch's AdamW state, O2 FP8AdamW's: refused before either is loaded."""
+    from grmserve.training.core.checkpoint import CheckpointError
+
+    run = tmp_path / "o1"
+    first = _cfg(run, mode="fp8-o1")
+    first.stop_at_step = 1
+    Trainer(first).fit()
+    again = _cfg(run)
+    again.resume = True
+    with pytest.raises(CheckpointError, match=r"was trained with --precision.mode fp8-o1 \(this run: fp8-o2\)"):
+        Trainer(again)

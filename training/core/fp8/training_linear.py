@@ -292,17 +292,25 @@ def weight_grad_pass(wgrad: torch.Tensor, previous_q: torch.Tensor | None, previ
 
 
 def _per_tensor_forward(layer: "FP8TrainingLinear", x2d: torch.Tensor, weight: torch.Tensor, backend: str,
-                        cdt: torch.dtype) -> tuple[torch.Tensor, FP8Operand, FP8Operand]:
-    """``(y, xq, wq)`` of a recording forward with a per-tensor recipe, through `forward_pass`."""
+                        cdt: torch.dtype, replay: bool = False) -> tuple[torch.Tensor, FP8Operand, FP8Operand]:
+    """``(y, xq, wq)`` of a training forward with a per-tensor recipe, through `forward_pass`. A recording
+    forward keeps its steps' arguments on the layer; `replay` (gradient checkpointing re-running it in
+    the backward) computes with those, so its FP8 operands are the recorded forward's bytes, and records
+    nothing."""
     states, scale_inv = layer.states, getattr(layer, "weight_scale_inv", None)
-    x_step, x_constants = states.input.step_args(x2d)
-    w_step, w_constants = states.weight.step_args(lambda: fp16_master_value(weight, scale_inv))
+    if replay:
+        x_step, x_constants, w_step, w_constants = layer.take_recorded_forward()
+    else:
+        x_step, x_constants = states.input.step_args(x2d)
+        w_step, w_constants = states.weight.step_args(lambda: fp16_master_value(weight, scale_inv))
+        layer.keep_recorded_forward((x_step, x_constants, w_step, w_constants))
     upcast = cdt if backend == "emulated" else None
     run = compiled(forward_pass) if layer.fuse else forward_pass
     xq, xs, wq, ws, *rest = run(x2d.detach(), weight.detach(), scale_inv, x_step, w_step, x_constants, w_constants,
                                 upcast)
-    states.input.commit(*rest[:3])
-    states.weight.commit(*rest[3:6])
+    if not replay:
+        states.input.commit(*rest[:3])
+        states.weight.commit(*rest[3:6])
     xv, wv = rest[6:]
     a, b = FP8Operand(xq, xs, "tensor"), FP8Operand(wq, ws, "tensor")
     return (F.linear(xv, wv) if upcast is not None else fp8_gemm(a, b, backend, cdt)), a, b
@@ -328,6 +336,13 @@ def _per_tensor_backward(layer: "FP8TrainingLinear", g2d: torch.Tensor, xq: FP8O
     return dgrad, wgrad
 
 
+def rerun_in_backward() -> bool:
+    """Whether this forward runs inside a backward pass, which a training forward never does: gradient
+    checkpointing (``torch.utils.checkpoint``, reentrant or not) re-running it to rebuild what the
+    backward needs."""
+    return torch._C._current_graph_task_id() != -1
+
+
 # ---------------------------------------------------------------------------------------------
 # The autograd function
 
@@ -340,13 +355,17 @@ class _FP8LinearFunction(torch.autograd.Function):
         recipe, states = layer.recipe, layer.states
         backend, cdt = layer.resolved_backend(x.device), layer.resolved_compute_dtype(x.device)
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
-        record = layer.training  # evaluation leaves the scaling state (and so the next training step) alone
+        replay = layer.training and rerun_in_backward()  # gradient checkpointing: the same bytes, no new step
+        record = layer.training and not replay  # evaluation leaves the scaling state (and the next step) alone
         gathered = gathered_weight_operand(weight)
-        if record and recipe.granularity == "tensor" and gathered is None:  # training's common case: one pass
-            y, xq, wq = _per_tensor_forward(layer, x2d, weight, backend, cdt)
-        else:
+        if layer.training and recipe.granularity == "tensor" and gathered is None:  # training's common case
+            y, xq, wq = _per_tensor_forward(layer, x2d, weight, backend, cdt, replay)
+        else:  # evaluation; the block recipe (its scales are the tensor's own: a replay is record=False)
             xq = quantize_input(states, recipe, x2d, record)
             if gathered is not None:  # FSDP2 all-gathered the E4M3 bytes (O3): use them, record the step
+                if replay:  # FSDP2's pre-all-gather hook has recorded the weight's step again by now
+                    raise NotImplementedError("gradient checkpointing re-ran an FP8 layer whose weights FSDP2 "
+                                              "all-gathers as E4M3 (fp8-o3): not supported; turn one of them off")
                 q, scale_inv, amax, counts = gathered  # copies: FSDP frees and refills the gathered buffer
                 wq = FP8Operand(q.clone(), scale_inv.clone(), "tensor")  # before backward
                 if record:
@@ -445,6 +464,8 @@ class FP8TrainingLinear(FP16MasterLayout):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         nn.Linear.reset_parameters(self)  # the same init as nn.Linear
         self.states = build_role_states(self.recipe, device=self.weight.device, group=group, fused=fuse)
+        self._recorded_forward: tuple | None = None
+        self._unreplayed_forwards = 0
         if backend != "auto" and self.weight.device.type != "meta":
             self.resolved_backend(self.weight.device)  # fail early, with the fix in the message
 
@@ -458,6 +479,27 @@ class FP8TrainingLinear(FP16MasterLayout):
         if m.backend != "auto":
             m.resolved_backend(m.weight.device)
         return m
+
+    # -- gradient checkpointing ------------------------------------------------------------------
+
+    def keep_recorded_forward(self, step_args: tuple) -> None:
+        """Keep a recording forward's scaling-step arguments (the state before its step: small tensors)
+        for gradient checkpointing's replay of it (`take_recorded_forward`)."""
+        self._recorded_forward = step_args
+        self._unreplayed_forwards += 1
+
+    def take_recorded_forward(self) -> tuple:
+        """The arguments of the forward that gradient checkpointing replays: the last recording one. One
+        forward per layer per backward is what can be told apart (as Transformer Engine's checkpointing
+        assumes): a replay after two is refused rather than given the wrong forward's scales."""
+        if self._recorded_forward is None:
+            raise RuntimeError("gradient checkpointing re-ran an FP8 layer's forward that was never recorded")
+        if self._unreplayed_forwards > 1:
+            raise RuntimeError(f"gradient checkpointing re-ran an FP8 layer that ran {self._unreplayed_forwards} "
+                               "training forwards since its last backward: only one can be replayed with the "
+                               "scales it used")
+        self._unreplayed_forwards = 0
+        return self._recorded_forward
 
     # -- backend and dtype -----------------------------------------------------------------------
 
