@@ -604,6 +604,20 @@ def load_weights(model: GRMModel, ckpt: Path) -> None:
     model.load_state_dict(loaded.state_dict())
 
 
+def read_trainer_state(ckpt: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """`ckpt`'s trainer state (`mmap`: tensors read only when used); a file that cannot be read (truncated,
+    corrupt, missing) is a `CheckpointError` naming it, not torch's traceback."""
+    path = ckpt / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch.load raises several types for a damaged file
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              "resume from an earlier checkpoint (delete this one) or start a new --run_dir") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a trainer state")
+    return state
+
+
 def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -> int:
     """Restore optimizer, scheduler and RNG from `ckpt` (with `weights`, the model's full training
     state first: FP8 runs keep master weights and scaling state there); returns the step to continue from."""
@@ -613,7 +627,7 @@ def load_trainer_state(trainer: Trainer, ckpt: Path, *, weights: bool = False) -
         set_optimizer_state_dict,
     )
 
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    state = read_trainer_state(ckpt)
     if state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{ckpt / STATE_FILE}: trainer-state version {state.get('version')!r}, "
                               f"expected {STATE_VERSION}")
@@ -668,7 +682,7 @@ def check_resume_precision(cfg: TrainConfig, ckpt: Path) -> None:
     `LAYOUT_OPTIONS`, against the config saved in its trainer state), naming each flag to pass: the model
     and optimizer state would not load, or would load into another model. Runs before anything is loaded
     (the weights of a non-fp8 run load first, from model/)."""
-    saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True).get("config")
+    saved = read_trainer_state(ckpt, mmap=True).get("config")
     if not saved or not isinstance(saved.get("precision"), dict):
         return  # a state without its config: nothing to compare against
     defaults = to_dict(type(cfg.precision)())

@@ -129,3 +129,20 @@ def test_ctrl_c_names_the_newest_checkpoint_and_resumes_from_it(straight, tmp_pa
     monkeypatch.undo()
     assert train_main([*args, "--resume"]) == 0
     _assert_same(latest_checkpoint(straight / "checkpoints"), latest_checkpoint(run / "checkpoints"))
+
+
+def test_a_damaged_trainer_state_is_named_not_a_traceback(tmp_path, capsys):
+    from grmserve.training.core.configtools import USER_ERROR
+    from grmserve.training.trainer import main as train_main
+
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--run_dir", str(run), "--data.synthetic", "16", "--optim.batch_size", "4",
+            "--optim.max_steps", "2", "--eval.every", "0", "--log.progress", "false"]
+    assert train_main(args) == 0
+    state = latest_checkpoint(run / "checkpoints") / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a copy cut short
+    capsys.readouterr()
+    assert train_main([*args, "--resume"]) == USER_ERROR
+    err = capsys.readouterr().err
+    assert f"grm-train: {state}: cannot be read (" in err and "Traceback" not in err
+    assert "resume from an earlier checkpoint" in err
