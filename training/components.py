@@ -190,6 +190,16 @@ def compute_loss(model: nn.Module, batch: PairBatch, cfg: TrainConfig,
     return loss, stats
 
 
+def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: float) -> bool:
+    """Step `optimizer` unless the gradient norm is inf or NaN (an overflow, say in an FP8 or bf16 run),
+    so that nothing non-finite reaches the weights or the optimizer state (torch's AdamW steps with
+    whatever it is given). Returns whether it stepped; the caller counts the skips."""
+    if not math.isfinite(grad_norm):
+        return False
+    optimizer.step()
+    return True
+
+
 class TrainStep:
     """One optimizer step: forward + backward per micro-batch (loss scaled by 1/count, under
     `autocast`), gradient clipping, optimizer step, schedule step. Returns the micro-batches' mean
@@ -234,9 +244,7 @@ class TrainStep:
             grad_norm = grad_norm.full_tensor()
         sums["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = float(grad_norm)  # the same on every process (all-reduced gradients, or a full DTensor)
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
+        if not step_if_finite(self.optimizer, grad_norm):
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

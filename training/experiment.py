@@ -395,7 +395,9 @@ def train_settings(cfg: ExperimentConfig, method: str, total_steps: int) -> Trai
     o.lr, o.head_lr, o.weight_decay, o.grad_clip = cfg.lr, cfg.head_lr, 0.0, cfg.clip
     o.warmup_steps, o.min_lr_ratio, o.max_steps = max(1, round(cfg.warmup_ratio * total_steps)), 0.1, total_steps
     o.batch_size = cfg.batch_size
-    tcfg.precision.mode, tcfg.precision.fp8_recipe = cfg.precision, cfg.fp8_recipe
+    tcfg.precision.mode = cfg.precision
+    if cfg.precision.startswith("fp8"):  # precision.MODE_OPTIONS: only FP8 modes read a recipe
+        tcfg.precision.fp8_recipe = cfg.fp8_recipe
     return tcfg
 
 
@@ -486,6 +488,9 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+    if cfg.fp8_recipe != "delayed" and not cfg.precision.startswith("fp8"):  # before any loading
+        raise ValueError(f"--fp8_recipe {cfg.fp8_recipe} sets the FP8 scaling recipe, which --precision "
+                         f"{cfg.precision} does not use: drop it, or pass an fp8 --precision")
     out = Path(cfg.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)

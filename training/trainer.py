@@ -605,14 +605,18 @@ def load_weights(model: GRMModel, ckpt: Path) -> None:
 
 
 def read_trainer_state(ckpt: Path, *, mmap: bool = False) -> dict[str, Any]:
-    """`ckpt`'s trainer state (`mmap`: tensors read only when used); a file that cannot be read (truncated,
-    corrupt, missing) is a `CheckpointError` naming it, not torch's traceback."""
+    """`ckpt`'s trainer state (`mmap`: tensors read only when used); a file that cannot be read (missing,
+    no permission) or is damaged (truncated, corrupt) is a `CheckpointError` naming it, not torch's
+    traceback; only a damaged one is worth deleting."""
     path = ckpt / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as exc:  # missing, unreadable: the file may be fine
+        raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
     except Exception as exc:  # torch.load raises several types for a damaged file
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                              "resume from an earlier checkpoint (delete this one) or start a new --run_dir") from exc
+        cause = str(exc).split(". ")[0].splitlines()[0]
+        raise CheckpointError(f"{path}: damaged ({type(exc).__name__}: {cause}); resume from an earlier checkpoint "
+                              "(delete this one) or start a new --run_dir") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a trainer state")
     return state
@@ -769,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     # bad config, data, checkpoint: say what to change
     except (ValueError, NotImplementedError, assets.AssetError) as exc:
         return fail("grm-train", exc)
+    except KeyboardInterrupt:  # Ctrl-C while loading the model and data
+        print("grm-train: interrupted before the first step; nothing was trained", file=sys.stderr)
+        return INTERRUPTED
     try:
         result = trainer.fit()
         if trainer.info.is_main:

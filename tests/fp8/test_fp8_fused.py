@@ -76,24 +76,26 @@ def test_backward_skips_the_gemm_nobody_needs_and_keeps_the_other(backend, fuse)
     assert torch.equal(dx_only, dx) and torch.equal(dw_only, dw)
 
 
+@pytest.mark.parametrize("recipe", ["delayed", "block"])
 @pytest.mark.parametrize("backend", ["emulated", "scaled_mm"])
-def test_fused_training_linear_matches_eager_forward_and_backward(backend):
+def test_fused_training_linear_matches_eager_forward_and_backward(backend, recipe):
     """Both GEMM backends: the emulated one takes dequantised operands from the compiled passes,
-    `torch._scaled_mm` (on CPU here, as on a GPU) the FP8 bytes and their contiguous transposes."""
+    `torch._scaled_mm` (on CPU here, as on a GPU) the FP8 bytes and their contiguous transposes; the
+    per-tensor passes and the block recipe's tile and block passes (what a GPU runs by default)."""
     torch.manual_seed(0)
     x, g = torch.randn(32, 64), torch.randn(32, 48)
     outs = []
     for fuse in (False, True):
         torch.manual_seed(1)
-        layer = FP8TrainingLinear(64, 48, recipe="delayed", grad_storage="fp8", fuse=fuse, compute_dtype=torch.float32,
+        layer = FP8TrainingLinear(64, 48, recipe=recipe, grad_storage="fp8", fuse=fuse, compute_dtype=torch.float32,
                                   backend=backend, allow_cpu_scaled_mm=True)
         for _ in range(2):  # a warm-up step, then a delayed one
             xr = x.clone().requires_grad_(True)
             y = layer(xr)
             y.backward(g)
-        outs.append((y.detach(), xr.grad, layer.weight.scaled_grad))
-    (y0, dx0, w0), (y1, dx1, w1) = outs
-    assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+        outs.append((y.detach(), xr.grad, layer.weight.scaled_grad, layer.scaling_stats()))
+    (y0, dx0, w0, st0), (y1, dx1, w1, st1) = outs
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and st0 == st1
     assert torch.equal(_bits(w0.q), _bits(w1.q)) and torch.equal(w0.scale_inv, w1.scale_inv)
 
 

@@ -358,6 +358,37 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
         trainer.close()
 
 
+def test_an_update_whose_gradients_overflow_is_skipped_and_counted(tmp_path):
+    """An inf/NaN gradient norm skips the optimizer step (torch's AdamW would write NaN into every
+    weight); the count is in the update's stats and the checkpoint."""
+    from types import SimpleNamespace
+
+    from grmserve.training.ppo.presets import parse_config
+
+    trainer = PPOTrainer(parse_config(tiny_run(tmp_path / "run", "127.0.0.1:1")))
+    try:
+        params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+        before = {n: p.detach().clone() for n, p in params.items()}
+
+        def overflowing_micro_step(ro, rows, count):
+            for p in params.values():
+                p.grad = torch.full_like(p, float("inf"))
+            return {"policy_loss": float("inf")}
+
+        trainer.micro_step = overflowing_micro_step
+        stats = trainer.update(SimpleNamespace(prompts=list(range(4))), step=0)
+        updates = trainer.cfg.ppo.epochs * 2  # 4 rollouts in minibatches of 2
+        assert stats["skipped_steps"] == trainer.skipped_steps == updates and not math.isfinite(stats["grad_norm"])
+        assert all(torch.equal(before[n], p.detach()) for n, p in params.items())
+        assert not trainer.optimizer.state  # never stepped: no moments to hold a NaN
+        ckpt = trainer.save_checkpoint()
+        trainer.skipped_steps = 0
+        trainer.load_checkpoint(ckpt)
+        assert trainer.skipped_steps == updates
+    finally:
+        trainer.close()
+
+
 def test_prompts_from_jsonl(tmp_path):
     from grmserve.training.ppo.rollout import load_prompt_rows
 

@@ -162,6 +162,10 @@ def test_cli_rejects_unknown_method_and_bad_top_layers(tmp_path, capsys):
     assert "top_layers must be in [1, 2]" in capsys.readouterr().err
     assert main(["--backbone", "tiny", "--out", str(tmp_path / "z"), "--export", "bt-noise0.00"]) == 2
     assert "no finished configuration 'bt-noise0.00'" in capsys.readouterr().err
+    assert main(["--backbone", "tiny", "--out", str(tmp_path / "r"), "--fp8_recipe", "current"]) == 2
+    assert "--fp8_recipe current sets the FP8 scaling recipe, which --precision fp32 does not use" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 

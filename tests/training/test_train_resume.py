@@ -144,5 +144,18 @@ def test_a_damaged_trainer_state_is_named_not_a_traceback(tmp_path, capsys):
     capsys.readouterr()
     assert train_main([*args, "--resume"]) == USER_ERROR
     err = capsys.readouterr().err
-    assert f"grm-train: {state}: cannot be read (" in err and "Traceback" not in err
+    assert f"grm-train: {state}: damaged (" in err and "Traceback" not in err
     assert "resume from an earlier checkpoint" in err
+
+
+def test_ctrl_c_while_loading_is_one_line(tmp_path, capsys, monkeypatch):
+    from grmserve.training import trainer as trainer_module
+
+    def interrupted_load(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "build_model", interrupted_load)
+    code = trainer_module.main(["--preset", "tiny", "--run_dir", str(tmp_path / "run"), "--data.synthetic", "16"])
+    err = capsys.readouterr().err
+    assert code == trainer_module.INTERRUPTED and "Traceback" not in err
+    assert "grm-train: interrupted before the first step; nothing was trained" in err

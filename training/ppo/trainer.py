@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 
-from ..components import MetricsLog, adamw_factory, add_lora, build_scheduler, load_backbone, progress
+from ..components import (
+    MetricsLog,
+    adamw_factory,
+    add_lora,
+    build_scheduler,
+    load_backbone,
+    progress,
+    step_if_finite,
+)
 from ..core.configtools import to_dict
 from ..core.devices import resolve_device
 from ..core.fsutil import staged_dir
@@ -149,6 +157,8 @@ class PPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps=cfg.steps * self.updates_per_step)
         self.kl_ctl = KLController(cfg.kl.coef, mode=cfg.kl.mode, target=cfg.kl.target, horizon=cfg.kl.horizon)
         self.step, self.saved_step = 0, None
+        self.skipped_steps = 0
+        """PPO updates skipped for an inf/NaN gradient norm (`step_if_finite`); checkpointed."""
         torch.manual_seed(cfg.seed)  # sampling; restored exactly on resume
         random.seed(cfg.seed)
         if resume_from is not None:
@@ -307,14 +317,16 @@ class PPOTrainer:
                     stats = self.micro_step(ro, rows[m:m + micro], len(rows) // micro)
                     for key, v in stats.items():
                         sums[key] = sums.get(key, 0.0) + v / (len(rows) // micro)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf")))
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
                 sums["lr"] = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
+                if not step_if_finite(self.optimizer, grad_norm):
+                    self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 updates += 1
-        return {key: (v if key == "lr" else v / updates) for key, v in sums.items()}
+        stats = {key: (v if key == "lr" else v / updates) for key, v in sums.items()}
+        return {**stats, "skipped_steps": self.skipped_steps}
 
     def micro_step(self, ro: Rollouts, rows: list[int], count: int) -> dict[str, float]:
         """Forward + backward of one micro-batch (loss scaled by 1/count)."""
@@ -438,6 +450,7 @@ class PPOTrainer:
         with staged_dir(final) as tmp:
             save_file(self.trainable_state(), str(tmp / TRAINABLE_FILE))
             state = {"version": PPO_STATE_VERSION, "kind": "grm-ppo", "step": self.step,
+                     "skipped_steps": self.skipped_steps,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "kl": self.kl_ctl.state_dict(), "rng": rng if rng is not None else rng_state(),
                      "config": to_dict(self.cfg)}
@@ -469,6 +482,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
         return int(state["step"])
 
