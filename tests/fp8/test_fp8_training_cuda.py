@@ -133,3 +133,30 @@ def test_fp8_o3_pieces_on_one_gpu(tmp_path):
     assert got["installed"] and got["gathered"] > 0 and got["shard_device"].type == "cuda"
     assert all(torch.isfinite(torch.tensor(got["losses"]))) and got["losses"][-1] < got["losses"][0], got["losses"]
     assert sqnr_db(got["grads"], got["reduced"]) >= 25
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "block"])
+def test_gradient_checkpointing_replays_compiled_scaled_mm_passes_on_gpu(recipe):
+    """The replay of a checkpointed forward inside the backward, with the compiled passes and
+    `torch._scaled_mm` (what a GPU runs): the same weights and scaling state as without checkpointing
+    (the CPU test, test_fp8_training_linear.py, covers every recipe eagerly)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def train(checkpointed: bool) -> FP8TrainingLinear:
+        torch.manual_seed(3)
+        layer = FP8TrainingLinear(K, N, recipe=recipe, backend="scaled_mm", grad_storage="fp8", fuse=True,
+                                  device="cuda")
+        opt = FP8AdamW(layer.parameters(), lr=1e-3)
+        for step in range(3):
+            x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(step),
+                            requires_grad=True)
+            y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            (y.float().square().mean() * (1 + 10 * step)).backward()
+            opt.step()
+            opt.zero_grad()
+        return layer
+
+    plain, replayed = train(False), train(True)
+    assert torch.equal(plain.weight, replayed.weight)
+    assert plain.scaling_stats() == replayed.scaling_stats()
+    assert torch.equal(plain.states.input.amax_history, replayed.states.input.amax_history)
