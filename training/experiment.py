@@ -55,7 +55,7 @@ from .components import (
 )
 from .config import LoraConfig, PrecisionMode, TrainConfig
 from .core.batching import pad_right, plan_batches
-from .core.configtools import fail, parse_command
+from .core.configtools import fail, interrupted, parse_command
 from .core.default_model import ARTIFACT_FORMAT
 from .core.fp8.convert import install_fp8_weights
 from .core.fp8.scaling import TrainingRecipeName, get_training_recipe
@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         return fail("grm-experiment", exc)
+    except KeyboardInterrupt:  # each finished configuration's result is on disk already
+        return interrupted("grm-experiment", f"mid-run; the finished configurations are kept in "
+                                             f"{Path(cfg.out) / 'results'}: rerun the same command to run the rest")
     print(results_table(results))
     return 0
 

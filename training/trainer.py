@@ -37,8 +37,6 @@ import logging
 import math
 import random
 import shutil
-import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,7 +68,7 @@ from .core.checkpoint import (
     read_config,
     save_grm,
 )
-from .core.configtools import fail, start_command, to_dict
+from .core.configtools import INTERRUPTED, fail, interrupted, resume_hint, start_command, to_dict
 from .core.devices import resolve_device
 from .core.fp8.comm import fp8_all_reduce_
 from .core.fp8.fp16_master import dequantize_fp16_masters
@@ -774,32 +772,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, NotImplementedError, assets.AssetError) as exc:
         return fail("grm-train", exc)
     except KeyboardInterrupt:  # Ctrl-C while loading the model and data
-        print("grm-train: interrupted before the first step; nothing was trained", file=sys.stderr)
-        return INTERRUPTED
+        return interrupted("grm-train", "before the first step; nothing was trained")
     try:
         result = trainer.fit()
         if trainer.info.is_main:
             print(json.dumps(result))
     except KeyboardInterrupt:  # Ctrl-C: say where the run stands and how to go on, not a traceback
-        if trainer.info.is_main:
-            print(f"grm-train: {interrupted_note(trainer)}", file=sys.stderr)
-        return INTERRUPTED
+        where = resume_hint(trainer.step, trainer.saved_step, trainer.ckpt_dir)
+        return interrupted("grm-train", where) if trainer.info.is_main else INTERRUPTED
     finally:
         trainer.close()
     return 0
-
-
-INTERRUPTED = 128 + signal.SIGINT
-"""grm-train's exit status after Ctrl-C, as a shell reports a process that SIGINT ended."""
-
-
-def interrupted_note(trainer: Trainer) -> str:
-    """One line after Ctrl-C: the step reached, the newest checkpoint and how to resume from it (a
-    checkpoint being written when the interrupt came is never left half-written: it is staged)."""
-    if trainer.saved_step is None:
-        return f"interrupted at step {trainer.step}; no checkpoint saved yet, so a rerun starts again"
-    return (f"interrupted at step {trainer.step}; the newest checkpoint is step {trainer.saved_step} in "
-            f"{trainer.ckpt_dir}: rerun the same command with --resume to continue from it")
 
 
 if __name__ == "__main__":

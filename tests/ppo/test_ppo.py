@@ -389,6 +389,20 @@ def test_an_update_whose_gradients_overflow_is_skipped_and_counted(tmp_path):
         trainer.close()
 
 
+def test_ctrl_c_is_one_line_with_how_to_go_on(tmp_path, capsys, monkeypatch):
+    from grmserve.training.core.configtools import INTERRUPTED
+
+    def interrupted_fit(self):
+        self.step = 3
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PPOTrainer, "fit", interrupted_fit)
+    assert ppo_main(tiny_run(tmp_path / "run", "127.0.0.1:1")) == INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "grm-ppo: interrupted at step 3; no checkpoint saved yet, so a rerun starts again" in err
+
+
 def test_prompts_from_jsonl(tmp_path):
     from grmserve.training.ppo.rollout import load_prompt_rows
 

@@ -199,3 +199,19 @@ def test_fp8_trained_top_layers_ship_their_e4m3_bytes_and_rebuild_exactly(tmp_pa
         got = [float(full.score(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0])
                for ids in check["token_ids"]]
     assert got == pytest.approx(check["scores"], abs=2e-4)
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    from grmserve.training import experiment
+    from grmserve.training.core.configtools import INTERRUPTED
+
+    def interrupted_run(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", interrupted_run)
+    assert main(["--backbone", "tiny", "--out", str(tmp_path / "x")]) == INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    kept = tmp_path / "x" / "results"
+    assert f"grm-experiment: interrupted mid-run; the finished configurations are kept in {kept}" in err
+    assert "rerun the same command to run the rest" in err

@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import signal
 import sys
 import textwrap
 import types
@@ -280,3 +281,23 @@ def fail(prog: str, exc: BaseException) -> int:
     """Say what is wrong in one line on stderr; return the user-error exit status."""
     print(f"{prog}: {exc}", file=sys.stderr)
     return USER_ERROR
+
+
+INTERRUPTED = 128 + signal.SIGINT
+"""The exit status after Ctrl-C, as a shell reports a process that SIGINT ended."""
+
+
+def interrupted(prog: str, where: str) -> int:
+    """Say in one line on stderr where a run that Ctrl-C stopped stands and how to go on (`where`), not
+    a traceback; return `INTERRUPTED`."""
+    print(f"{prog}: interrupted {where}", file=sys.stderr)
+    return INTERRUPTED
+
+
+def resume_hint(step: int, saved_step: int | None, ckpt_dir: Any) -> str:
+    """`interrupted`'s `where` for a checkpointing run (grm-train, grm-ppo): the step reached and the newest
+    checkpoint (one being written when Ctrl-C came is never left half-written: saves are staged)."""
+    if saved_step is None:
+        return f"at step {step}; no checkpoint saved yet, so a rerun starts again"
+    return (f"at step {step}; the newest checkpoint is step {saved_step} in {ckpt_dir}: rerun the same command "
+            "with --resume to continue from it")

@@ -18,7 +18,7 @@ import sys
 from ..benchmark import BenchmarkError
 from ..core import assets
 from ..core.checkpoint import CheckpointError
-from ..core.configtools import fail, start_command
+from ..core.configtools import fail, interrupted, resume_hint, start_command
 from ..trainer import latest_checkpoint
 from .presets import parse_args
 from .rollout import RewardServiceDown, ScoreError
@@ -36,10 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer = PPOTrainer(cfg)
     except (ValueError, CheckpointError, BenchmarkError, assets.AssetError) as exc:
         return fail("grm-ppo", exc)
+    except KeyboardInterrupt:  # Ctrl-C while loading the policy, reference and prompts
+        return interrupted("grm-ppo", "before the first step; nothing was trained")
     try:
         result = trainer.fit()
         print(json.dumps(result))
         return 0
+    except KeyboardInterrupt:
+        return interrupted("grm-ppo", resume_hint(trainer.step, trainer.saved_step, trainer.ckpt_dir))
     except (RewardServiceDown, TimeoutError) as exc:
         kept = latest_checkpoint(trainer.ckpt_dir)
         where = f"the last checkpoint is {kept}; continue with --resume" if kept else "no checkpoint was written yet"

@@ -564,7 +564,8 @@ class FP8TrainingLinear(FP16MasterLayout):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state["recipe"] != self.recipe.name:
             raise ValueError(f"checkpoint holds FP8 scaling state of recipe {state['recipe']!r}, this layer uses "
-                             f"{self.recipe.name!r}; convert the model with the checkpoint's recipe")
+                             f"{self.recipe.name!r}; convert the model with the checkpoint's recipe "
+                             f"(grm-train: --precision.fp8_recipe {state['recipe']})")
         for role in self.states._fields:
             getattr(self.states, role).load_state_dict(state[role])
 
