@@ -205,10 +205,8 @@ class TrainStep:
     `autocast`), gradient clipping, optimizer step, schedule step. Returns the micro-batches' mean
     stats plus `lr` (the first parameter group's), `grad_norm` and `skipped_steps`.
 
-    A step whose gradient norm is inf or NaN (an overflow, say in an FP8 or bf16 run) is skipped: the
-    optimizer does not step, so nothing non-finite reaches the weights or the optimizer state; the
-    gradients are dropped, the schedule moves on, and `skipped_steps` counts it (the trainer checkpoints
-    the count).
+    A step whose gradient norm is inf or NaN is skipped (`step_if_finite`): the gradients are dropped,
+    the schedule moves on, and `skipped_steps` counts it (the trainer checkpoints the count).
 
     Multi-process drivers pass `grad_sync(model, on)` (FSDP2: reduce-scatter only on the last
     micro-batch), `reduce_grads()` (plain data parallelism) and `reduce_stats(stats)` (mean over

@@ -14,7 +14,7 @@ CLI > preset (`--preset tiny`, see presets.py, which also builds the parser) > d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from .core.configtools import (
     check_literals,
@@ -25,6 +25,8 @@ from .core.model import HeadConfig
 from .losses import DEFAULT_ALPHA, DEFAULT_BETA, Regulariser, RewardLoss
 
 PrecisionMode = Literal["auto", "fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]
+FP8_MODES = tuple(m for m in get_args(PrecisionMode) if m.startswith("fp8"))
+"""The FP8-LM levels among the precision modes."""
 
 
 @dataclass(kw_only=True)
@@ -185,7 +187,7 @@ class PrecisionConfig:
     @property
     def fp8(self) -> bool:
         """Whether an FP8-LM level (fp8-o1, o2, o3) is asked for."""
-        return self.mode.startswith("fp8")
+        return self.mode in FP8_MODES
 
 
 @dataclass(kw_only=True)

@@ -53,7 +53,7 @@ from .components import (
     compute_loss,
     progress,
 )
-from .config import LoraConfig, PrecisionMode, TrainConfig
+from .config import FP8_MODES, LoraConfig, PrecisionMode, TrainConfig
 from .core.batching import pad_right, plan_batches
 from .core.configtools import fail, interrupted, parse_command
 from .core.default_model import ARTIFACT_FORMAT
@@ -396,7 +396,7 @@ def train_settings(cfg: ExperimentConfig, method: str, total_steps: int) -> Trai
     o.warmup_steps, o.min_lr_ratio, o.max_steps = max(1, round(cfg.warmup_ratio * total_steps)), 0.1, total_steps
     o.batch_size = cfg.batch_size
     tcfg.precision.mode = cfg.precision
-    if cfg.precision.startswith("fp8"):  # precision.MODE_OPTIONS: only FP8 modes read a recipe
+    if cfg.precision in FP8_MODES:  # precision.MODE_OPTIONS: only FP8 modes read a recipe
         tcfg.precision.fp8_recipe = cfg.fp8_recipe
     return tcfg
 
@@ -488,7 +488,7 @@ def run(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
-    if cfg.fp8_recipe != "delayed" and not cfg.precision.startswith("fp8"):  # before any loading
+    if cfg.fp8_recipe != "delayed" and cfg.precision not in FP8_MODES:  # before any loading
         raise ValueError(f"--fp8_recipe {cfg.fp8_recipe} sets the FP8 scaling recipe, which --precision "
                          f"{cfg.precision} does not use: drop it, or pass an fp8 --precision")
     out = Path(cfg.out)
@@ -616,7 +616,7 @@ def export_artifact(cfg: ExperimentConfig, name: str, dest: Path) -> Path:
 
 def fp8_layout(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """How an FP8-trained configuration's weights are laid out for serving (None unless cfg is fp8)."""
-    if not cfg.precision.startswith("fp8"):
+    if cfg.precision not in FP8_MODES:
         return None
     recipe = get_training_recipe(cfg.fp8_recipe)
     granularity, block_size = recipe.serving_layout

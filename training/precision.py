@@ -24,7 +24,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from .config import PrecisionConfig
+from .config import FP8_MODES, PrecisionConfig
 from .core.devices import fast_dtype
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
 
 
-FP8_MODES = ("fp8-o1", "fp8-o2", "fp8-o3")
 MODE_OPTIONS = {
     "fp8_recipe": (FP8_MODES, "the FP8 scaling recipe"),
     "fp8_backend": (FP8_MODES, "the FP8 GEMM backend"),

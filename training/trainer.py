@@ -59,7 +59,7 @@ from .components import (
     load_backbone,
     progress,
 )
-from .config import TrainConfig
+from .config import FP8_MODES, TrainConfig
 from .core import assets
 from .core.checkpoint import (
     CheckpointError,
@@ -88,7 +88,7 @@ from .data import (
     write_jsonl,
 )
 from .evaluate import reward_stats, score_pairs
-from .precision import FP8_MODES, MODE_OPTIONS, apply_precision
+from .precision import MODE_OPTIONS, apply_precision
 from .presets import parse_args
 
 log = logging.getLogger(__name__)
